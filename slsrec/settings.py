@@ -1,0 +1,79 @@
+"""The one settings object: environment variables ``SLSREC_*``, overridden by CLI flags.
+
+Every process (flow, replay, publish, retrain, benchmarks) reads its configuration from here, so a
+deployment is configured in one place.
+
+>>> s = Settings(kafka_bootstrap="broker:9092", kafka_sasl_password="hunter2")
+>>> s.kafka_config()["bootstrap.servers"]
+'broker:9092'
+>>> "hunter2" in repr(s)
+False
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLSREC_", extra="forbid", frozen=True)
+
+    # Kafka. Security settings pass through unchanged to librdkafka.
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None  # e.g. PLAIN, SCRAM-SHA-512
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    topic_clicks: str = "clicks"
+    topic_recommendations: str = "recommendations"
+    topic_dlq: str = "clicks.dlq"
+    topic_sessions: str = "sessions"
+    topic_drift: str = "drift"
+    partitions: int = Field(4, ge=1, le=1024)  # of `clicks`; the unit of parallelism
+
+    # Redis: the URL may carry a password (redis://:pw@host) or TLS (rediss://), so it is secret.
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_cache_ttl_s: float = Field(5.0, ge=0)  # how stale a cached long-term vector may be
+
+    # Sessions and serving.
+    session_gap_s: int = Field(1800, ge=1)  # inactivity that closes a session (30 min)
+    top_k: int = Field(10, ge=1, le=1000)
+    exclude_seen: bool = True  # drop items already in the session from the ranking
+    batch_size: int = Field(512, ge=1)  # micro-batch cap for the batched encoder step
+    batch_timeout_ms: int = Field(20, ge=1)  # max wait to fill a micro-batch
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Local state.
+    runs_dir: Path = Path("runs")
+    recovery_dir: Path = Path("var/recovery")
+    history_dir: Path = Path("var/history")
+
+    # Telemetry: OTLP when an endpoint is set; `console` prints spans and metrics instead.
+    otel_endpoint: str | None = None
+    otel_console: bool = False
+
+    def kafka_config(self) -> dict[str, str]:
+        """The librdkafka config dict for confluent-kafka clients (and Bytewax's Kafka connector)."""
+        conf = {"bootstrap.servers": self.kafka_bootstrap, "security.protocol": self.kafka_security_protocol}
+        if self.kafka_sasl_mechanism:
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+        if self.kafka_sasl_username:
+            conf["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password:
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_ssl_ca_location:
+            conf["ssl.ca.location"] = self.kafka_ssl_ca_location
+        return conf
+
+    def torch_device(self) -> str:
+        """Resolve ``auto`` to ``cuda`` when a GPU is present, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
