@@ -1,0 +1,10 @@
+"""``python -m schemas``: regenerate the committed JSON Schema files from the models."""
+
+from schemas import JSON_DIR, json_schemas
+
+JSON_DIR.mkdir(exist_ok=True)
+for stale in set(p.name for p in JSON_DIR.glob("*.schema.json")) - set(json_schemas()):
+    (JSON_DIR / stale).unlink()
+for name, text in json_schemas().items():
+    (JSON_DIR / name).write_text(text)
+    print(JSON_DIR / name)
