@@ -13,6 +13,94 @@ local_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the 
 app.add_typer(local_app, name="local")
 
 
+@local_app.command("up")
+def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]")) -> None:
+    """Start Kafka and Redis on loopback unless they already answer, and create the topics."""
+    import time
+
+    from slsrec import local
+    from slsrec.settings import Settings
+
+    t0 = time.monotonic()
+    for s in local.up(Settings(**({"partitions": partitions} if partitions else {}))):
+        typer.echo(s.describe())
+    typer.echo(f"ready in {time.monotonic() - t0:.1f} s (logs: var/log/)")
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop the services that `slsrec local up` started (others are left running)."""
+    from slsrec import local
+
+    stopped = local.down()
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
+
+
+@local_app.command("status")
+def local_status() -> None:
+    """Print each service, its pid and whether it answers; fails when one does not answer."""
+    from slsrec import local
+    from slsrec.errors import ServiceError
+
+    statuses = local.status()
+    for s in statuses:
+        typer.echo(s.describe())
+    if down := [s.name for s in statuses if not s.answering]:
+        raise ServiceError(f"not answering: {', '.join(down)} (start with `slsrec local up`)")
+
+
+@local_app.command("topics")
+def local_topics(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]")) -> None:
+    """Create the project's topics on the configured Kafka where missing (used by docker compose)."""
+    from slsrec import local
+    from slsrec.settings import Settings
+
+    settings = Settings(**({"partitions": partitions} if partitions else {}))
+    created = local.create_topics(settings)
+    typer.echo(f"created: {', '.join(created)}" if created else "all topics exist")
+
+
+@app.command("replay")
+def replay_cmd(
+    file: str = typer.Argument(..., help="recorded clickstream: .csv, .parquet or .jsonl"),
+    topic: str = typer.Option("clicks", help="topic to produce to"),
+    speed: float = typer.Option(None, help="time scale: 1 = real time, 10 = ten times faster [default: 1]"),
+    as_fast_as_possible: bool = typer.Option(False, "--as-fast-as-possible", help="ignore recorded timing"),
+    limit: int = typer.Option(None, min=1, help="send only the first N events"),
+    original_ts: bool = typer.Option(False, "--original-ts", help="send the recorded timestamps, not shifted to now"),
+) -> None:
+    """Produce a recorded clickstream to Kafka, keyed by user_id, in time order."""
+    from slsrec.replay import replay
+
+    if as_fast_as_possible and speed is not None:
+        raise UserError("give either --speed or --as-fast-as-possible, not both")
+    stats = replay(file, topic, speed=None if as_fast_as_possible else (speed or 1.0), limit=limit,
+                   shift_to_now=not original_ts)
+    typer.echo(f"replayed {stats.events} events to {stats.topic!r} in {stats.seconds:.1f} s")
+
+
+@app.command("data-stats")
+def data_stats(
+    dataset: str = typer.Option(..., help="ml-1m, ml-100k, synthetic, or a .csv/.parquet/.jsonl clickstream"),
+    gap_s: int = typer.Option(1800, min=1, help="inactivity gap (seconds) that closes a session"),
+    max_segment: int = typer.Option(20, min=1, help="S: most items in one short-term segment"),
+    max_long: int = typer.Option(200, min=1, help="L: most items in the long-term input"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """How sessions and the long/short split behave on a dataset."""
+    import json
+
+    from slsrec.data import load_dataset
+    from slsrec.sessions import split_report
+
+    report = split_report(load_dataset(dataset), gap_s * 1000, max_segment, max_long)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        typer.echo(f"{key:<46} {value}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
