@@ -1,0 +1,334 @@
+"""Serving math for the stream: per-user sessions and the micro-batched recommender.
+
+No Bytewax here. ``flows/recommend.py`` wires these into named steps; every rule (sessions,
+duplicates, unknown items, cold start, exclusion of seen items) is testable on plain lists.
+
+A micro-batch holds events of many users. Events of one user are applied in order: wave ``i`` is
+the ``i``-th event of every user in the batch, and each wave costs one batched encoder ``step``, one
+``fuse`` and one scoring matmul for all its users.
+
+>>> import torch
+>>> from slsrec.data import Vocab
+>>> from slsrec.model import SLSRec, SLSRecConfig
+>>> torch.manual_seed(0) and None
+>>> model = SLSRec(SLSRecConfig(n_users=2, n_items=5, d=8))
+>>> rec = Recommender(model, Vocab(list("abcde"), padding=True), lambda users: (None, [None] * len(users)),
+...                   model_version="m1", gap_ms=60_000, max_segment=20, top_k=3)
+>>> t0 = 1_700_000_000_000
+>>> clicks = [click("e1", "u1", "a", t0), click("e2", "u1", "b", t0 + 1000), click("e2", "u1", "b", t0 + 1000),
+...           click("e3", "u1", "new-product", t0 + 2000)]
+>>> table = SessionTable()
+>>> out = rec.process(table, clicks)
+>>> [(type(o).__name__, getattr(o, "reason", None)) for o in out]
+[('Recommendation', None), ('Recommendation', None), ('DeadLetter', 'duplicate'), ('Recommendation', None)]
+>>> sorted(i.item_id for i in out[1].items), out[1].cold_start, out[3].unknown_item  # a, b excluded
+(['c', 'd', 'e'], True, True)
+>>> closed = rec.close_idle(table, wall_ms=table.wall_at_max_ms + 60_001)
+>>> [i.item_id for i in closed[0].items], table.sessions
+(['a', 'b', 'new-product'], {})
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from schemas.events import ClickEvent, DeadLetter, RankedItem, Recommendation, SessionClosed, SessionItem
+from slsrec.data import Vocab
+from slsrec.model import score
+from slsrec.sessions import Boundary, SeqBatch, boundary, segment_starts
+
+# user ids -> (long-term version or None, one float32 (d,) vector or None per user)
+LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["np.ndarray | None"]]]
+
+
+class Origin(NamedTuple):
+    """Where an event came from, so that a dead letter names the exact Kafka record."""
+
+    raw: bytes
+    topic: str
+    partition: int | None
+    offset: int | None
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def dead_letter(origin: Origin, reason: str) -> DeadLetter:
+    return DeadLetter(raw=origin.raw, topic=origin.topic, partition=origin.partition, offset=origin.offset,
+                      reason=reason, ts=int(now_ms()))
+
+
+def click(event_id: str, user_id: str, item_id: str, ts: int, event_type: str = "click",
+          topic: str = "clicks", partition: int = 0, offset: int = 0) -> tuple[ClickEvent, Origin]:
+    """A click with its origin, as the flow passes it to :meth:`Recommender.process` (for tests)."""
+    ev = ClickEvent(event_id=event_id, user_id=user_id, item_id=item_id, ts=ts, event_type=event_type)
+    return ev, Origin(ev.model_dump_json().encode(), topic, partition, offset)
+
+
+@dataclass
+class Session:
+    """One user's open session. Bytewax pickles it in snapshots, so plain Python and numpy only."""
+
+    user_id: str
+    start_ts: int
+    last_ts: int
+    state: np.ndarray  # (d,) short-term encoder state of the current segment
+    seg_len: int = 0  # known items stepped into `state` since the last boundary
+    events: list[tuple[str, int, str]] = field(default_factory=list)  # (item_id, ts, event_type), unknown items too
+    seen: list[int] = field(default_factory=list)  # indices of the session's known items
+    event_ids: set[str] = field(default_factory=set)
+
+
+@dataclass
+class SessionTable:
+    """The open sessions of one shard, and the shard's event-time clock for closing idle ones.
+
+    The clock is the newest event ts seen plus the wall time elapsed since it was seen: it follows
+    event time while events flow (a replay at any speed) and keeps moving when the shard goes quiet.
+    """
+
+    sessions: dict[str, Session] = field(default_factory=dict)
+    max_ts: int | None = None
+    wall_at_max_ms: float = 0.0
+
+    def observe(self, ts: int, wall_ms: float) -> None:
+        if self.max_ts is None or ts > self.max_ts:
+            self.max_ts, self.wall_at_max_ms = ts, wall_ms
+
+    def clock(self, wall_ms: float) -> int | None:
+        if self.max_ts is None:
+            return None
+        return self.max_ts + int(max(0.0, wall_ms - self.wall_at_max_ms))
+
+
+@dataclass
+class Stats:
+    """Counters since start: every event ends as exactly one recommendation or dead letter."""
+
+    events: int = 0
+    recommendations: int = 0
+    duplicates: int = 0
+    unknown_items: int = 0
+    cold_starts: int = 0
+    sessions_closed: int = 0
+
+    @property
+    def unknown_item_rate(self) -> float:
+        return self.unknown_items / self.events if self.events else 0.0
+
+
+def session_closed(s: Session) -> SessionClosed:
+    return SessionClosed(
+        user_id=s.user_id,
+        items=[SessionItem(item_id=i, ts=t, event_type=k) for i, t, k in s.events],
+        start_ts=s.start_ts,
+        end_ts=s.last_ts,
+        reason="gap",
+    )
+
+
+class Recommender:
+    """The model in eval mode plus the item table, applied to micro-batches of click events.
+
+    Parameters
+    ----------
+    model : SLSRec
+        Provides ``short_encoder.init_state/step``, ``short_vector``, ``fuse``, ``item_embeddings``.
+    items : Vocab
+        The model's raw item id <-> index (0 = padding).
+    long_term : callable
+        ``user_ids -> (version | None, [vector | None, ...])``, one call per micro-batch; a ``None``
+        vector is a cold start (short-term only, flagged).
+    model_version : str
+        Named in every recommendation.
+    gap_ms, max_segment : int
+        The session rule of :func:`slsrec.sessions.boundary`.
+    top_k : int
+    exclude_seen : bool
+        Drop the session's items from its ranking.
+    device : str
+    """
+
+    def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
+                 gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.items = items
+        self.long_term = long_term
+        self.model_version = model_version
+        self.gap_ms = gap_ms
+        self.max_segment = max_segment
+        self.top_k = top_k
+        self.exclude_seen = exclude_seen
+        self.device = device
+        self.stats = Stats()
+        with torch.no_grad():
+            self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
+            self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
+
+    @torch.no_grad()
+    def process(self, table: SessionTable, clicks: Sequence[tuple[ClickEvent, Origin]],
+                wall_ms: float | None = None) -> list[Recommendation | DeadLetter | SessionClosed]:
+        """Apply a micro-batch to one shard's sessions; the outputs follow the input order.
+
+        Each event yields one ``Recommendation``, or one ``DeadLetter`` when its event_id is already
+        in the user's session (never applied twice); a ``SessionClosed`` precedes the event that
+        opens a new session after the gap.
+        """
+        wall_ms = now_ms() if wall_ms is None else wall_ms
+        out: list[list] = [[] for _ in clicks]
+        per_user: dict[str, list[int]] = {}
+        for i, (ev, _) in enumerate(clicks):
+            per_user.setdefault(ev.user_id, []).append(i)
+        version, vectors = self.long_term(list(per_user))
+        long_of = dict(zip(per_user, vectors))
+        queues = list(per_user.values())
+        for w in range(max((len(q) for q in queues), default=0)):
+            wave = [q[w] for q in queues if len(q) > w]
+            self._apply_wave(table, clicks, wave, long_of, version, out, wall_ms)
+        return [o for per_event in out for o in per_event]
+
+    def _apply_wave(self, table, clicks, wave, long_of, version, out, wall_ms) -> None:
+        rows, dts, known = [], [], []  # events that get a recommendation, their dt, item index
+        for i in wave:
+            ev, origin = clicks[i]
+            self.stats.events += 1
+            table.observe(ev.ts, wall_ms)
+            s = table.sessions.get(ev.user_id)
+            if s is not None and ev.event_id in s.event_ids:
+                self.stats.duplicates += 1
+                out[i].append(dead_letter(origin, "duplicate"))
+                continue
+            b = boundary(None if s is None else s.last_ts, ev.ts, 0 if s is None else s.seg_len,
+                         self.gap_ms, self.max_segment)
+            if b is Boundary.SESSION:
+                if s is not None:
+                    out[i].append(self._close(table, s))
+                s = table.sessions[ev.user_id] = Session(ev.user_id, ev.ts, ev.ts, self._init_state.copy())
+            elif b is Boundary.SEGMENT:
+                s.state, s.seg_len = self._init_state.copy(), 0
+            dts.append(max(0, ev.ts - s.last_ts) / 1000.0)  # seconds; 0 at a session's first event
+            s.last_ts = max(s.last_ts, ev.ts)
+            s.event_ids.add(ev.event_id)
+            s.events.append((ev.item_id, ev.ts, ev.event_type))
+            idx = self.items.index(ev.item_id)
+            if idx is None:  # a new product: kept in the session for retraining, not stepped
+                self.stats.unknown_items += 1
+            else:
+                s.seen.append(idx)
+            known.append(idx)
+            rows.append(i)
+        if not rows:
+            return
+        sessions = [table.sessions[clicks[i][0].user_id] for i in rows]
+        step = [j for j, k in enumerate(known) if k is not None]
+        if step:
+            state = torch.from_numpy(np.stack([sessions[j].state for j in step])).to(self.device)  # (b, d)
+            item = torch.tensor([known[j] for j in step], device=self.device)  # (b,)
+            dt = torch.tensor([dts[j] for j in step], device=self.device)  # (b,)
+            new = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
+            for n, j in enumerate(step):
+                sessions[j].state, sessions[j].seg_len = new[n], sessions[j].seg_len + 1
+        longs = [long_of[s.user_id] for s in sessions]
+        users, alphas = self._fuse(sessions, longs, dts)  # (B, d), (B,)
+        top_scores, top_items = self._rank(users, sessions)  # (B, K), (B, K)
+        emit = int(now_ms())
+        for j, i in enumerate(rows):
+            ev, cold = clicks[i][0], longs[j] is None
+            keep = np.isfinite(top_scores[j])  # fewer than K items left after exclusion
+            self.stats.recommendations += 1
+            self.stats.cold_starts += cold
+            out[i].append(Recommendation(
+                user_id=ev.user_id,
+                event_id=ev.event_id,
+                items=[RankedItem(item_id=self.items.raw_of(int(k)), score=float(x))
+                       for k, x in zip(top_items[j][keep], top_scores[j][keep])],
+                model_version=self.model_version,
+                long_term_version=None if cold else version,
+                cold_start=cold,
+                alpha=float(alphas[j]),
+                unknown_item=known[j] is None,
+                event_ts=ev.ts,
+                emit_ts=emit,
+            ))
+
+    def _fuse(self, sessions: list[Session], longs: list, dts: list[float]) -> tuple[torch.Tensor, np.ndarray]:
+        state = torch.from_numpy(np.stack([s.state for s in sessions])).to(self.device)  # (B, d)
+        short = self.model.short_vector(state)  # (B, d)
+        has_long = torch.tensor([v is not None for v in longs], device=self.device)  # (B,)
+        long = None
+        if has_long.any():
+            zero = np.zeros_like(self._init_state)
+            long = torch.from_numpy(np.stack([zero if v is None else v for v in longs])).to(self.device)  # (B, d)
+        seg_len = torch.tensor([s.seg_len for s in sessions], device=self.device)  # (B,)
+        dt = torch.tensor(dts, device=self.device)  # (B,)
+        users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=None if long is None else has_long)
+        return users, alpha.clamp(0.0, 1.0).cpu().numpy()  # (B, d), (B,)
+
+    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[np.ndarray, np.ndarray]:
+        """Top-K (scores, item indices) per row; padding and excluded items score -inf."""
+        scores = score(users, self._item_emb)  # (B, n_items+1)
+        if self.exclude_seen:
+            rows = [j for j, s in enumerate(sessions) for _ in s.seen]
+            cols = [k for s in sessions for k in s.seen]
+            scores[rows, cols] = float("-inf")
+        top = torch.topk(scores, min(self.top_k, scores.shape[1] - 1), dim=1)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+
+    def _close(self, table: SessionTable, s: Session) -> SessionClosed:
+        del table.sessions[s.user_id]
+        self.stats.sessions_closed += 1
+        return session_closed(s)
+
+    def close_idle(self, table: SessionTable, wall_ms: float | None = None) -> list[SessionClosed]:
+        """Close every session idle for longer than the gap (by the table's clock); drop its state."""
+        clock = table.clock(now_ms() if wall_ms is None else wall_ms)
+        if clock is None:
+            return []
+        idle = [s for s in table.sessions.values() if clock - s.last_ts > self.gap_ms]
+        return [self._close(table, s) for s in idle]
+
+
+@torch.no_grad()
+def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: Sequence[tuple[str, int]],
+                      session: Sequence[tuple[str, int]], *, gap_ms: int, max_segment: int, top_k: int = 10,
+                      exclude_seen: bool = True) -> tuple[list[str], list[float], float]:
+    """The offline answer for one user: the model's full ``forward`` over history + session.
+
+    This is the reference the stream must match (``Recommender`` uses the published long-term
+    vector and the incremental ``step`` instead). ``history`` and ``session`` are ``(item_id, ts)``
+    pairs of known items, oldest first; the session must start after the gap.
+
+    Returns
+    -------
+    items, scores, alpha
+        The top-K after the last session event, best first, and the fusion gate there.
+    """
+    seq = list(history) + list(session)
+    idx = [items.index(i) for i, _ in seq]
+    ts = np.array([t for _, t in seq], dtype=np.int64)
+    starts = segment_starts(ts, gap_ms, max_segment)
+    # 0 at a session's first event, as in the stream: it drops a user's state when the session
+    # closes, so it cannot know how long the user was away.
+    dts = np.where(starts == Boundary.SESSION, 0, np.diff(ts, prepend=ts[0])) / 1000.0
+    batch = SeqBatch(
+        user=torch.tensor([user]),
+        items=torch.tensor([idx]),  # (1, T)
+        dts=torch.tensor(dts, dtype=torch.float32)[None],  # (1, T)
+        seg_start=torch.from_numpy(starts != Boundary.NONE)[None],  # (1, T)
+        targets=torch.zeros(1, len(seq), dtype=torch.long),
+    )
+    out = model.eval()(batch)
+    scores = score(out.user[:, -1], model.item_embeddings())[0]  # (n_items+1,)
+    if exclude_seen:
+        scores[[items.index(i) for i, _ in session]] = float("-inf")
+    top = torch.topk(scores, min(top_k, len(scores) - 1))
+    keep = torch.isfinite(top.values)
+    return ([items.raw_of(int(k)) for k in top.indices[keep]], top.values[keep].tolist(),
+            float(out.alpha[0, -1]))

@@ -1,0 +1,179 @@
+"""The serving math on plain lists: the stream's answers equal the offline model's, batched or not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from schemas.events import DeadLetter, Recommendation, SessionClosed
+from slsrec.data import Vocab
+from slsrec.model import SLSRec, SLSRecConfig
+from slsrec.serving import Recommender, SessionTable, click, recommend_offline
+from slsrec.sessions import SeqBatch
+
+GAP_MS = 30 * 60 * 1000
+T0 = 1_700_000_000_000
+N_ITEMS, N_USERS = 40, 6
+
+
+@pytest.fixture(scope="module")
+def model() -> SLSRec:
+    torch.manual_seed(7)
+    m = SLSRec(SLSRecConfig(n_users=N_USERS, n_items=N_ITEMS, d=16, hidden=16, max_segment=5, long_len=8))
+    # Random weights leave the gate near 0.5 and the item vectors spread out: a fair consistency test.
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def items() -> Vocab:
+    return Vocab([f"i{k}" for k in range(1, N_ITEMS + 1)], padding=True)
+
+
+def long_term_vector(model: SLSRec, items: Vocab, user: int, history: list[str]) -> np.ndarray:
+    """What `slsrec publish` writes for a user: the model's long-term vector of the history."""
+    idx = torch.tensor([[items.index(i) for i in history]])
+    batch = SeqBatch(torch.tensor([user]), idx, torch.zeros(idx.shape), torch.zeros(idx.shape, dtype=torch.bool),
+                     torch.zeros_like(idx))
+    with torch.no_grad():
+        return model.long_term(batch)[0].numpy().astype(np.float32)
+
+
+def make(model, items, vectors: dict[str, np.ndarray], **kw) -> Recommender:
+    def lookup(users):
+        return "v1", [vectors.get(u) for u in users]
+
+    args = dict(model_version="m", gap_ms=GAP_MS, max_segment=model.config.max_segment, top_k=10)
+    return Recommender(model, items, lookup, **{**args, **kw})
+
+
+def rank(r: Recommendation) -> tuple[list[str], np.ndarray]:
+    return [i.item_id for i in r.items], np.array([i.score for i in r.items])
+
+
+@pytest.mark.parametrize("user", [0, 3])
+def test_stream_equals_offline_forward(model, items, user):
+    rng = np.random.default_rng(user)
+    hist_items = [f"i{k}" for k in rng.integers(1, N_ITEMS + 1, 12)]
+    hist = [(it, T0 + 60_000 * n) for n, it in enumerate(hist_items)]
+    start = hist[-1][1] + 2 * GAP_MS  # the session opens after the gap
+    session = [(f"i{k}", start + 7_000 * n + int(rng.integers(0, 5000))) for n, k in
+               enumerate(rng.choice(np.arange(1, N_ITEMS + 1), 5, replace=False))]
+    uid = f"u{user}"
+    rec = make(model, items, {uid: long_term_vector(model, items, user, hist_items)})
+    table = SessionTable()
+    for n, (it, ts) in enumerate(session):
+        (out,) = rec.process(table, [click(f"e{n}", uid, it, ts)])
+        want_items, want_scores, want_alpha = recommend_offline(
+            model, items, user, hist, session[: n + 1], gap_ms=GAP_MS, max_segment=model.config.max_segment)
+        got_items, got_scores = rank(out)
+        assert got_items == want_items
+        np.testing.assert_allclose(got_scores, want_scores, atol=1e-4)
+        assert out.alpha == pytest.approx(want_alpha, abs=1e-4) and 0 < out.alpha < 1
+        assert not out.cold_start and out.long_term_version == "v1"
+        assert not set(got_items) & {it for it, _ in session[: n + 1]}  # the session's items are excluded
+
+
+def test_cold_start_equals_offline_without_history(model, items):
+    session = [("i3", T0), ("i9", T0 + 4_000), ("i1", T0 + 9_000)]
+    rec = make(model, items, {})
+    outs = rec.process(SessionTable(), [click(f"e{n}", "new-user", it, ts) for n, (it, ts) in enumerate(session)])
+    want_items, want_scores, want_alpha = recommend_offline(
+        model, items, 0, [], session, gap_ms=GAP_MS, max_segment=model.config.max_segment)
+    assert rank(outs[-1])[0] == want_items
+    np.testing.assert_allclose(rank(outs[-1])[1], want_scores, atol=1e-4)
+    assert all(o.cold_start and o.long_term_version is None and o.alpha == 0.0 for o in outs)
+    assert want_alpha == 0.0 and rec.stats.cold_starts == 3
+
+
+def random_stream(n_events: int, n_users: int, seed: int) -> list:
+    """Interleaved users, some unknown items, some long pauses (new sessions), some duplicates."""
+    rng = np.random.default_rng(seed)
+    t = {f"u{u}": T0 for u in range(n_users)}
+    out = []
+    for n in range(n_events):
+        u = f"u{rng.integers(n_users)}"
+        t[u] += int(rng.choice([1_000, 30_000, 3 * GAP_MS], p=[0.6, 0.3, 0.1]))
+        item = f"i{rng.integers(1, N_ITEMS + 1)}" if rng.random() > 0.1 else f"brand-new-{n}"
+        out.append(click(f"e{n}", u, item, t[u]))
+        if rng.random() < 0.05:
+            out.append(out[-1])  # the producer retried
+    return out
+
+
+def test_micro_batches_equal_event_by_event(model, items):
+    stream = random_stream(300, 8, seed=1)
+    vectors = {f"u{u}": np.random.default_rng(u).normal(size=16).astype(np.float32) for u in range(0, 8, 2)}
+    one = make(model, items, vectors)
+    t1 = SessionTable()
+    expected = [o for c in stream for o in one.process(t1, [c])]
+    many = make(model, items, vectors)
+    t2 = SessionTable()
+    got = [o for k in range(0, len(stream), 64) for o in many.process(t2, stream[k:k + 64])]
+
+    assert [type(o) for o in got] == [type(o) for o in expected]
+    for g, e in zip(got, expected):
+        if isinstance(g, Recommendation):
+            assert (g.event_id, rank(g)[0], g.cold_start, g.unknown_item) == (e.event_id, rank(e)[0], e.cold_start,
+                                                                              e.unknown_item)
+            np.testing.assert_allclose(rank(g)[1], rank(e)[1], atol=1e-5)
+            assert g.alpha == pytest.approx(e.alpha, abs=1e-5)
+        else:
+            assert g.model_dump(exclude={"ts"}) == e.model_dump(exclude={"ts"})
+    # Every event is answered exactly once: a recommendation or a dead letter.
+    answered = sum(isinstance(o, (Recommendation, DeadLetter)) for o in got)
+    assert answered == len(stream) == many.stats.events
+    assert many.stats.duplicates == sum(isinstance(o, DeadLetter) for o in got) > 0
+    assert t1.sessions.keys() == t2.sessions.keys()
+
+
+def test_duplicate_is_dead_lettered_and_never_applied_twice(model, items):
+    rec = make(model, items, {})
+    a, b, c = click("e1", "u", "i1", T0), click("e2", "u", "i2", T0 + 1000), click("e3", "u", "i3", T0 + 2000)
+    with_dup = rec.process(SessionTable(), [a, b, b, c])
+    without = rec.process(SessionTable(), [a, b, c])
+    assert isinstance(with_dup[2], DeadLetter) and with_dup[2].reason == "duplicate"
+    assert with_dup[2].raw == b[1].raw and with_dup[2].topic == "clicks"
+    assert rank(with_dup[3])[0] == rank(without[2])[0]
+    np.testing.assert_allclose(rank(with_dup[3])[1], rank(without[2])[1], atol=1e-6)
+
+
+def test_unknown_item_is_kept_flagged_and_not_stepped(model, items):
+    rec = make(model, items, {})
+    table = SessionTable()
+    first, unknown = rec.process(table, [click("e1", "u", "i5", T0), click("e2", "u", "sku-unseen", T0 + 500)])
+    assert unknown.unknown_item and not first.unknown_item
+    # A cold user's vector is its short-term state, which the unknown item did not move.
+    assert rank(unknown)[0] == rank(first)[0]
+    np.testing.assert_allclose(rank(unknown)[1], rank(first)[1], atol=1e-6)
+    assert table.sessions["u"].seg_len == 1 and rec.stats.unknown_item_rate == 0.5
+    (closed,) = rec.close_idle(table, wall_ms=table.wall_at_max_ms + GAP_MS + 1)
+    assert [i.item_id for i in closed.items] == ["i5", "sku-unseen"]  # the retrain sees the new item
+
+
+def test_gap_closes_the_session_and_drops_its_state(model, items):
+    rec = make(model, items, {})
+    table = SessionTable()
+    rec.process(table, [click("e1", "a", "i1", T0), click("e2", "a", "i2", T0 + 1000), click("e3", "b", "i1", T0 + 2000)])
+    # `a` comes back after the gap: its old session is closed first, and i1/i2 may be recommended again.
+    closed, r = rec.process(table, [click("e4", "a", "i7", T0 + 1000 + GAP_MS + 1)])
+    assert isinstance(closed, SessionClosed) and closed.reason == "gap"
+    assert (closed.user_id, [i.item_id for i in closed.items], closed.start_ts, closed.end_ts) == (
+        "a", ["i1", "i2"], T0, T0 + 1000)
+    assert isinstance(r, Recommendation) and table.sessions["a"].seen == [items.index("i7")]
+    # `b` idles: the shard's clock (newest event + wall time since) passes its gap and the sweep drops it.
+    assert rec.close_idle(table, wall_ms=table.wall_at_max_ms) == []
+    assert set(table.sessions) == {"a", "b"}
+    (idle,) = rec.close_idle(table, wall_ms=table.wall_at_max_ms + 1000)
+    assert idle.user_id == "b" and set(table.sessions) == {"a"}
+    assert rec.stats.sessions_closed == 2
+
+
+def test_segment_boundary_resets_the_short_term_state(model, items):
+    s = model.config.max_segment
+    rec = make(model, items, {})
+    table = SessionTable()
+    rec.process(table, [click(f"e{n}", "u", f"i{n + 1}", T0 + n * 1000) for n in range(s)])
+    assert table.sessions["u"].seg_len == s
+    rec.process(table, [click("next", "u", "i30", T0 + s * 1000)])
+    assert table.sessions["u"].seg_len == 1 and len(table.sessions["u"].seen) == s + 1
