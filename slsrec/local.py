@@ -1,0 +1,406 @@
+"""Local Kafka and Redis: what ``slsrec local up|down|status``, the demo and the tests start.
+
+Kafka is Apache Kafka from Maven Central (``deploy/pom.xml`` resolves it into the git-ignored
+``deploy/lib/``), run on the installed JVM as one KRaft node (broker and controller) on 127.0.0.1:9092.
+Redis is Debian's ``redis-server`` on 127.0.0.1:6379, installed with apt-get when missing. Both bind
+loopback only, keep their files under ``var/`` and run in the background with their pid in
+``var/run/``, so that ``down`` stops exactly what ``up`` started. A service that already answers on its
+port without such a pid file was started by someone else: ``up`` reuses it and ``down`` leaves it alone.
+
+The app services' command lines are defined once, in :data:`APP_COMMANDS`; ``docker-compose.yml`` runs
+the same ones (a test compares them).
+
+>>> APP_COMMANDS["flow"]
+('slsrec', 'serve')
+>>> [s.name for s in SERVICES]
+['kafka', 'redis']
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from slsrec.errors import ServiceError
+from slsrec.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]  # the repo root: deploy/ and var/ live here
+DEPLOY = ROOT / "deploy"
+LIB = DEPLOY / "lib"
+VAR = ROOT / "var"
+RUN, LOG = VAR / "run", VAR / "log"
+KAFKA_DIR = VAR / "kafka"
+KAFKA_HEAP = "-Xmx512m"
+START_TIMEOUT_S = 90.0  # a cold JVM on a busy 2-core machine
+STOP_TIMEOUT_S = 30.0  # Kafka's controlled shutdown takes a few seconds
+
+SAMPLE_CLICKS = "data/clicks.sample.jsonl"
+DEMO_RUN = "runs/demo"
+# The app services, as the demo runs them locally and docker-compose.yml runs them in containers.
+APP_COMMANDS: dict[str, tuple[str, ...]] = {
+    "topics": ("slsrec", "local", "topics"),
+    "publisher": ("slsrec", "publish", "--run", DEMO_RUN),
+    "flow": ("slsrec", "serve"),
+    "replay": ("slsrec", "replay", SAMPLE_CLICKS, "--topic", "clicks"),
+}
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    host: str
+    port: int
+    marker: str  # must appear in the process's command line, so a recycled pid is not mistaken for it
+
+    @property
+    def pid_file(self) -> Path:
+        return RUN / f"{self.name}.pid"
+
+
+KAFKA = Service("kafka", "127.0.0.1", 9092, "kafka.Kafka")
+REDIS = Service("redis", "127.0.0.1", 6379, "redis-server")
+SERVICES = (KAFKA, REDIS)
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service as ``up`` left it or ``status`` found it."""
+
+    name: str
+    address: str  # host:port
+    pid: int | None  # our process (from var/run/NAME.pid); None when not running or not ours
+    answering: bool
+    started: bool = False  # started by this call of ``up``
+
+    @property
+    def owned(self) -> bool:
+        """Started by ``slsrec local up`` (here or earlier), so ``down`` stops it."""
+        return self.pid is not None
+
+    def describe(self) -> str:
+        who = f"pid {self.pid}" if self.owned else ("external (left alone by down)" if self.answering else "-")
+        state = "started" if self.started else ("answering" if self.answering else "NOT answering")
+        return f"{self.name:<6} {self.address:<16} {who:<32} {state}"
+
+
+# --- locking: one `up`/`down` at a time across processes (teammates' test sessions, the demo) ------
+
+_lock_depth = threading.local()
+
+
+@contextmanager
+def lock() -> Iterator[None]:
+    """Hold the local-services lock (``var/run/local.lock``); re-entrant within a thread."""
+    depth = getattr(_lock_depth, "n", 0)
+    if depth:
+        _lock_depth.n = depth + 1
+        try:
+            yield
+        finally:
+            _lock_depth.n -= 1
+        return
+    RUN.mkdir(parents=True, exist_ok=True)
+    with open(RUN / "local.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _lock_depth.n = 1
+        try:
+            yield
+        finally:
+            _lock_depth.n = 0
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- public API --------------------------------------------------------------------------------------
+
+
+def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S) -> list[ServiceStatus]:
+    """Start Kafka and Redis unless they already answer, wait for them, and create the topics.
+
+    Idempotent: a service started by an earlier ``up`` is reused (same pid), one started by someone
+    else is reused and not owned. Raises :class:`ServiceError`, with the service's log tail, when a
+    service cannot be installed, started or reached within ``timeout_s``.
+    """
+    settings = settings or Settings()
+    with lock():
+        result = []
+        for svc in SERVICES:
+            pid = own_pid(svc)
+            if pid is None and _answers(svc, timeout_s=2.0):
+                result.append(ServiceStatus(svc.name, _addr(svc), None, True))
+                continue
+            started = pid is None
+            if started:
+                pid = _START[svc.name]()
+            _wait_until_answering(svc, pid, timeout_s)
+            result.append(ServiceStatus(svc.name, _addr(svc), pid, True, started))
+        create_topics(settings)
+        return result
+
+
+def down(names: list[str] | None = None) -> list[str]:
+    """Stop the services that ``up`` started (SIGTERM, then SIGKILL after a grace period).
+
+    ``names`` limits it to some services. Services that were not started by ``up`` are left running.
+    Returns the names of the services stopped.
+    """
+    stopped = []
+    with lock():
+        for svc in SERVICES:
+            if names is not None and svc.name not in names:
+                continue
+            pid = own_pid(svc)
+            if pid is None:
+                continue
+            _terminate(pid, svc)
+            svc.pid_file.unlink(missing_ok=True)
+            stopped.append(svc.name)
+    return stopped
+
+
+def status() -> list[ServiceStatus]:
+    """Each service: our pid (if ``up`` started it and it runs) and whether it answers."""
+    return [ServiceStatus(s.name, _addr(s), own_pid(s), _answers(s, timeout_s=2.0)) for s in SERVICES]
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    """Topic name -> partition count. Keyed topics get ``settings.partitions``; low-volume ones 1.
+
+    >>> topic_specs(Settings(partitions=2))
+    {'clicks': 2, 'recommendations': 2, 'sessions': 2, 'clicks.dlq': 1, 'drift': 1}
+    """
+    keyed = (settings.topic_clicks, settings.topic_recommendations, settings.topic_sessions)
+    return {**{t: settings.partitions for t in keyed}, settings.topic_dlq: 1, settings.topic_drift: 1}
+
+
+def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
+    """Create the project's topics where missing (single replica). Returns the names created.
+
+    Existing topics are left as they are, whatever their partition count.
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    admin = admin_client(settings)
+    specs = topic_specs(settings)
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in specs.items()],
+        operation_timeout=timeout_s, request_timeout=timeout_s,
+    )
+    created = []
+    for topic, fut in futures.items():
+        try:
+            fut.result(timeout=timeout_s)
+            created.append(topic)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise ServiceError(f"cannot create topic {topic!r} on {settings.kafka_bootstrap}: {e.args[0].str()}") from None
+    return created
+
+
+def admin_client(settings: Settings):
+    """A confluent-kafka AdminClient for ``settings``, whose connection noise goes nowhere."""
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({**settings.kafka_config(), "logger": _QUIET})
+
+
+def ensure_command(command: str, package: str) -> str:
+    """Path of ``command``; installs Debian ``package`` with apt-get first when it is missing."""
+    found = shutil.which(command)
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise ServiceError(f"{command!r} not found and apt-get is not available: install {package!r}")
+    print(f"{command} not found: installing Debian package {package} (apt-get install -y {package})",
+          file=sys.stderr, flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [apt, "install", "-y", "-q", "--no-install-recommends", package]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        print("running apt-get update first", file=sys.stderr, flush=True)
+        subprocess.run([apt, "update", "-q"], env=env, capture_output=True)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServiceError(f"apt-get install {package} failed: {_tail(done.stderr + done.stdout)}")
+    found = shutil.which(command)
+    if found is None:
+        raise ServiceError(f"installed {package!r} but {command!r} is still not on PATH")
+    return found
+
+
+def resolve_jars() -> float:
+    """Resolve Kafka's jars into deploy/lib/ with Maven unless they are there. Returns seconds spent."""
+    if any(LIB.glob("kafka_2.13-*.jar")):
+        return 0.0
+    mvn = ensure_command("mvn", "maven")
+    print("resolving Kafka from Maven Central into deploy/lib/ (first run only)", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    done = subprocess.run([mvn, "-q", "-B", "-f", str(DEPLOY / "pom.xml"), "dependency:copy-dependencies"],
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0 or not any(LIB.glob("kafka_2.13-*.jar")):
+        raise ServiceError(f"mvn could not resolve Kafka (deploy/pom.xml): {_tail(done.stdout + done.stderr)}")
+    return time.monotonic() - t0
+
+
+def own_pid(svc: Service) -> int | None:
+    """The pid in ``var/run/NAME.pid`` if that process still runs and is the service; else None.
+
+    A stale pid file (process gone, or pid reused by another program) is removed.
+    """
+    try:
+        pid = int(svc.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if _alive(pid) and svc.marker in _cmdline(pid):
+        return pid
+    svc.pid_file.unlink(missing_ok=True)
+    return None
+
+
+# --- starting ----------------------------------------------------------------------------------------
+
+_QUIET = logging.getLogger("slsrec.local.librdkafka")  # "connection refused" while a broker starts
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+_children: list[subprocess.Popen] = []  # kept so that exited children are reaped, not zombies
+
+
+def _start_kafka() -> int:
+    resolve_jars()
+    java = ensure_command("java", "openjdk-17-jre-headless")
+    data = KAFKA_DIR / "data"
+    props = KAFKA_DIR / "server.properties"
+    KAFKA_DIR.mkdir(parents=True, exist_ok=True)
+    props.write_text((DEPLOY / "kafka" / "server.properties").read_text().replace("{data_dir}", str(data)))
+    jvm = [java, KAFKA_HEAP, "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+           f"-Dlog4j2.configurationFile={DEPLOY / 'kafka' / 'log4j2.properties'}", f"-Dkafka.logs.dir={LOG}",
+           "-cp", str(LIB / "*")]
+    if not (data / "meta.properties").exists():  # format the KRaft storage once
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        done = subprocess.run([*jvm, "kafka.tools.StorageTool", "format", "--ignore-formatted",
+                               "-t", cluster_id, "-c", str(props)], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise ServiceError(f"formatting Kafka storage in {data} failed: {_tail(done.stdout + done.stderr)}")
+    return _spawn(KAFKA, [*jvm, "kafka.Kafka", str(props)])
+
+
+def _start_redis() -> int:
+    redis_server = ensure_command("redis-server", "redis-server")
+    data = VAR / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    # Keeps nothing on disk: the long-term vectors are republished from the run directory.
+    return _spawn(REDIS, [redis_server, "--bind", REDIS.host, "--port", str(REDIS.port), "--save", "",
+                          "--appendonly", "no", "--daemonize", "no", "--dir", str(data)])
+
+
+_START = {"kafka": _start_kafka, "redis": _start_redis}
+
+
+def _spawn(svc: Service, cmd: list[str]) -> int:
+    LOG.mkdir(parents=True, exist_ok=True)
+    RUN.mkdir(parents=True, exist_ok=True)
+    out = LOG / f"{svc.name}.out"  # stdout/stderr; Kafka's own log is var/log/kafka.log
+    with open(out, "ab") as f:
+        # A new session: Ctrl-C in the terminal that ran `up` (or a test run) does not stop it.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                cwd=ROOT, start_new_session=True)
+    _children.append(proc)
+    svc.pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _wait_until_answering(svc: Service, pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            svc.pid_file.unlink(missing_ok=True)
+            raise ServiceError(f"{svc.name} exited while starting; {_log_tail(svc)}")
+        if _answers(svc, timeout_s=2.0):
+            return
+        time.sleep(0.25)
+    raise ServiceError(f"{svc.name} (pid {pid}) did not answer on {_addr(svc)} within {timeout_s:.0f} s; "
+                       f"{_log_tail(svc)}")
+
+
+# --- probing and stopping ----------------------------------------------------------------------------
+
+
+def _answers(svc: Service, timeout_s: float) -> bool:
+    try:
+        socket.create_connection((svc.host, svc.port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    if svc is REDIS:
+        import redis
+
+        try:
+            return bool(redis.Redis(svc.host, svc.port, socket_timeout=timeout_s).ping())
+        except redis.RedisError:
+            return False
+    from confluent_kafka import KafkaException
+
+    try:
+        meta = admin_client(Settings(kafka_bootstrap=_addr(svc))).list_topics(timeout=timeout_s)
+    except KafkaException:
+        return False
+    return bool(meta.brokers)
+
+
+def _terminate(pid: int, svc: Service) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    print(f"{svc.name} (pid {pid}) ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s: killing it", file=sys.stderr)
+    os.kill(pid, signal.SIGKILL)
+    while _alive(pid):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    for proc in _children:
+        if proc.pid == pid:
+            return proc.poll() is None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _addr(svc: Service) -> str:
+    return f"{svc.host}:{svc.port}"
+
+
+def _log_tail(svc: Service, lines: int = 12) -> str:
+    """The end of the service's own log (Kafka's var/log/kafka.log) and of its stdout/stderr."""
+    logs = [p for p in (LOG / f"{svc.name}.log", LOG / f"{svc.name}.out") if p.exists() and p.stat().st_size]
+    return "\n".join(f"last lines of {p.relative_to(ROOT)}:\n{_tail(p.read_text(errors='replace'), lines)}"
+                     for p in logs) or "no log output"
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:]) or "(no output)"
