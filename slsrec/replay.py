@@ -12,9 +12,9 @@ is "now": relative timing, and so session gaps, are kept, and every event passes
 >>> import tempfile, pathlib
 >>> f = pathlib.Path(tempfile.mkdtemp()) / "clicks.csv"
 >>> _ = f.write_text("user_id,item_id,timestamp\\nu1,i1,1700000000000\\nu2,i7,1700000000500\\n")
->>> events = load_events(f, now_ms=1800000000000)
+>>> events = load_events(f, now_ms=1750000000000)
 >>> [(e.user_id, e.item_id, e.ts, e.event_type) for e in events]
-[('u1', 'i1', 1799999999500, 'click'), ('u2', 'i7', 1800000000000, 'click')]
+[('u1', 'i1', 1749999999500, 'click'), ('u2', 'i7', 1750000000000, 'click')]
 >>> events[0].event_id == load_events(f)[0].event_id  # same file row, same id
 True
 """
