@@ -1,0 +1,356 @@
+"""Versioned long-term vectors (and model files) in Redis: the only module that talks to Redis.
+
+Key layout (``prefix`` defaults to ``slsrec``)::
+
+    {prefix}:current               string  the current version id
+    {prefix}:version_seq           string  counter behind version ids (only moves forward)
+    {prefix}:v:{version}:lt        hash    user_id -> float32 little-endian bytes of the vector
+    {prefix}:v:{version}:meta      hash    seq, created_at, dim, n_users, plus the publisher's fields
+    {prefix}:v:{version}:model     hash    file name -> bytes (model.safetensors, config.json, ...)
+
+A version id is ``v{seq:06d}-{UTC time}`` (e.g. ``v000042-20261129T103000Z``); its ``seq`` orders
+versions. :meth:`LongTermStore.publish` writes a whole version with pipelined writes while its keys
+carry a safety TTL (so an aborted publish cleans itself up), then one Lua script makes the keys
+persistent and moves ``{prefix}:current`` to it, refusing to move backwards. Superseded versions
+expire after a grace period, which lets readers that still hold the old id finish. A reader reads
+``current`` first and only then the vectors, so it never sees a half-written version.
+
+>>> parse_seq("v000042-20261129T103000Z")
+42
+>>> parse_seq("latest") is None
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+import cachetools
+import numpy as np
+import redis
+from pydantic import SecretStr
+
+from slsrec.errors import DataError, ServiceError, UserError
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v(\d{1,18})(-[A-Za-z0-9._]{1,64})*$")
+_VECTOR_DTYPE = np.dtype("<f4")
+_PENDING_TTL_MS = 24 * 3600 * 1000  # an aborted publish vanishes after a day
+_CHUNK = 1000  # users per HSET
+_CHUNKS_PER_ROUND_TRIP = 8  # bounds client memory for huge versions
+
+# Moves the counter up to ARGV[1] if that is higher; returns the counter afterwards.
+_RESERVE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = tonumber(ARGV[1])
+if n > cur then redis.call('SET', KEYS[1], ARGV[1]); return n end
+return cur
+"""
+
+# The switch, atomic because Redis runs a script alone. KEYS: current, lt, meta, model.
+# ARGV: version, seq. Returns {status, previous}: 1 switched, 0 not newer, -1 version missing.
+_SWITCH = """
+local cur = redis.call('GET', KEYS[1]) or ''
+local cur_seq = tonumber(string.match(cur, '^v(%d+)'))
+if cur_seq and cur_seq >= tonumber(ARGV[2]) then return {0, cur} end
+if redis.call('EXISTS', KEYS[3]) == 0 then return {-1, cur} end
+redis.call('PERSIST', KEYS[2])
+redis.call('PERSIST', KEYS[3])
+redis.call('PERSIST', KEYS[4])
+redis.call('SET', KEYS[1], ARGV[1])
+return {1, cur}
+"""
+
+
+def parse_seq(version: str) -> int | None:
+    """The ordering number of a version id, or ``None`` if it is not one."""
+    m = VERSION_RE.match(version)
+    return int(m.group(1)) if m else None
+
+
+def redis_location(url: SecretStr | str) -> str:
+    """``host:port`` (or the socket path) of a Redis URL: what may be logged, never the password.
+
+    >>> redis_location(SecretStr("rediss://:hunter2@cache.internal:6380/1"))
+    'cache.internal:6380'
+    """
+    raw = url.get_secret_value() if isinstance(url, SecretStr) else url
+    parts = urlsplit(raw)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname}:{parts.port or 6379}"
+
+
+def encode_vector(v: np.ndarray) -> bytes:
+    """float32 little-endian bytes, the format of the ``lt`` hash values.
+
+    >>> decode_vector(encode_vector(np.array([1.5, -2.0])))
+    array([ 1.5, -2. ], dtype=float32)
+    """
+    return np.ascontiguousarray(v, dtype=_VECTOR_DTYPE).tobytes()
+
+
+def decode_vector(b: bytes) -> np.ndarray:
+    """A read-only float32 view of the bytes (no copy)."""
+    return np.frombuffer(b, dtype=_VECTOR_DTYPE)
+
+
+class VersionError(UserError):
+    """A version id that is malformed, not newer than the current one, or gone."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    previous: str | None  # the version it replaced, now expiring
+    n_users: int
+    dim: int
+    seconds: float  # writing the vectors and switching
+    vectors_per_s: float
+
+
+class LongTermStore:
+    """Versioned long-term vectors in Redis.
+
+    Parameters
+    ----------
+    url
+        Redis URL, may carry a password (``redis://:pw@host``) or TLS (``rediss://``). Only its
+        ``host:port`` is ever logged or shown.
+    prefix
+        Key namespace, so several deployments (or tests) can share one Redis.
+    """
+
+    def __init__(self, url: SecretStr | str, prefix: str = "slsrec"):
+        secret = url if isinstance(url, SecretStr) else SecretStr(url)
+        self.location = redis_location(secret)
+        self.prefix = prefix
+        self._r = redis.Redis.from_url(secret.get_secret_value(), socket_connect_timeout=5, socket_timeout=30)
+        self._reserve = self._r.register_script(_RESERVE)
+        self._switch = self._r.register_script(_SWITCH)
+
+    def __repr__(self) -> str:
+        return f"LongTermStore({self.location!r}, prefix={self.prefix!r})"
+
+    def close(self) -> None:
+        self._r.close()
+
+    # Keys.
+    def _key(self, version: str, part: str) -> str:
+        return f"{self.prefix}:v:{version}:{part}"
+
+    def _version_keys(self, version: str) -> list[str]:
+        return [self._key(version, part) for part in ("lt", "meta", "model")]
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Redis failures as one clear line naming host:port (redis-py never prints the password)."""
+        try:
+            yield
+        except redis.AuthenticationError as e:
+            raise ServiceError(f"Redis at {self.location} refused the credentials: {e}") from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise ServiceError(f"Redis at {self.location} is unreachable: {e}") from None
+
+    # Reading.
+    def current_version(self) -> str | None:
+        """The version readers should use now, or ``None`` before the first publish."""
+        with self._errors():
+            v = self._r.get(f"{self.prefix}:current")
+        return v.decode() if v is not None else None
+
+    def get_many(self, version: str, user_ids: Sequence[str]) -> list[np.ndarray | None]:
+        """Long-term vectors of ``user_ids`` in ``version`` in one round trip; ``None`` = no vector."""
+        if not user_ids:
+            return []
+        with self._errors():
+            raw = self._r.hmget(self._key(version, "lt"), list(user_ids))
+        return [None if b is None else decode_vector(b) for b in raw]
+
+    def meta(self, version: str) -> dict[str, str]:
+        """The version's metadata (empty once it has expired)."""
+        with self._errors():
+            m = self._r.hgetall(self._key(version, "meta"))
+        return {k.decode(): v.decode() for k, v in m.items()}
+
+    def model_files(self, version: str) -> dict[str, bytes]:
+        """The model files published with ``version`` (file name -> bytes); empty when none."""
+        with self._errors():
+            files = self._r.hgetall(self._key(version, "model"))
+        return {k.decode(): v for k, v in files.items()}
+
+    def versions(self) -> list[str]:
+        """Versions still in Redis (current, expiring, or being written), oldest first."""
+        pattern = f"{self.prefix}:v:*:meta"
+        with self._errors():
+            keys = [k.decode() for k in self._r.scan_iter(match=pattern, count=1000)]
+        found = (k[len(self.prefix) + 3 : -len(":meta")] for k in keys)
+        return sorted((v for v in found if parse_seq(v) is not None), key=parse_seq)
+
+    # Writing.
+    def new_version(self) -> str:
+        """A fresh version id, higher than any handed out before on this Redis."""
+        with self._errors():
+            seq = self._r.incr(f"{self.prefix}:version_seq")
+        return f"v{seq:06d}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+
+    def _claim(self, version: str) -> None:
+        """Check an explicit version id and move the counter past it, so ids stay unique."""
+        seq = parse_seq(version)
+        if seq is None:
+            raise VersionError(f"bad version id {version!r}: expected v<number>[-label], e.g. v42-nightly")
+        with self._errors():
+            if self._reserve(keys=[f"{self.prefix}:version_seq"], args=[seq]) != seq:
+                raise VersionError(f"version {version} is not newer than every version handed out so far")
+
+    def publish(
+        self,
+        version: str | None,
+        vectors: Mapping[str, np.ndarray],
+        meta: Mapping[str, str | int | float] | None = None,
+        model_files: Mapping[str, bytes] | None = None,
+        grace_s: float = 3600.0,
+    ) -> PublishResult:
+        """Write a whole version, switch ``current`` to it atomically, expire the ones it replaces.
+
+        Parameters
+        ----------
+        version
+            ``None`` for a fresh id (:meth:`new_version`), or an explicit ``v<number>[-label]`` that
+            must be newer than every id handed out so far.
+        vectors
+            user_id -> 1-D vector; all of one length, finite.
+        meta
+            Extra fields for the ``meta`` hash (e.g. ``run``).
+        model_files
+            File name -> bytes of the model that serves with these vectors.
+        grace_s
+            How long superseded versions stay readable.
+        """
+        dim = _check_vectors(vectors)
+        if version is None:
+            version = self.new_version()
+        else:
+            self._claim(version)
+        seq = parse_seq(version)
+        lt, meta_key, model_key = self._version_keys(version)
+        fields = {
+            **{k: str(v) for k, v in (meta or {}).items()},
+            "seq": str(seq),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dim": str(dim),
+            "n_users": str(len(vectors)),
+        }
+        t0 = time.perf_counter()
+        with self._errors():
+            pipe = self._r.pipeline(transaction=False)
+            pipe.hset(meta_key, mapping=fields)
+            if model_files:
+                pipe.hset(model_key, mapping=dict(model_files))
+            for key in (meta_key, model_key):
+                pipe.pexpire(key, _PENDING_TTL_MS)
+            users = list(vectors)
+            for i, start in enumerate(range(0, len(users), _CHUNK)):
+                chunk = users[start : start + _CHUNK]
+                pipe.hset(lt, mapping={u: encode_vector(vectors[u]) for u in chunk})
+                if i == 0:
+                    pipe.pexpire(lt, _PENDING_TTL_MS)
+                if (i + 1) % _CHUNKS_PER_ROUND_TRIP == 0:
+                    pipe.execute()
+            pipe.execute()
+            status, previous = self._switch(keys=[f"{self.prefix}:current", lt, meta_key, model_key], args=[version, seq])
+            seconds = time.perf_counter() - t0
+            previous = previous.decode() or None
+            if status == 0:
+                raise VersionError(f"version {version} is not newer than the current version {previous}")
+            if status == -1:
+                raise VersionError(f"version {version} expired before it could be switched to")
+            self._expire_older(seq, grace_s)
+        result = PublishResult(version, previous, len(vectors), dim, seconds, len(vectors) / max(seconds, 1e-9))
+        log.info("published %s (%d users, dim %d) to Redis %s in %.2fs, %.0f vectors/s, replacing %s",
+                 version, result.n_users, dim, self.location, seconds, result.vectors_per_s, previous)
+        return result
+
+    def _expire_older(self, seq: int, grace_s: float) -> None:
+        # LT: never extends an expiry already set (earlier supersessions, aborted publishes).
+        pipe = self._r.pipeline(transaction=False)
+        for v in self.versions():
+            if parse_seq(v) < seq:
+                for key in self._version_keys(v):
+                    pipe.pexpire(key, max(1, int(grace_s * 1000)), lt=True)
+        pipe.execute()
+
+
+def _check_vectors(vectors: Mapping[str, np.ndarray]) -> int:
+    """The common dimension of the vectors; DataError names the first bad one."""
+    dim = None
+    for user, v in vectors.items():
+        v = np.asarray(v)
+        if v.ndim != 1 or (dim is not None and v.shape[0] != dim):
+            raise DataError(f"long-term vector of user {user!r} has shape {v.shape}, expected ({dim or 'd'},)")
+        if not np.isfinite(v).all():
+            raise DataError(f"long-term vector of user {user!r} is not finite")
+        dim = v.shape[0]
+    return dim or 0
+
+
+_MISSING = object()
+
+
+class CachedLongTerm:
+    """A TTL cache in front of :meth:`LongTermStore.get_many`, for the flow's hot path.
+
+    Entries are keyed by (version, user_id), so a version switch never serves a stale version's
+    vector; ``ttl_s`` bounds how long a newly published user may still look cold. Misses of one call
+    are fetched in one round trip.
+
+    Parameters
+    ----------
+    store
+        Anything with ``get_many(version, user_ids)``.
+    ttl_s
+        Seconds an entry (a vector or a known absence) is served from memory.
+    maxsize
+        Entries kept at most; the least recently used go first.
+    """
+
+    def __init__(self, store: LongTermStore, ttl_s: float, maxsize: int = 1_000_000):
+        self.store = store
+        self.ttl_s = ttl_s
+        self.maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+        self._cache: cachetools.TTLCache = cachetools.TTLCache(maxsize=maxsize, ttl=ttl_s)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+    def get_many(self, version: str, user_ids: Sequence[str]) -> list[np.ndarray | None]:
+        """Like :meth:`LongTermStore.get_many`, answering from memory where it can."""
+        out: list[np.ndarray | None] = []
+        missing: dict[str, list[int]] = {}  # user -> positions in out
+        for i, u in enumerate(user_ids):
+            v = self._cache.get((version, u), _MISSING)
+            if v is not _MISSING:
+                out.append(v)
+                self.hits += 1
+            else:
+                out.append(None)
+                missing.setdefault(u, []).append(i)
+                self.misses += 1
+        if missing:
+            fetched = self.store.get_many(version, list(missing))
+            for (u, positions), v in zip(missing.items(), fetched):
+                self._cache[(version, u)] = v
+                for i in positions:
+                    out[i] = v
+        return out

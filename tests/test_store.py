@@ -1,0 +1,227 @@
+"""LongTermStore and CachedLongTerm against a real Redis: exact vectors, atomic version switch,
+expiry of old versions, versions only moving forward, no secret in errors, logs or repr."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+
+from slsrec.errors import DataError, ServiceError
+from slsrec.settings import Settings
+from slsrec.store import CachedLongTerm, LongTermStore, VersionError, parse_seq
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[callable]:
+    """Starts throwaway redis-servers on spare loopback ports; yields a starter, stops them all."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (slsrec local up installs it)")
+    procs = []
+
+    def start(*args: str) -> int:
+        port = _free_port()
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path_factory.mktemp("redis")), *args],
+            stdout=subprocess.DEVNULL,
+        ))
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return port
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server) -> str:
+    return f"redis://127.0.0.1:{redis_server()}/0"
+
+
+@pytest.fixture
+def store(redis_url) -> Iterator[LongTermStore]:
+    s = LongTermStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:8]}")  # isolated namespace per test
+    yield s
+    s.close()
+
+
+def _vectors(n: int, dim: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"user-{i}": rng.standard_normal(dim).astype(np.float32) for i in range(n)}
+
+
+def test_publish_then_read_back_exact_vectors(store):
+    vectors = _vectors(2500, 16, seed=0)  # several chunks
+    files = {"model.safetensors": bytes(range(256)) * 10, "config.json": b'{"d": 16}'}
+    result = store.publish(None, vectors, meta={"run": "runs/test"}, model_files=files)
+
+    assert store.current_version() == result.version and result.previous is None
+    assert result.n_users == 2500 and result.dim == 16 and result.vectors_per_s > 0
+    users = ["user-2499", "nobody", "user-0", "user-1234"]
+    got = store.get_many(result.version, users)
+    assert got[1] is None
+    for u, v in zip(users, got):
+        if u != "nobody":
+            assert v.dtype == np.float32 and np.array_equal(v, vectors[u])
+    meta = store.meta(result.version)
+    assert (meta["run"], meta["dim"], meta["n_users"]) == ("runs/test", "16", "2500")
+    assert store.model_files(result.version) == files
+    assert store.get_many(result.version, []) == []
+
+
+def test_no_version_before_first_publish(store):
+    assert store.current_version() is None and store.versions() == []
+
+
+class _RacingVectors(Mapping):
+    """Vectors whose write phase lets another publisher switch first (a deterministic race)."""
+
+    def __init__(self, vectors, during_write):
+        self._v, self._during_write, self._iterations = vectors, during_write, 0
+
+    def __getitem__(self, k):
+        return self._v[k]
+
+    def __len__(self):
+        return len(self._v)
+
+    def __iter__(self):
+        self._iterations += 1
+        if self._iterations == 2:  # the first pass validates, the second writes
+            self._during_write()
+        return iter(self._v)
+
+
+def test_versions_only_move_forward(store):
+    first = store.publish(None, _vectors(10, 4, seed=1)).version
+    second = store.publish(None, _vectors(10, 4, seed=2)).version
+    assert parse_seq(second) > parse_seq(first) and store.versions() == [first, second]
+
+    with pytest.raises(VersionError, match="not newer"):
+        store.publish(first, _vectors(10, 4, seed=3))
+    with pytest.raises(VersionError, match="bad version id"):
+        store.publish("latest", _vectors(10, 4, seed=3))
+    assert store.current_version() == second
+
+    # An explicit id may jump ahead; generated ids continue after it.
+    assert store.publish("v1000-nightly", _vectors(10, 4, seed=4)).version == "v1000-nightly"
+    assert parse_seq(store.new_version()) == 1001
+
+    # A slow publisher overtaken by a newer one must not move current backwards.
+    newer = []
+    slow = _RacingVectors(_vectors(10, 4, seed=5),
+                          lambda: newer.append(store.publish(None, _vectors(10, 4, seed=6)).version))
+    with pytest.raises(VersionError, match="not newer than the current version"):
+        store.publish(None, slow)
+    assert store.current_version() == newer[0]
+
+
+def test_reader_never_sees_a_half_written_version(store, redis_url):
+    n, dim = 20_000, 8
+    users = [f"user-{i}" for i in range(n)]
+    probe = users[:: n // 50] + users[-10:]  # includes the last chunk written
+    seen, problems, done = [], [], threading.Event()
+
+    def read():
+        reader = LongTermStore(redis_url, prefix=store.prefix)
+        while not done.is_set():
+            version = reader.current_version()
+            if version is None:
+                continue
+            vs = reader.get_many(version, probe)
+            marker = float(reader.meta(version)["marker"])
+            if any(v is None or v[0] != marker for v in vs):
+                problems.append(version)
+            seen.append(version)
+        reader.close()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for marker in range(1, 4):
+            store.publish(None, {u: np.full(dim, marker, np.float32) for u in users}, meta={"marker": marker})
+    finally:
+        done.set()
+        thread.join()
+    assert not problems
+    assert len(set(seen)) >= 2, "the reader should have observed switches"
+    assert [parse_seq(v) for v in seen] == sorted(parse_seq(v) for v in seen)
+
+
+def test_old_versions_expire_after_grace(store):
+    old = store.publish(None, _vectors(5, 4, seed=1), model_files={"config.json": b"{}"}).version
+    new = store.publish(None, _vectors(5, 4, seed=2), grace_s=0.3).version
+    assert store.get_many(old, ["user-0"])[0] is not None  # still readable during the grace period
+    time.sleep(0.6)
+    assert store.get_many(old, ["user-0"]) == [None] and store.model_files(old) == {}
+    assert store.versions() == [new] and store.get_many(new, ["user-0"])[0] is not None
+
+
+def test_bad_vectors_are_refused_before_anything_is_written(store):
+    with pytest.raises(DataError, match="user-3"):
+        store.publish(None, {**_vectors(3, 4, seed=0), "user-3": np.zeros(5, np.float32)})
+    with pytest.raises(DataError, match="not finite"):
+        store.publish(None, {"u": np.array([1.0, np.nan])})
+    assert store.current_version() is None and store.versions() == []
+
+
+def test_cache_counts_hits_and_refreshes_after_ttl(store):
+    v = store.publish(None, _vectors(3, 4, seed=0)).version
+    cache = CachedLongTerm(store, ttl_s=0.3)
+    first = cache.get_many(v, ["user-0", "user-1", "ghost", "user-0"])
+    assert first[2] is None and np.array_equal(first[0], first[3])
+    assert (cache.hits, cache.misses) == (0, 4)
+    again = cache.get_many(v, ["user-0", "ghost"])
+    assert np.array_equal(again[0], first[0]) and again[1] is None
+    assert (cache.hits, cache.misses) == (2, 4)
+
+    # A user published later is no longer cold once the cached absence expires.
+    v2 = store.publish(None, {**_vectors(3, 4, seed=0), "ghost": np.ones(4, np.float32)}).version
+    assert cache.get_many(v2, ["ghost"])[0] is not None  # a new version is a new cache key
+    time.sleep(0.4)
+    assert cache.get_many(v, ["ghost"]) == [None]  # v is still there (grace period) and has no ghost
+    assert cache.misses == 6 and cache.hit_rate == 2 / 8
+
+
+def test_secrets_stay_out_of_errors_logs_and_repr(redis_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    settings = Settings(redis_url=f"redis://:s3cret-pw@127.0.0.1:{_free_port()}/0")  # nothing listens
+    down = LongTermStore(settings.redis_url)
+    with pytest.raises(ServiceError) as info:
+        down.current_version()
+    assert "127.0.0.1" in str(info.value) and "s3cret-pw" not in str(info.value)
+    assert "s3cret-pw" not in repr(down) and "s3cret-pw" not in repr(settings)
+
+    # A password-protected Redis: the password passes through, and is never shown.
+    port = redis_server("--requirepass", "s3cret-pw")
+    protected = LongTermStore(SecretStr(f"redis://:s3cret-pw@127.0.0.1:{port}/0"))
+    protected.publish(None, {"u": np.ones(3, np.float32)})
+    assert f"127.0.0.1:{port}" in caplog.text
+    wrong = LongTermStore(SecretStr(f"redis://:wrong-pw@127.0.0.1:{port}/0"))
+    with pytest.raises(ServiceError, match="refused the credentials") as info:
+        wrong.current_version()
+    assert "wrong-pw" not in str(info.value)
+    assert "s3cret-pw" not in caplog.text and "wrong-pw" not in caplog.text
