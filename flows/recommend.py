@@ -1,0 +1,173 @@
+"""The recommendation dataflow: Kafka ``clicks`` -> sessions + model -> ``recommendations``.
+
+Wiring only; the logic lives in :mod:`slsrec.serving`. Run it with ``slsrec serve``.
+
+Delivery is at-least-once: with recovery on, a restart resumes from the last snapshot's offsets and
+session state, so events of the interrupted epoch are processed again and their recommendations
+may be produced twice. Every recommendation names its ``event_id``; consumers de-duplicate on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+from functools import partial
+
+import bytewax.operators as op
+from bytewax.connectors.kafka import KafkaError, KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import Sink
+
+from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
+from slsrec.serving import Origin, Recommender, SessionTable, dead_letter, now_ms
+from slsrec.settings import Settings
+
+Decoded = tuple[ClickEvent, Origin]
+Output = Recommendation | DeadLetter | SessionClosed
+
+
+def origin_of(msg: KafkaSourceMessage) -> Origin:
+    return Origin(msg.value or b"", msg.topic or "", msg.partition or 0, msg.offset or 0)
+
+
+def is_message(item: KafkaSourceMessage | KafkaError) -> bool:
+    return isinstance(item, KafkaSourceMessage)
+
+
+def consumer_error(err: KafkaError) -> DeadLetter:
+    """A Kafka consumer error (its message attached) as a dead letter."""
+    return dead_letter(origin_of(err.msg), f"kafka: {err.err.str()}")
+
+
+def decode(msg: KafkaSourceMessage) -> Decoded | DeadLetter:
+    """Validate one record against the ``ClickEvent`` contract; anything invalid is a dead letter."""
+    origin = origin_of(msg)
+    try:
+        return decode_click(msg.value), origin
+    except InvalidEvent as e:
+        return dead_letter(origin, e.reason)
+
+
+def is_click(item: Decoded | DeadLetter) -> bool:
+    return not isinstance(item, DeadLetter)
+
+
+def shard_of(item: Decoded) -> str:
+    """The Kafka partition: a user always lands in one, so one shard sees all of a user's events."""
+    return str(item[1].partition)
+
+
+class ShardLogic(StatefulBatchLogic):
+    """The open sessions of one shard, fed in micro-batches of up to ``batch_size`` events.
+
+    Events wait at most ``batch_timeout_ms`` for a batch to fill. A sweep every ``sweep_s`` closes
+    idle sessions. The snapshot holds the sessions *and* the unprocessed events, because the input
+    offsets in the same snapshot are already past them.
+    """
+
+    def __init__(self, rec: Recommender, batch_size: int, timeout: timedelta, sweep: timedelta, resume=None):
+        self.rec, self.batch_size, self.timeout, self.sweep = rec, batch_size, timeout, sweep
+        self.table, self.pending = resume if resume is not None else (SessionTable(), [])
+        now = datetime.now(timezone.utc)
+        self.flush_at = now + timeout if self.pending else None
+        self.sweep_at = now + sweep
+
+    def on_batch(self, values: list[Decoded]) -> tuple[list[Output], bool]:
+        if not self.pending:
+            self.flush_at = datetime.now(timezone.utc) + self.timeout
+        self.pending.extend(values)
+        out: list[Output] = []
+        while len(self.pending) >= self.batch_size:
+            out += self._flush(self.batch_size)
+        return out, self.RETAIN
+
+    def on_notify(self) -> tuple[list[Output], bool]:
+        now = datetime.now(timezone.utc)
+        out = self._flush(len(self.pending)) if self.flush_at is not None and now >= self.flush_at else []
+        if now >= self.sweep_at:
+            out += self.rec.close_idle(self.table)
+            self.sweep_at = now + self.sweep
+        return out, self.RETAIN
+
+    def on_eof(self) -> tuple[list[Output], bool]:
+        return self._flush(len(self.pending)) + self.rec.close_idle(self.table), self.RETAIN
+
+    def notify_at(self) -> datetime:
+        return min(self.sweep_at, self.flush_at) if self.flush_at is not None else self.sweep_at
+
+    def snapshot(self):
+        return copy.deepcopy((self.table, self.pending))  # `process` mutates the live table
+
+    def _flush(self, n: int) -> list[Output]:
+        batch, self.pending = self.pending[:n], self.pending[n:]
+        self.flush_at = datetime.now(timezone.utc) + self.timeout if self.pending else None
+        return self.rec.process(self.table, batch) if batch else []
+
+
+def is_recommendation(item: Output) -> bool:
+    return isinstance(item, Recommendation)
+
+
+def is_session(item: Output) -> bool:
+    return isinstance(item, SessionClosed)
+
+
+def to_kafka(item: Recommendation | SessionClosed | DeadLetter) -> KafkaSinkMessage:
+    """JSON value; keyed by user_id (a dead letter keeps no key: its user may be unreadable)."""
+    key = None if isinstance(item, DeadLetter) else item.user_id.encode()
+    return KafkaSinkMessage(key, item.model_dump_json().encode())
+
+
+def get_flow(
+    settings: Settings,
+    recommender: Recommender,
+    source: Source | None = None,
+    sink: Sink | None = None,
+    dlq_sink: Sink | None = None,
+    sessions_sink: Sink | None = None,
+    sweep: timedelta = timedelta(seconds=1),
+) -> Dataflow:
+    """Build the flow. Tests inject Bytewax testing sources/sinks; by default all ends are Kafka.
+
+    An injected source yields ``KafkaSourceMessage`` (or ``KafkaError``) items like Kafka's; an
+    injected sink receives the pydantic records (``Recommendation``, ``DeadLetter``,
+    ``SessionClosed``) instead of serialized Kafka messages.
+    """
+    brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
+    flow = Dataflow("slsrec_recommend")
+    source = source or KafkaSource(brokers, [settings.topic_clicks], add_config=conf, raise_on_errors=False)
+    raw = op.input("clicks_in", flow, source)
+    # KafkaSourceMessage | KafkaError
+    split = op.branch("split_consumer_errors", raw, is_message)
+    # trues: KafkaSourceMessage; falses: KafkaError
+    consumer_dlq = op.map("consumer_error_to_dead_letter", split.falses, consumer_error)
+    # DeadLetter
+    decoded = op.branch("valid", op.map("decode", split.trues, decode), is_click)
+    # trues: (ClickEvent, Origin); falses: DeadLetter
+    keyed = op.key_on("key_by_shard", decoded.trues, shard_of)
+    # (partition, (ClickEvent, Origin))
+    timeout = timedelta(milliseconds=settings.batch_timeout_ms)
+    logic = partial(ShardLogic, recommender, settings.batch_size, timeout, sweep)
+    shards = op.stateful_batch("sessions_and_recommend", keyed, logic)
+    # (partition, Recommendation | DeadLetter | SessionClosed)
+    results = op.key_rm("unkey", shards)
+    # Recommendation | DeadLetter | SessionClosed
+    recs = op.branch("recommendations", results, is_recommendation)
+    # trues: Recommendation; falses: DeadLetter | SessionClosed
+    rest = op.branch("sessions", recs.falses, is_session)
+    # trues: SessionClosed; falses: DeadLetter (duplicates)
+    dlq = op.merge("dead_letters", consumer_dlq, decoded.falses, rest.falses)
+    # DeadLetter
+    for name, stream, given, topic in (
+        ("recommendations_out", recs.trues, sink, settings.topic_recommendations),
+        ("sessions_out", rest.trues, sessions_sink, settings.topic_sessions),
+        ("dlq_out", dlq, dlq_sink, settings.topic_dlq),
+    ):
+        if given is not None:
+            op.output(name, stream, given)
+        else:
+            op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, conf))
+            # KafkaSinkMessage(user_id, JSON)
+    return flow

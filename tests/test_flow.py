@@ -1,0 +1,177 @@
+"""The dataflow with Bytewax's testing source and sinks: exact outputs for good and bad input."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSink, TestingSource, run_main
+from confluent_kafka import KafkaError as ConfluentKafkaError
+
+from flows.recommend import get_flow
+from schemas.events import DeadLetter, Recommendation, SessionClosed
+from slsrec.data import Vocab
+from slsrec.model import SLSRec, SLSRecConfig
+from slsrec.serving import Recommender
+from slsrec.settings import Settings
+
+GAP_MS = 30 * 60 * 1000
+T0 = 1_700_000_000_000
+N_ITEMS = 30
+
+
+@pytest.fixture(scope="module")
+def model() -> SLSRec:
+    torch.manual_seed(3)
+    return SLSRec(SLSRecConfig(n_users=4, n_items=N_ITEMS, d=16, hidden=16, max_segment=5)).eval()
+
+
+ITEMS = Vocab([f"i{k}" for k in range(1, N_ITEMS + 1)], padding=True)
+VECTORS = {"warm": np.linspace(-1, 1, 16, dtype=np.float32)}
+
+
+def lookup(users):
+    return "v7", [VECTORS.get(u) for u in users]
+
+
+def recommender(model) -> Recommender:
+    return Recommender(model, ITEMS, lookup, model_version="run-a", gap_ms=GAP_MS, max_segment=5, top_k=5)
+
+
+class Topic:
+    """Messages as the Kafka source yields them: offsets count per partition."""
+
+    def __init__(self):
+        self.messages: list = []
+        self.offsets: dict[int, int] = {}
+
+    def send(self, value: bytes | None, partition: int) -> KafkaSourceMessage:
+        offset = self.offsets.get(partition, 0)
+        self.offsets[partition] = offset + 1
+        msg = KafkaSourceMessage(None, value, topic="clicks", partition=partition, offset=offset)
+        self.messages.append(msg)
+        return msg
+
+    def click(self, event_id, user, item, ts, partition, **extra) -> KafkaSourceMessage:
+        body = {"event_id": event_id, "user_id": user, "item_id": item, "ts": ts, "event_type": "click", **extra}
+        return self.send(json.dumps(body).encode(), partition)
+
+
+def run(model, messages, batch_size=64, recovery=None) -> tuple[list, list, list]:
+    recs, dlq, sessions = [], [], []
+    settings = Settings(batch_size=batch_size, batch_timeout_ms=5)
+    flow = get_flow(settings, recommender(model), source=TestingSource(messages), sink=TestingSink(recs),
+                    dlq_sink=TestingSink(dlq), sessions_sink=TestingSink(sessions))
+    run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
+    return recs, dlq, sessions
+
+
+def test_every_event_gets_a_recommendation_or_a_dead_letter(model):
+    t = Topic()
+    good = [t.click(f"e{n}", f"u{n % 3}", f"i{n + 1}", T0 + n * 1000, partition=n % 3) for n in range(9)]
+    bad = [
+        (t.send(b"{not json", 0), "not JSON"),
+        (t.send(b"[1, 2]", 1), "wrong shape: expected a JSON object, got array"),
+        (t.send(b'{"event_id": "x", "user_id": "u", "ts": 1700000000000, "event_type": "click"}', 2),
+            "missing field: item_id"),
+        (t.click("e-typed", "u0", 17, T0, partition=0), "wrong type for item_id: expected string, got number"),
+        (t.click("e-type", "u0", "i1", T0, partition=0, event_type="hover"), "unknown event_type: 'hover'"),
+        (t.send(b"", 1), "empty payload"),
+        (t.send(None, 1), "empty payload"),
+        (t.send(b" " * 70_000, 2), "payload too large (70000 bytes > 65536)"),
+        (t.click("e-future", "u1", "i1", 4_000_000_000_000, partition=1), "ts in the future"),
+        (t.click("e-old", "u1", "i1", 900_000_000_000, partition=1), "ts before 2000-01-01"),
+        (t.click("e-ctl", "u\x07", "i1", T0, partition=2), "control characters in user_id"),
+    ]
+    broken = KafkaSourceMessage(None, b"?", topic="clicks", partition=2, offset=99)
+    err = KafkaError(ConfluentKafkaError(ConfluentKafkaError._MSG_TIMED_OUT), broken)
+    dup = t.click("e4", "u1", "i5", T0 + 4000, partition=1)  # e4 again: the producer retried
+
+    recs, dlq, sessions = run(model, t.messages + [err])
+
+    assert len(recs) + len(dlq) == len(t.messages) + 1  # nothing dropped silently
+    assert sorted(r.event_id for r in recs) == sorted(json.loads(m.value)["event_id"] for m in good)
+    for user in ("u0", "u1", "u2"):  # per-user order is kept
+        assert [r.event_ts for r in recs if r.user_id == user] == sorted(r.event_ts for r in recs if r.user_id == user)
+    got = {(d.partition, d.offset): d for d in dlq}
+    for msg, reason in bad:
+        d = got[(msg.partition, msg.offset)]
+        assert d.reason == reason and d.topic == "clicks" and d.raw == (msg.value or b"")
+    assert got[(1, dup.offset)].reason == "duplicate" and got[(1, dup.offset)].raw == dup.value
+    assert got[(2, 99)].reason.startswith("kafka: ")
+    assert sessions == []  # nobody idled past the gap
+
+
+def test_recommendations_name_their_versions_and_flags(model):
+    t = Topic()
+    t.click("w1", "warm", "i1", T0, partition=0)
+    t.click("c1", "cold", "i2", T0, partition=1)
+    t.click("c2", "cold", "sku-from-today", T0 + 10, partition=1)
+    recs, dlq, _ = run(model, t.messages)
+    by_id = {r.event_id: r for r in recs}
+    assert (by_id["w1"].long_term_version, by_id["w1"].cold_start) == ("v7", False) and 0 < by_id["w1"].alpha < 1
+    assert (by_id["c1"].long_term_version, by_id["c1"].cold_start, by_id["c1"].alpha) == (None, True, 0.0)
+    assert by_id["c2"].unknown_item and not by_id["c1"].unknown_item and dlq == []
+    assert all(r.model_version == "run-a" and len(r.items) == 5 for r in recs)
+    assert "i2" not in [i.item_id for i in by_id["c2"].items]  # seen in the session
+
+
+def test_session_gap_emits_session_closed_and_drops_state(model):
+    t = Topic()
+    t.click("a1", "alice", "i1", T0, partition=0)
+    t.click("a2", "alice", "new-sku", T0 + 1000, partition=0)
+    t.click("b1", "bob", "i2", T0 + 5000, partition=0)
+    t.click("a3", "alice", "i3", T0 + 1000 + GAP_MS + 1, partition=0)  # alice is back: a new session
+    t.click("c1", "carol", "i4", T0 + 5000 + GAP_MS + 60_000, partition=0)  # moves the clock past bob's gap
+    recs, dlq, sessions = run(model, t.messages)
+    closed = {(s.user_id, tuple(i.item_id for i in s.items)) for s in sessions}
+    # alice's first session closes when she returns; bob's when the shard's clock passes his gap.
+    assert closed == {("alice", ("i1", "new-sku")), ("bob", ("i2",))}
+    assert all(s.reason == "gap" for s in sessions) and len(recs) == 5 and dlq == []
+    # alice's new session starts from scratch: the same answer as for a first-ever click.
+    a3 = next(r for r in recs if r.event_id == "a3")
+    fresh = Topic()
+    fresh.click("a3", "alice", "i3", T0 + 1000 + GAP_MS + 1, partition=0)
+    (want,), _, _ = run(model, fresh.messages)
+    assert [i.item_id for i in a3.items] == [i.item_id for i in want.items]
+
+
+def test_micro_batched_flow_equals_event_by_event(model):
+    rng = np.random.default_rng(0)
+    t = Topic()
+    ts = {u: T0 for u in range(12)}
+    for n in range(200):
+        u = int(rng.integers(12))
+        ts[u] += int(rng.choice([500, 20_000, 2 * GAP_MS], p=[0.6, 0.35, 0.05]))
+        t.click(f"e{n}", "warm" if u == 0 else f"u{u}", f"i{rng.integers(1, N_ITEMS + 1)}", ts[u], partition=u % 4)
+    one, _, s1 = run(model, t.messages, batch_size=1)
+    many, _, s2 = run(model, t.messages, batch_size=64)
+    assert len(one) == len(many) == 200
+    a, b = sorted(one, key=lambda r: r.event_id), sorted(many, key=lambda r: r.event_id)
+    for x, y in zip(a, b):
+        assert [i.item_id for i in x.items] == [i.item_id for i in y.items]
+        np.testing.assert_allclose([i.score for i in x.items], [i.score for i in y.items], atol=1e-5)
+    assert sorted((s.user_id, s.start_ts) for s in s1) == sorted((s.user_id, s.start_ts) for s in s2)
+
+
+def test_resume_after_a_crash_keeps_the_sessions(model, tmp_path):
+    """Recovery: a restart continues from the snapshot, with the sessions it had."""
+    init_db_dir(tmp_path, 1)
+    recovery = RecoveryConfig(str(tmp_path))
+    t = Topic()
+    before = [t.click(f"e{n}", "dana", f"i{n + 1}", T0 + n * 1000, partition=0) for n in range(3)]
+    after = [t.click(f"e{n}", "dana", f"i{n + 1}", T0 + n * 1000, partition=0) for n in range(3, 5)]
+    source = before + [TestingSource.ABORT()] + after
+    first, _, _ = run(model, source, batch_size=1, recovery=recovery)
+    second, _, _ = run(model, source, batch_size=1, recovery=recovery)
+    assert [r.event_id for r in first] == ["e0", "e1", "e2"]
+    assert [r.event_id for r in second] == ["e3", "e4"]
+    # The resumed session still excludes what dana saw before the crash.
+    uninterrupted, _, _ = run(model, before + after, batch_size=1)
+    assert [i.item_id for i in second[-1].items] == [i.item_id for i in uninterrupted[-1].items]
+    assert not {"i1", "i2", "i3"} & {i.item_id for i in second[-1].items}
