@@ -1,0 +1,112 @@
+"""``slsrec publish``: every known user's long-term vector (and the model files) into Redis.
+
+The long-term vector of a user is ``model.long_term`` over the user's whole history, i.e. what a
+new session starts from in the stream. Users the model has no embedding for, or whose history holds
+no item the model knows, get no vector: the flow serves them as cold start.
+
+>>> import torch
+>>> from slsrec.data import Interactions, Vocab
+>>> from slsrec.model import SLSRec, SLSRecConfig
+>>> torch.manual_seed(0) and None
+>>> model = SLSRec(SLSRecConfig(n_users=2, n_items=3, d=4))
+>>> history = Interactions([0, 0, 1, 2], [1, 2, 3, 1], [1, 2, 3, 4], Vocab(["u1", "u2", "new-user"], padding=False),
+...                        Vocab(["a", "b", "new-item"], padding=True))
+>>> vectors = long_term_vectors(model, Vocab(["u1", "u2"], padding=False), Vocab(["a", "b", "c"], padding=True),
+...                             history)
+>>> sorted(vectors), vectors["u1"].shape, vectors["u1"].dtype  # u2 only saw an unknown item
+(['u1'], (4,), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slsrec.data import Interactions, Vocab
+from slsrec.errors import CheckpointError
+from slsrec.sessions import SeqBatch
+from slsrec.store import LongTermStore, PublishResult
+
+# Run files that serve with the vectors: the flow rebuilds the model of a version from these.
+MODEL_FILES = ("model.safetensors", "config.json", "ids.json", "metrics.json")
+
+
+@torch.no_grad()
+def long_term_vectors(model: torch.nn.Module, users: Vocab, items: Vocab, history: Interactions, *,
+                      batch_size: int = 1024, device: str = "cpu") -> dict[str, np.ndarray]:
+    """user_id -> float32 long-term vector, for every user of ``users`` with known items in ``history``.
+
+    Parameters
+    ----------
+    model
+        A model with ``long_term(batch) -> (B, d)`` and ``config.long_len`` (SLSRec).
+    users, items
+        The model's vocabularies (its ``ids.json``); ``history`` may use other indices.
+    history
+        The interactions to summarise; only each user's ``long_len`` most recent known items count.
+    """
+    if not hasattr(model, "long_term"):
+        raise CheckpointError(f"{type(model).__name__} has no long-term vector to publish; use an SLSRec model")
+    long_len = model.config.long_len
+    # History indices -> model indices; 0 (padding) marks what the model does not know.
+    item_map = np.array([0] + [items.index(r) or 0 for r in history.items.raw], dtype=np.int64)
+    rows, user_idx, user_ids = [], [], []
+    for u, seq, _ in history.sequences():
+        mu = users.index(history.users.raw_of(u))
+        known = item_map[seq]
+        known = known[known > 0][-long_len:]
+        if mu is not None and len(known):
+            rows.append(known)
+            user_idx.append(mu)
+            user_ids.append(history.users.raw_of(u))
+
+    model = model.eval().to(device)
+    out = np.empty((len(rows), model.config.d), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        items_np = np.zeros((len(chunk), width), dtype=np.int64)
+        for i, r in enumerate(chunk):
+            items_np[i, width - len(r):] = r  # left-padded, as in training batches
+        batch = SeqBatch(
+            user=torch.tensor(user_idx[start:start + batch_size]),  # (B,)
+            items=torch.from_numpy(items_np),  # (B, T)
+            dts=torch.zeros(items_np.shape),  # (B, T): long_term reads only users and items
+            seg_start=torch.zeros(items_np.shape, dtype=torch.bool),  # (B, T)
+            targets=torch.zeros(items_np.shape, dtype=torch.long),  # (B, T)
+        ).to(device)
+        out[start:start + len(chunk)] = model.long_term(batch).float().cpu().numpy()  # (B, d)
+    return dict(zip(user_ids, out))
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    result: PublishResult
+    encode_s: float  # computing the vectors with the model
+
+
+def publish_run(run_dir: str | Path, store: LongTermStore, *, version: str | None = None,
+                history: Interactions | None = None, grace_s: float = 3600.0, batch_size: int = 1024,
+                device: str = "cpu") -> PublishReport:
+    """Publish a run: its users' long-term vectors and its model files, as one new version.
+
+    ``history`` defaults to the dataset the run was trained on.
+    """
+    from slsrec.checkpoint import load_run  # noqa: PLC0415  (lands with the trainer)
+
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    if history is None:
+        from slsrec.data import load_dataset  # noqa: PLC0415
+
+        history = load_dataset(run.dataset)
+    t0 = time.perf_counter()
+    vectors = long_term_vectors(run.model, run.users, run.items, history, batch_size=batch_size, device=device)
+    encode_s = time.perf_counter() - t0
+    files = {name: (run_dir / name).read_bytes() for name in MODEL_FILES if (run_dir / name).exists()}
+    result = store.publish(version, vectors, meta={"run": str(run_dir)}, model_files=files, grace_s=grace_s)
+    return PublishReport(result, encode_s)
