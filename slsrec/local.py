@@ -144,7 +144,7 @@ def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S) -> 
                 continue
             started = pid is None
             if started:
-                pid = _START[svc.name]()
+                pid = _START[svc.name](svc)
             _wait_until_answering(svc, pid, timeout_s)
             result.append(ServiceStatus(svc.name, _addr(svc), pid, True, started))
         create_topics(settings)
@@ -279,7 +279,7 @@ _QUIET.propagate = False
 _children: list[subprocess.Popen] = []  # kept so that exited children are reaped, not zombies
 
 
-def _start_kafka() -> int:
+def _start_kafka(svc: Service) -> int:
     resolve_jars()
     java = ensure_command("java", "openjdk-17-jre-headless")
     data = KAFKA_DIR / "data"
@@ -295,15 +295,15 @@ def _start_kafka() -> int:
                                "-t", cluster_id, "-c", str(props)], capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             raise ServiceError(f"formatting Kafka storage in {data} failed: {_tail(done.stdout + done.stderr)}")
-    return _spawn(KAFKA, [*jvm, "kafka.Kafka", str(props)])
+    return _spawn(svc, [*jvm, "kafka.Kafka", str(props)])
 
 
-def _start_redis() -> int:
+def _start_redis(svc: Service) -> int:
     redis_server = ensure_command("redis-server", "redis-server")
     data = VAR / "redis"
     data.mkdir(parents=True, exist_ok=True)
     # Keeps nothing on disk: the long-term vectors are republished from the run directory.
-    return _spawn(REDIS, [redis_server, "--bind", REDIS.host, "--port", str(REDIS.port), "--save", "",
+    return _spawn(svc, [redis_server, "--bind", svc.host, "--port", str(svc.port), "--save", "",
                           "--appendonly", "no", "--daemonize", "no", "--dir", str(data)])
 
 
@@ -344,7 +344,7 @@ def _answers(svc: Service, timeout_s: float) -> bool:
         socket.create_connection((svc.host, svc.port), timeout=timeout_s).close()
     except OSError:
         return False
-    if svc is REDIS:
+    if svc.name == "redis":
         import redis
 
         try:
@@ -398,7 +398,7 @@ def _addr(svc: Service) -> str:
 def _log_tail(svc: Service, lines: int = 12) -> str:
     """The end of the service's own log (Kafka's var/log/kafka.log) and of its stdout/stderr."""
     logs = [p for p in (LOG / f"{svc.name}.log", LOG / f"{svc.name}.out") if p.exists() and p.stat().st_size]
-    return "\n".join(f"last lines of {p.relative_to(ROOT)}:\n{_tail(p.read_text(errors='replace'), lines)}"
+    return "\n".join(f"last lines of {os.path.relpath(p)}:\n{_tail(p.read_text(errors='replace'), lines)}"
                      for p in logs) or "no log output"
 
 
