@@ -120,8 +120,9 @@ def default_detectors() -> dict[str, DriftDetector]:
     return {
         # Bernoulli streams: ADWIN's bound needs no scale; delta traded delay for zero false alarms.
         "hit": ADWIN(delta=0.002),
-        # alpha is a bounded continuous gate; PH's threshold is in units of alpha.
-        "alpha": PageHinkley(min_instances=100, delta=0.01, threshold=5.0),
+        # alpha is a continuous gate; PH's delta and threshold are in its units (measured at sd 0.15).
+        # No forgetting (alpha=1): with River's 0.9999 the fading sum wanders enough to false-alarm.
+        "alpha": PageHinkley(min_instances=100, delta=0.02, threshold=10.0, alpha=1.0),
         "cold_start": ADWIN(delta=0.002),
         "unknown_item": ADWIN(delta=0.002),
     }
