@@ -215,7 +215,7 @@ def _read_raw(path: Path, kind: str) -> pd.DataFrame:
             return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
         if kind == "parquet":
             return pd.read_parquet(path)
-        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+        return pd.read_json(path, lines=True, dtype=False)
     except (ValueError, pd.errors.ParserError, OSError) as e:
         if kind == "jsonl":
             _raise_bad_json_line(path)

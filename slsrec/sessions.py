@@ -120,7 +120,7 @@ def leave_one_out(inter: Interactions) -> Split:
 class SeqBatch:
     """A batch of left-padded sequences (padding item 0). Shapes: B users, T positions.
 
-    ``dts`` is seconds since the user's previous event (0 at the first event and at padding);
+    ``dts`` is seconds since the user's previous event (0 where a session starts and at padding);
     ``seg_start`` marks where a segment starts (always at the first real position of a row);
     ``targets`` is the next item per position, 0 where there is no loss.
     """
@@ -148,8 +148,9 @@ def _padded(split: Split, kind: str, max_len: int, gap_ms: int, max_segment: int
     if codes_key not in split._cache:
         split._cache[codes_key] = _all_starts(inter, gap_ms, max_segment)
     codes = split._cache[codes_key]
-    dts = np.zeros(len(inter), np.float32)  # seconds since the same user's previous event
-    dts[1:] = np.where(inter.user[1:] == inter.user[:-1], np.diff(inter.ts) / 1000.0, 0.0)
+    # Seconds since the previous event, 0 where a session starts (a user's first event included): the
+    # stream forgets a user when the session closes, so training must not use the gap either.
+    dts = np.where(codes == Boundary.SESSION, 0.0, np.diff(inter.ts, prepend=0) / 1000.0).astype(np.float32)
 
     start = inter.offsets[:-1]
     if kind == "train":
