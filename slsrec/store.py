@@ -266,7 +266,8 @@ class LongTermStore:
                 if (i + 1) % _CHUNKS_PER_ROUND_TRIP == 0:
                     pipe.execute()
             pipe.execute()
-            status, previous = self._switch(keys=[f"{self.prefix}:current", lt, meta_key, model_key], args=[version, seq])
+            keys = [f"{self.prefix}:current", lt, meta_key, model_key]
+            status, previous = self._switch(keys=keys, args=[version, seq])
             seconds = time.perf_counter() - t0
             previous = previous.decode() or None
             if status == 0:

@@ -38,8 +38,8 @@ def _history(rows: list[tuple[str, str]]) -> Interactions:
 def _one(model, user: str, items: list[str]) -> np.ndarray:
     """The model's long-term vector for one user, unpadded and unbatched."""
     idx = torch.tensor([[ITEMS.index(i) for i in items]])  # (1, T)
-    batch = SeqBatch(torch.tensor([USERS.index(user)]), idx, torch.zeros(idx.shape), torch.zeros(idx.shape, dtype=torch.bool),
-                     torch.zeros_like(idx))
+    zeros = torch.zeros(idx.shape)
+    batch = SeqBatch(torch.tensor([USERS.index(user)]), idx, zeros, zeros.bool(), torch.zeros_like(idx))
     with torch.no_grad():
         return model.long_term(batch)[0].numpy()  # (d,)
 

@@ -53,6 +53,7 @@ def _reason(raw: bytes | None) -> str:
         (_raw(event_type=3), "wrong type for event_type: expected string, got number"),
         (_raw(event_type="hover"), "unknown event_type: 'hover'"),
         (_raw(extra="x"), "unknown field: extra"),
+        (_raw(**{"x\ny": 1}), r"unknown field: x\ny"),
         (_raw(ts=NOW_MS + 86_400_000), "ts in the future"),
         (_raw(ts=10**30), "ts in the future"),
         (_raw(ts=946_684_799_999), "ts before 2000-01-01"),
@@ -60,6 +61,8 @@ def _reason(raw: bytes | None) -> str:
         (_raw(user_id="u\x00x"), "control characters in user_id"),
         (_raw(user_id="u-42\n"), "control characters in user_id"),
         (_raw(item_id="\x1b[31mred"), "control characters in item_id"),
+        (_raw(event_id="e\x85"), "control characters in event_id"),
+        (_raw(context={"a\tb": 1}), r"control characters in context.a\tb"),
         (_raw(user_id=""), "empty user_id"),
         (_raw(event_id="e" * 129), "event_id too long (129 > 128 characters)"),
         (_raw(context={str(i): i for i in range(17)}), "context too large (17 > 16 entries)"),
@@ -77,13 +80,19 @@ def test_size_is_checked_before_parsing():
     assert len(padded) < MAX_PAYLOAD_BYTES and decode_click(padded).context == {"pad": "x" * 200}
 
 
+def test_reasons_stay_short_whatever_the_input():
+    reason = _reason(_raw(event_type="x" * 60_000))
+    assert reason.startswith("unknown event_type: 'xxx") and reason.endswith("...") and len(reason) == 200
+
+
 def test_small_clock_skew_is_tolerated():
     assert decode_click(_raw(ts=NOW_MS + 60_000)).ts == NOW_MS + 60_000
 
 
 def test_valid_click_round_trips():
-    event = decode_click(_raw(event_type="add_to_cart", context={"page": "home", "pos": 3, "promo": True}))
-    assert event.model_dump() == {**GOOD, "event_type": "add_to_cart", "context": {"page": "home", "pos": 3, "promo": True}}
+    context = {"page": "home", "pos": 3, "promo": True}
+    event = decode_click(_raw(event_type="add_to_cart", context=context))
+    assert event.model_dump() == {**GOOD, "event_type": "add_to_cart", "context": context}
     assert decode_click(event.model_dump_json().encode()) == event
     with pytest.raises(ValueError):
         event.user_id = "other"  # frozen
@@ -114,7 +123,8 @@ def test_dead_letter_keeps_raw_bytes_exactly():
 
 
 def test_session_closed_round_trips_and_checks_order():
-    items = [{"item_id": "a", "ts": NOW_MS, "event_type": "view"}, {"item_id": "b", "ts": NOW_MS + 5, "event_type": "purchase"}]
+    items = [{"item_id": "a", "ts": NOW_MS, "event_type": "view"},
+             {"item_id": "b", "ts": NOW_MS + 5, "event_type": "purchase"}]
     s = SessionClosed(user_id="u", items=items, start_ts=NOW_MS, end_ts=NOW_MS + 5, reason="gap")
     assert SessionClosed.model_validate_json(s.model_dump_json()) == s
     with pytest.raises(ValueError):
