@@ -1,0 +1,330 @@
+"""SLSRec: disentangled long- and short-term interest, fused by a learned gate.
+
+Read bottom-up: the config, the batch geometry (segments and masks), the long-term encoder (CLSR
+attention pooling), the short-term encoder (a GRU cell that resets at every segment start), the
+contrastive proxies, the fusion gate, and the model that wires them together.
+
+>>> import torch
+>>> from types import SimpleNamespace
+>>> torch.manual_seed(0) and None
+>>> m = SLSRec(SLSRecConfig(n_users=3, n_items=10, d=8)).eval()
+>>> b = SimpleNamespace(user=torch.tensor([0, 2]), items=torch.tensor([[0, 4, 5, 6], [1, 2, 3, 4]]),
+...     dts=torch.tensor([[0.0, 0, 60, 9000], [0, 5, 5, 5]]),
+...     seg_start=torch.tensor([[False, True, False, True], [True, False, False, False]]))
+>>> out = m(b)
+>>> tuple(out.user.shape), tuple(out.alpha.shape), m.item_embeddings().shape[0]
+((2, 4, 8), (2, 4), 11)
+>>> out.alpha[0].tolist()[:3]  # padding and the first segment have no long-term input
+[0.0, 0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slsrec.errors import UserError
+
+
+@dataclass
+class SeqConfig:
+    """What every sequential model shares, including the batch geometry the trainer must build."""
+
+    n_users: int = 1
+    n_items: int = 1  # real items are 1..n_items, 0 is padding
+    d: int = 64  # embedding width; 64 is the usual ML-1M setting (SASRec, CLSR)
+    max_len: int = 200  # T: most recent events per training sequence (SASRec uses 200 on ML-1M)
+    gap_ms: int = 30 * 60 * 1000  # inactivity (ms) that opens a session (slsrec.sessions.boundary)
+    max_segment: int = 20  # S: a segment (the short-term input) holds at most S items
+    dropout: float = 0.2  # on input embeddings; ML-1M overfits quickly without it
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1 or self.n_users < 1:
+            raise UserError(f"need at least one user and one item, got n_users={self.n_users} n_items={self.n_items}")
+        if self.max_len < 1 or self.max_segment < 1:
+            raise UserError(f"max_len and max_segment must be >= 1, got {self.max_len}, {self.max_segment}")
+
+
+@dataclass
+class SLSRecConfig(SeqConfig):
+    long_len: int = 200  # L: long-term input = the L most recent items before the current segment
+    proxy_k: int = 5  # short-term proxy = mean of the last k items of the current segment
+    hidden: int = 64  # width of the CLSR scorer MLP and of the gate MLP
+    fusion: Literal["gate", "fixed", "long", "short"] = "gate"  # long/short/fixed are ablations
+    fixed_alpha: float = 0.5  # alpha used by fusion="fixed"
+    contrastive: Literal["infonce", "bpr", "none"] = "infonce"  # bpr is the CLSR pairwise form
+    contrastive_weight: float = 0.1  # weight of aux_loss next to the recommendation loss
+    temperature: float = 0.2  # InfoNCE softmax temperature on cosine similarities
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        choices = {"fusion": ("gate", "fixed", "long", "short"), "contrastive": ("infonce", "bpr", "none")}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise UserError(f"{name}={getattr(self, name)!r} is not one of {', '.join(valid)}")
+        # The contrastive loss contrasts the two representations; an ablation that drops one cannot.
+        if self.fusion in ("long", "short") and self.contrastive != "none":
+            raise UserError(f"fusion={self.fusion!r} uses one representation only: set contrastive='none'")
+        if not 0.0 <= self.fixed_alpha <= 1.0:
+            raise UserError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha}")
+
+
+def config_from(cls: type[SeqConfig], **kwargs) -> SeqConfig:
+    """Build a config, rejecting unknown keys with the list of valid ones (fail fast)."""
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return cls(**kwargs)
+
+
+class Output(NamedTuple):
+    user: Tensor  # (B, T, d) user vector after each position; score items with user @ E.T
+    alpha: Tensor | None  # (B, T) weight of the long-term vector, None for models without fusion
+    aux_loss: Tensor  # scalar, already weighted; add it to the recommendation loss
+
+
+def score(user: Tensor, items: Tensor) -> Tensor:
+    """Scores of every item: ``user @ items.T`` with the padding column at -inf.
+
+    >>> score(torch.ones(1, 2), torch.tensor([[0.0, 0], [1, 2], [3, 4]])).tolist()
+    [[-inf, 3.0, 7.0]]
+    """
+    s = user @ items.T  # (..., n_items+1)
+    s[..., 0] = float("-inf")
+    return s
+
+
+# ---- batch geometry -------------------------------------------------------------------------------
+
+
+class Segments(NamedTuple):
+    real: Tensor  # (B, T) bool, not padding
+    start: Tensor  # (B, T) bool, first position of a segment (padding never starts one)
+    first: Tensor  # (B, T) long, index of the current segment's first position
+    length: Tensor  # (B, T) float, items in the current segment so far (1 at its start)
+
+
+def segments(items: Tensor, seg_start: Tensor) -> Segments:
+    """Where each position's segment begins. The first real item always starts one, so left
+    padding can never leak into a segment even if a caller forgets to flag it."""
+    real = items > 0  # (B, T)
+    prev_real = F.pad(real[:, :-1], (1, 0), value=False)  # (B, T)
+    start = real & (seg_start | ~prev_real)  # (B, T)
+    idx = torch.arange(items.shape[1], device=items.device).expand_as(items)  # (B, T)
+    first = torch.where(start, idx, 0).cummax(dim=1).values  # (B, T)
+    return Segments(real, start, first, (idx - first + 1).float())
+
+
+def window_mean(x: Tensor, real: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean of x over real positions lo <= j < hi for every row, via prefix sums: O(B T d).
+
+    x (B,T,d), real/lo/hi (B,Tq) -> mean (B,Tq,d) (zero where empty) and count (B,Tq)."""
+    csum = F.pad(x.cumsum(1), (0, 0, 1, 0))  # (B, T+1, d)
+    ccnt = F.pad(real.float().cumsum(1), (1, 0))  # (B, T+1)
+    n = ccnt.gather(1, hi) - ccnt.gather(1, lo)  # (B, Tq)
+    idx = lambda i: i.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # noqa: E731
+    total = csum.gather(1, idx(hi)) - csum.gather(1, idx(lo))  # (B, Tq, d)
+    return total / n.clamp(min=1).unsqueeze(-1), n
+
+
+# ---- long-term encoder ----------------------------------------------------------------------------
+
+
+class LongTermEncoder(nn.Module):
+    """CLSR attention pooling: each key is scored by an MLP over [key, query, key-query, key*query]
+    with the user embedding as query. The query does not depend on the position, so each key is
+    scored once, (B, T), and positions only differ by which keys their mask lets in."""
+
+    def __init__(self, config: SLSRecConfig):
+        super().__init__()
+        d, h = config.d, config.hidden
+        self.scorer = nn.Sequential(nn.Linear(4 * d, h), nn.ReLU(), nn.Linear(h, 1))
+
+    def forward(self, keys: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """keys (B,T,d), query (B,d), mask (B,Tq,T) -> pooled (B,Tq,d) (zero if empty), has (B,Tq)."""
+        q = query.unsqueeze(1).expand_as(keys)  # (B, T, d)
+        s = self.scorer(torch.cat([keys, q, keys - q, keys * q], -1)).squeeze(-1)  # (B, T)
+        att = s.unsqueeze(1).masked_fill(~mask, float("-inf"))  # (B, Tq, T)
+        has = mask.any(-1)  # (B, Tq)
+        w = torch.softmax(att.masked_fill(~has.unsqueeze(-1), 0.0), -1) * mask  # (B, Tq, T)
+        return w @ keys, has  # (B, Tq, d)
+
+
+# ---- short-term encoder ---------------------------------------------------------------------------
+
+
+class ShortTermEncoder(nn.Module):
+    """A GRU over the current segment, with log1p(dt) as an extra input feature.
+
+    One code path: ``step`` and ``forward`` run the same ``nn.GRU``. ``forward`` cuts the batch
+    into its segments and runs them as one batch of short right-padded sequences: the state resets
+    at every segment start, trailing padding cannot reach a real position, and there is no Python
+    loop over positions (measured 2.5x faster than packing, ~10x faster than a cell loop, on CPU).
+    """
+
+    def __init__(self, config: SLSRecConfig, item_emb: nn.Embedding):
+        super().__init__()
+        self.__dict__["item_emb"] = item_emb  # shared with SLSRec; not registered twice in state_dict
+        self.gru = nn.GRU(config.d + 1, config.d, batch_first=True)  # input: [item; log1p(dt)]
+        self.d = config.d
+
+    def init_state(self, batch_size: int) -> Tensor:
+        return self.gru.weight_hh_l0.new_zeros(batch_size, self.d)  # (B, d)
+
+    def _input(self, e: Tensor, dt: Tensor) -> Tensor:
+        return torch.cat([e, torch.log1p(dt.float().clamp(min=0)).unsqueeze(-1)], -1)  # (..., d+1)
+
+    def step(self, state: Tensor, item: Tensor, dt: Tensor) -> Tensor:
+        """Advance the segment state by one event: state (B,d), item (B,), dt (B,) seconds."""
+        x = self._input(self.item_emb(item), dt).unsqueeze(1)  # (B, 1, d+1)
+        return self.gru(x, state.unsqueeze(0))[1].squeeze(0)  # (B, d)
+
+    def forward(self, e: Tensor, dts: Tensor, seg: Segments) -> Tensor:
+        """e (B,T,d) item embeddings -> state after each position (B,T,d), zero at padding."""
+        B, T, _ = e.shape
+        where = seg.real.nonzero(as_tuple=True)  # real positions, row-major
+        sid = (seg.start.flatten().cumsum(0) - 1).view(B, T)[where]  # (n,) segment number in the batch
+        off = (torch.arange(T, device=e.device) - seg.first)[where]  # (n,) position inside the segment
+        if sid.numel() == 0:
+            return e.new_zeros(B, T, self.d)
+        lengths = torch.bincount(sid)  # (N,)
+        x = self._input(e, dts)[where]  # (n, d+1)
+        padded = x.new_zeros(len(lengths), int(lengths.max()), x.shape[-1]).index_put((sid, off), x)  # (N, S, d+1)
+        h, _ = self.gru(padded)  # (N, S, d)
+        return e.new_zeros(B, T, self.d).index_put(where, h[sid, off])  # (B, T, d)
+
+
+# ---- contrastive disentanglement ------------------------------------------------------------------
+
+
+def contrastive_loss(kind: str, ul: Tensor, us: Tensor, pl: Tensor, ps: Tensor, valid: Tensor, tau: float) -> Tensor:
+    """Pull each representation towards its own proxy and away from the other's (cosine similarity).
+
+    ul/us: long/short representations, pl/ps: their proxies, all (B,T,d); valid (B,T) bool.
+    ``infonce``: positive = own proxy; negatives = the other proxy at the same position and the same
+    kind of proxy of every other user in the batch at the same position. ``bpr``: CLSR's four
+    pairwise terms, e.g. softplus(sim(ul,ps) - sim(ul,pl)).
+    """
+    ul, us, pl, ps = (F.normalize(x, dim=-1) for x in (ul, us, pl, ps))
+    n = valid.sum().clamp(min=1)
+    if kind == "bpr":
+        sim = lambda a, b: (a * b).sum(-1)  # noqa: E731
+        terms = [(ul, pl, ps), (us, ps, pl), (pl, ul, us), (ps, us, ul)]  # (anchor, pos, neg)
+        loss = sum(F.softplus(sim(a, neg) - sim(a, pos)) for a, pos, neg in terms)  # (B, T)
+        return (loss * valid).sum() / n
+    bias = (~valid).T.unsqueeze(1) * -1e4  # (T, 1, B): drops non-candidates, finite so grads stay finite
+    pos_t = lambda x: x.transpose(0, 1)  # noqa: E731  (T, B, d): one similarity matrix per position
+
+    def nce(anchor: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+        a, p = pos_t(anchor) / tau, pos_t(pos)  # (T, B, d)
+        batch = torch.baddbmm(bias, a, p.transpose(1, 2))  # (T, B, B)
+        hard, own = (a * pos_t(neg)).sum(-1), (a * p).sum(-1)  # (T, B)
+        return (torch.logaddexp(torch.logsumexp(batch, -1), hard) - own).T  # (B, T)
+
+    loss = nce(ul, pl, ps) + nce(us, ps, pl)  # (B, T)
+    return (loss * valid).sum() / n
+
+
+# ---- fusion ---------------------------------------------------------------------------------------
+
+
+class Fusion(nn.Module):
+    """alpha = sigmoid(MLP([long, short, long*short, log1p(segment length), log1p(dt)]));
+    user = alpha*long + (1-alpha)*short. Rows without long-term input get alpha = 0."""
+
+    def __init__(self, config: SLSRecConfig):
+        super().__init__()
+        d, h = config.d, config.hidden
+        self.mode, self.fixed_alpha = config.fusion, config.fixed_alpha
+        self.gate = nn.Sequential(nn.Linear(3 * d + 2, h), nn.ReLU(), nn.Linear(h, 1)) if self.mode == "gate" else None
+
+    def forward(self, long: Tensor, has_long: Tensor, short: Tensor, seg_len: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+        """long/short (...,d), has_long/seg_len/dt (...) -> user (...,d), alpha (...)."""
+        if self.mode == "long":  # the ablation keeps its zero vector on cold rows: no short fallback
+            return long, torch.ones_like(seg_len)
+        if self.mode == "short":
+            return short, torch.zeros_like(seg_len)
+        if self.mode == "fixed":
+            alpha = torch.full_like(seg_len, self.fixed_alpha)  # (...)
+        else:
+            ctx = torch.stack([torch.log1p(seg_len), torch.log1p(dt.float().clamp(min=0))], -1)  # (..., 2)
+            alpha = torch.sigmoid(self.gate(torch.cat([long, short, long * short, ctx], -1))).squeeze(-1)  # (...)
+        alpha = alpha * has_long
+        return short + alpha.unsqueeze(-1) * (long - short), alpha  # (..., d), (...)
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+
+class SLSRec(nn.Module):
+    def __init__(self, config: SLSRecConfig):
+        super().__init__()
+        self.config = config
+        self.item_emb = nn.Embedding(config.n_items + 1, config.d, padding_idx=0)  # input and output
+        self.user_emb = nn.Embedding(config.n_users, config.d)  # the long-term attention query
+        self.drop = nn.Dropout(config.dropout)
+        self.long_encoder = LongTermEncoder(config)
+        self.short_encoder = ShortTermEncoder(config, self.item_emb)
+        self.fusion = Fusion(config)
+        nn.init.normal_(self.item_emb.weight, std=1 / math.sqrt(config.d))
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def item_embeddings(self) -> Tensor:
+        return self.item_emb.weight  # (n_items+1, d)
+
+    def forward(self, batch) -> Output:
+        cfg, items = self.config, batch.items
+        seg = segments(items, batch.seg_start)
+        e = self.item_emb(items)  # (B, T, d)
+        x = self.drop(e)
+        idx = torch.arange(items.shape[1], device=items.device).expand_as(items)  # (B, T)
+        lo = (seg.first - cfg.long_len).clamp(min=0)  # (B, T): long-term window is [lo, first)
+        zero = torch.zeros_like(x)
+        if cfg.fusion == "short":
+            long, has_long = zero, torch.zeros_like(seg.real)
+        else:
+            j = idx.unsqueeze(1)  # (B, 1, T): key positions
+            in_window = (j >= lo.unsqueeze(-1)) & (j < seg.first.unsqueeze(-1))  # (B, T, T)
+            mask = in_window & seg.real.unsqueeze(1) & seg.real.unsqueeze(-1)  # (B, T, T)
+            long, has_long = self.long_encoder(x, self.user_emb(batch.user), mask)  # (B, T, d), (B, T)
+        short = zero if cfg.fusion == "long" else self.short_encoder(x, batch.dts, seg)  # (B, T, d)
+        user, alpha = self.fusion(long, has_long.float(), short, seg.length, batch.dts)
+        user, alpha = user * seg.real.unsqueeze(-1), alpha * seg.real  # padding -> 0
+        aux = user.new_zeros(())
+        if cfg.contrastive != "none" and cfg.contrastive_weight > 0:
+            pl, _ = window_mean(e, seg.real, lo, seg.first)  # (B, T, d)
+            ps, _ = window_mean(e, seg.real, torch.maximum(seg.first, idx + 1 - cfg.proxy_k), idx + 1)  # (B, T, d)
+            valid = seg.real & has_long  # (B, T)
+            aux = cfg.contrastive_weight * contrastive_loss(cfg.contrastive, long, short, pl, ps, valid, cfg.temperature)
+        return Output(user, alpha, aux)
+
+    # ---- streaming API: the flow keeps one short-term state per user and fuses it per event ----
+
+    def long_term(self, batch) -> Tensor:
+        """Long-term vector of each user's whole history in the batch (B,d): what a new session
+        starts from, published to Redis. Zero for an empty history."""
+        real = batch.items > 0  # (B, T)
+        recent = torch.arange(real.shape[1], device=real.device) >= real.shape[1] - self.config.long_len  # (T,)
+        mask = (real & recent).unsqueeze(1)  # (B, 1, T)
+        long, _ = self.long_encoder(self.item_emb(batch.items), self.user_emb(batch.user), mask)
+        return long.squeeze(1)  # (B, d)
+
+    def short_vector(self, state: Tensor) -> Tensor:
+        return state  # (B, d): the GRU state is the short-term representation
+
+    def fuse(self, long: Tensor | None, short: Tensor, seg_len: Tensor, dt: Tensor,
+             has_long: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Streaming fusion: long (B,d) or None (all cold), short (B,d), seg_len/dt (B,).
+        ``has_long`` (B,) bool marks rows that have a long-term vector (default: all, if long given)."""
+        if long is None:
+            long, has_long = torch.zeros_like(short), torch.zeros(short.shape[0], dtype=torch.bool, device=short.device)
+        elif has_long is None:
+            has_long = torch.ones(short.shape[0], dtype=torch.bool, device=short.device)
+        return self.fusion(long, has_long.float(), short, seg_len.float(), dt.float())
