@@ -4,18 +4,17 @@ expiry of old versions, versions only moving forward, no secret in errors, logs 
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pytest
 from pydantic import SecretStr
 
+from slsrec import local
 from slsrec.errors import DataError, ServiceError
 from slsrec.settings import Settings
 from slsrec.store import CachedLongTerm, LongTermStore, VersionError, parse_seq
@@ -23,49 +22,35 @@ from slsrec.store import CachedLongTerm, LongTermStore, VersionError, parse_seq
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[callable]:
-    """Starts throwaway redis-servers on spare loopback ports; yields a starter, stops them all."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (slsrec local up installs it)")
-    procs = []
-
-    def start(*args: str) -> int:
-        port = _free_port()
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path_factory.mktemp("redis")), *args],
-            stdout=subprocess.DEVNULL,
-        ))
-        for _ in range(100):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return port
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    yield start
-    for p in procs:
-        p.terminate()
-        p.wait(10)
-
-
-@pytest.fixture(scope="module")
-def redis_url(redis_server) -> str:
-    return f"redis://127.0.0.1:{redis_server()}/0"
+REDIS_URL = f"redis://{local.REDIS.host}:{local.REDIS.port}/0"
 
 
 @pytest.fixture
-def store(redis_url) -> Iterator[LongTermStore]:
-    s = LongTermStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:8]}")  # isolated namespace per test
+def store(redis_prefix) -> Iterator[LongTermStore]:
+    s = LongTermStore(REDIS_URL, prefix=redis_prefix)  # a namespace of its own on the shared Redis
     yield s
     s.close()
+
+
+@pytest.fixture
+def protected_redis(services, tmp_path) -> Iterator[int]:
+    """A throwaway password-protected redis-server (s3cret-pw) on a spare port; the shared one has none."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "s3cret-pw"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def _vectors(n: int, dim: int, seed: int) -> dict[str, np.ndarray]:
@@ -139,14 +124,14 @@ def test_versions_only_move_forward(store):
     assert store.current_version() == newer[0]
 
 
-def test_reader_never_sees_a_half_written_version(store, redis_url):
+def test_reader_never_sees_a_half_written_version(store):
     n, dim = 20_000, 8
     users = [f"user-{i}" for i in range(n)]
     probe = users[:: n // 50] + users[-10:]  # includes the last chunk written
     seen, problems, done = [], [], threading.Event()
 
     def read():
-        reader = LongTermStore(redis_url, prefix=store.prefix)
+        reader = LongTermStore(REDIS_URL, prefix=store.prefix)
         while not done.is_set():
             version = reader.current_version()
             if version is None:
@@ -206,9 +191,9 @@ def test_cache_counts_hits_and_refreshes_after_ttl(store):
     assert cache.misses == 6 and cache.hit_rate == 2 / 8
 
 
-def test_secrets_stay_out_of_errors_logs_and_repr(redis_server, caplog):
+def test_secrets_stay_out_of_errors_logs_and_repr(protected_redis, caplog):
     caplog.set_level(logging.DEBUG)
-    settings = Settings(redis_url=f"redis://:s3cret-pw@127.0.0.1:{_free_port()}/0")  # nothing listens
+    settings = Settings(redis_url="redis://:s3cret-pw@127.0.0.1:1/0")  # nothing listens on port 1
     down = LongTermStore(settings.redis_url)
     with pytest.raises(ServiceError) as info:
         down.current_version()
@@ -216,7 +201,7 @@ def test_secrets_stay_out_of_errors_logs_and_repr(redis_server, caplog):
     assert "s3cret-pw" not in repr(down) and "s3cret-pw" not in repr(settings)
 
     # A password-protected Redis: the password passes through, and is never shown.
-    port = redis_server("--requirepass", "s3cret-pw")
+    port = protected_redis
     protected = LongTermStore(SecretStr(f"redis://:s3cret-pw@127.0.0.1:{port}/0"))
     protected.publish(None, {"u": np.ones(3, np.float32)})
     assert f"127.0.0.1:{port}" in caplog.text
