@@ -10,8 +10,12 @@ may be produced twice. Every recommendation names its ``event_id``; consumers de
 from __future__ import annotations
 
 import copy
+import logging
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from functools import partial
+from pathlib import Path
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
@@ -19,10 +23,15 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.run import cli_main
 
 from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
-from slsrec.serving import Origin, Recommender, SessionTable, dead_letter, now_ms
+from slsrec.errors import ServiceError
+from slsrec.serving import Origin, Recommender, SessionTable, dead_letter, open_recommender
 from slsrec.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Decoded = tuple[ClickEvent, Origin]
 Output = Recommendation | DeadLetter | SessionClosed
@@ -128,16 +137,19 @@ def get_flow(
     dlq_sink: Sink | None = None,
     sessions_sink: Sink | None = None,
     sweep: timedelta = timedelta(seconds=1),
+    tail: bool = True,
 ) -> Dataflow:
     """Build the flow. Tests inject Bytewax testing sources/sinks; by default all ends are Kafka.
 
     An injected source yields ``KafkaSourceMessage`` (or ``KafkaError``) items like Kafka's; an
     injected sink receives the pydantic records (``Recommendation``, ``DeadLetter``,
-    ``SessionClosed``) instead of serialized Kafka messages.
+    ``SessionClosed``) instead of serialized Kafka messages. ``tail=False`` stops at the end of
+    the topic (a backfill, a benchmark, a bounded test) instead of waiting for new events.
     """
     brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
-    source = source or KafkaSource(brokers, [settings.topic_clicks], add_config=conf, raise_on_errors=False)
+    source = source or KafkaSource(brokers, [settings.topic_clicks], tail=tail, add_config=conf,
+                                   raise_on_errors=False)
     raw = op.input("clicks_in", flow, source)
     # KafkaSourceMessage | KafkaError
     split = op.branch("split_consumer_errors", raw, is_message)
@@ -171,3 +183,54 @@ def get_flow(
             op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, conf))
             # KafkaSinkMessage(user_id, JSON)
     return flow
+
+
+SNAPSHOT_INTERVAL = timedelta(seconds=10)  # also the most a resume replays
+
+
+def serve(settings: Settings, run: str | Path | None = None, *, processes: int = 1, process_id: int | None = None,
+          addresses: list[str] | None = None, recovery: bool = True, tail: bool = True) -> None:
+    """Run the flow until stopped: ``processes`` local workers, or one process of a wider cluster.
+
+    Partitions of ``clicks`` are spread over all workers of the cluster. With ``process_id`` and
+    ``addresses`` (``host:port`` of every process, the same list everywhere) this process is one
+    member of a cluster that may span machines. Recovery snapshots go to ``settings.recovery_dir``.
+    """
+    if process_id is None and processes > 1:
+        addresses = [f"127.0.0.1:{CLUSTER_PORT + i}" for i in range(processes)]
+        _run_local_cluster(settings, run, addresses, recovery, tail)
+        return
+    recovery_config = None
+    if recovery:
+        if not any(settings.recovery_dir.glob("*.sqlite3")):
+            settings.recovery_dir.mkdir(parents=True, exist_ok=True)
+            init_db_dir(settings.recovery_dir, len(addresses or [None]))
+        recovery_config = RecoveryConfig(str(settings.recovery_dir))
+    flow = get_flow(settings, open_recommender(settings, run), tail=tail)
+    log.info("serving %s: %s -> %s (process %s of %s)", run or "the published version", settings.topic_clicks,
+             settings.topic_recommendations, process_id or 0, len(addresses or [None]))
+    cli_main(flow, process_id=process_id, addresses=addresses, epoch_interval=SNAPSHOT_INTERVAL,
+             recovery_config=recovery_config)
+
+
+CLUSTER_PORT = 2101  # first port of the local cluster's processes (Bytewax's own default)
+
+
+def _run_local_cluster(settings: Settings, run, addresses: list[str], recovery: bool, tail: bool) -> None:
+    """One child process per address, each `slsrec serve --process-id I --addresses ...`."""
+    if recovery and not any(settings.recovery_dir.glob("*.sqlite3")):
+        settings.recovery_dir.mkdir(parents=True, exist_ok=True)
+        init_db_dir(settings.recovery_dir, len(addresses))
+    base = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--addresses", ";".join(addresses)]
+    base += (["--run", str(run)] if run else []) + ([] if recovery else ["--no-recovery"])
+    base += [] if tail else ["--exit-at-end"]
+    children = [subprocess.Popen(base + ["--process-id", str(i)]) for i in range(len(addresses))]
+    try:
+        codes = [c.wait() for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.terminate()
+                c.wait(30)
+    if any(codes):
+        raise ServiceError(f"flow processes exited with {codes}")

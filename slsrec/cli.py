@@ -101,6 +101,44 @@ def data_stats(
         typer.echo(f"{key:<46} {value}")
 
 
+@app.command("serve")
+def serve_cmd(
+    run: str = typer.Option(None, help="run directory to serve [default: the run of the published version]"),
+    processes: int = typer.Option(1, min=1, help="worker processes on this machine (cluster mode)"),
+    process_id: int = typer.Option(None, "--process-id", min=0, help="this process's index in --addresses"),
+    addresses: str = typer.Option(None, help="host:port of every process of the cluster, ';'-separated"),
+    recovery: bool = typer.Option(True, help="snapshot state and offsets to the recovery directory"),
+    exit_at_end: bool = typer.Option(False, "--exit-at-end", help="stop at the end of the topic"),
+) -> None:
+    """Run the streaming flow: clicks -> sessions + model -> recommendations (Ctrl-C stops)."""
+    import logging
+
+    from flows.recommend import serve
+    from slsrec.settings import Settings
+
+    if (process_id is None) != (addresses is None):
+        raise UserError("--process-id and --addresses go together (one process of a cluster)")
+    if process_id is not None and process_id >= len(addresses.split(";")):
+        raise UserError(f"--process-id {process_id} is not an index into the {len(addresses.split(';'))} addresses")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(Settings(), run, processes=processes, process_id=process_id,
+          addresses=addresses.split(";") if addresses else None, recovery=recovery, tail=not exit_at_end)
+
+
+@app.command("bench-stream")
+def bench_stream_cmd(
+    run: str = typer.Option(None, help="run directory [default: a random SLSRec of ML-1M size]"),
+    events: int = typer.Option(100_000, min=1000, help="events in the throughput backlog"),
+    latency_s: float = typer.Option(20.0, min=1, help="seconds of paced load for the latency figures"),
+    naive_events: int = typer.Option(5_000, min=100, help="events through the naive per-event path"),
+) -> None:
+    """Throughput and latency of the flow through the local Kafka and Redis, and a naive baseline."""
+    from slsrec.bench_stream import bench, report
+    from slsrec.settings import Settings
+
+    typer.echo(report(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events)))
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -9,6 +9,7 @@ the ``i``-th event of every user in the batch, and each wave costs one batched e
 
 >>> import torch
 >>> from slsrec.data import Vocab
+from slsrec.errors import CheckpointError, UserError
 >>> from slsrec.model import SLSRec, SLSRecConfig
 >>> torch.manual_seed(0) and None
 >>> model = SLSRec(SLSRecConfig(n_users=2, n_items=5, d=8))
@@ -30,9 +31,11 @@ the ``i``-th event of every user in the batch, and each wave costs one batched e
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -40,8 +43,13 @@ import torch
 
 from schemas.events import ClickEvent, DeadLetter, RankedItem, Recommendation, SessionClosed, SessionItem
 from slsrec.data import Vocab
+from slsrec.errors import CheckpointError, UserError
 from slsrec.model import score
 from slsrec.sessions import Boundary, SeqBatch, boundary, segment_starts
+from slsrec.settings import Settings
+from slsrec.store import CachedLongTerm, LongTermStore
+
+log = logging.getLogger(__name__)
 
 # user ids -> (long-term version or None, one float32 (d,) vector or None per user)
 LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["np.ndarray | None"]]]
@@ -332,3 +340,86 @@ def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: 
     keep = torch.isfinite(top.values)
     return ([items.raw_of(int(k)) for k in top.indices[keep]], top.values[keep].tolist(),
             float(out.alpha[0, -1]))
+
+
+class LongTermReader:
+    """The production long-term lookup: the current Redis version, read through the TTL cache.
+
+    ``slsrec:current`` is re-read at most every ``ttl_s``. A version published for another run holds
+    vectors of another model, meaningless to this one: the reader stays on the version it has and
+    logs once that a restart is needed (the old version stays readable for the publish grace period).
+
+    Parameters
+    ----------
+    store : LongTermStore
+    ttl_s : float
+        How stale a cached vector (or the current version id) may be.
+    run : str, optional
+        The served run directory; versions whose ``meta["run"]`` names another run are not used.
+    """
+
+    def __init__(self, store: LongTermStore, ttl_s: float, run: str | None = None):
+        self.store = store
+        self.cache = CachedLongTerm(store, ttl_s)
+        self.ttl_s = ttl_s
+        self.run = None if run is None else Path(run).resolve()
+        self.version: str | None = None
+        self._checked_at = -float("inf")
+        self._refused: set[str] = set()
+
+    def __call__(self, user_ids: Sequence[str]) -> tuple[str | None, list[np.ndarray | None]]:
+        if time.monotonic() - self._checked_at >= self.ttl_s:
+            self._checked_at = time.monotonic()
+            self._switch(self.store.current_version())
+        if self.version is None:
+            return None, [None] * len(user_ids)
+        return self.version, self.cache.get_many(self.version, user_ids)
+
+    def _switch(self, current: str | None) -> None:
+        if current is None or current == self.version or current in self._refused:
+            return
+        published = self.store.meta(current).get("run")
+        if self.run is not None and published is not None and Path(published).resolve() != self.run:
+            self._refused.add(current)
+            log.warning("long-term version %s was published for run %s, not the served %s: staying on %s; "
+                        "restart `slsrec serve` to serve it", current, published, self.run, self.version)
+            return
+        log.info("long-term vectors: version %s", current)
+        self.version = current
+
+
+def open_recommender(settings: Settings, run: str | Path | None = None) -> Recommender:
+    """The recommender ``slsrec serve`` runs: a run's model plus the Redis long-term lookup.
+
+    Without ``run``, serves the run that the current Redis version was published from; when that
+    directory is not on this machine, its model files are taken from Redis (``publish`` stores them).
+    """
+    from slsrec.checkpoint import load_run  # noqa: PLC0415  TEMP until checkpoint imports cleanly
+
+    store = LongTermStore(settings.redis_url)
+    if run is None:
+        version = store.current_version()
+        if version is None:
+            raise UserError(f"nothing is published in Redis at {store.location} yet: "
+                            "run `slsrec publish --run runs/NAME` first, or pass --run")
+        run = Path(store.meta(version).get("run", version))
+        if not run.is_dir():
+            files = store.model_files(version)
+            if not files:
+                raise CheckpointError(f"version {version} names run {run}, which is not here, "
+                                      "and Redis holds no model files for it; pass --run")
+            run = settings.runs_dir / "published" / version
+            run.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                (run / Path(name).name).write_bytes(data)
+    loaded = load_run(run)
+    model = loaded.model
+    if not hasattr(model, "short_encoder"):
+        raise CheckpointError(f"{run}: a {loaded.name} model cannot serve the stream; train an slsrec model")
+    gap_ms = settings.session_gap_s * 1000
+    if loaded.session.get("gap_ms") not in (None, gap_ms):
+        log.warning("session gap %d ms differs from the %d ms the model was trained with",
+                    gap_ms, loaded.session["gap_ms"])
+    return Recommender(model, loaded.items, LongTermReader(store, settings.redis_cache_ttl_s, str(run)),
+                       model_version=Path(run).name, gap_ms=gap_ms, max_segment=model.config.max_segment,
+                       top_k=settings.top_k, exclude_seen=settings.exclude_seen, device=settings.torch_device())
