@@ -9,7 +9,6 @@ the ``i``-th event of every user in the batch, and each wave costs one batched e
 
 >>> import torch
 >>> from slsrec.data import Vocab
-from slsrec.errors import CheckpointError, UserError
 >>> from slsrec.model import SLSRec, SLSRecConfig
 >>> torch.manual_seed(0) and None
 >>> model = SLSRec(SLSRecConfig(n_users=2, n_items=5, d=8))
