@@ -38,8 +38,11 @@ class Boundary(enum.IntEnum):
     SESSION = 2
 
 
-def boundary(prev_ts: int | None, ts: int, segment_len: int, gap_ms: int, max_segment: int) -> Boundary:
+def boundary(prev_ts: int | None, ts: int, segment_len: int, gap_ms: int | None, max_segment: int) -> Boundary:
     """The one boundary rule. ``segment_len`` is the number of items already in the current segment.
+
+    ``gap_ms=None`` turns the inactivity rule off: one session per user, cut into fixed windows of
+    ``max_segment`` items (the CLSR-style baseline).
 
     >>> boundary(None, 5, 0, 1800_000, 20).name
     'SESSION'
@@ -47,15 +50,17 @@ def boundary(prev_ts: int | None, ts: int, segment_len: int, gap_ms: int, max_se
     ('SESSION', 'NONE')
     >>> boundary(0, 1, 20, 1800_000, 20).name
     'SEGMENT'
+    >>> boundary(0, 10**12, 3, None, 20).name
+    'NONE'
     """
-    if prev_ts is None or ts - prev_ts > gap_ms:
+    if prev_ts is None or (gap_ms is not None and ts - prev_ts > gap_ms):
         return Boundary.SESSION
     if segment_len >= max_segment:
         return Boundary.SEGMENT
     return Boundary.NONE
 
 
-def segment_starts(ts, gap_ms: int, max_segment: int) -> np.ndarray:
+def segment_starts(ts, gap_ms: int | None, max_segment: int) -> np.ndarray:
     """:func:`boundary` applied along one user's time-sorted sequence: ``(n,)`` int8 Boundary codes."""
     out = np.zeros(len(ts), dtype=np.int8)
     prev, seg_len = None, 0
@@ -67,7 +72,7 @@ def segment_starts(ts, gap_ms: int, max_segment: int) -> np.ndarray:
     return out
 
 
-def _all_starts(inter: Interactions, gap_ms: int, max_segment: int) -> np.ndarray:
+def _all_starts(inter: Interactions, gap_ms: int | None, max_segment: int) -> np.ndarray:
     """Boundary codes for every event of every user (aligned with ``inter``'s arrays)."""
     out = np.zeros(len(inter), dtype=np.int8)
     for u in range(inter.n_users):
@@ -138,7 +143,7 @@ class SeqBatch:
         return len(self.user)
 
 
-def _padded(split: Split, kind: str, max_len: int, gap_ms: int, max_segment: int) -> dict[str, np.ndarray]:
+def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segment: int) -> dict[str, np.ndarray]:
     """Left-padded (n_rows, max_len) arrays for ``kind`` in {train, valid, test}, computed once per split."""
     key = (kind, max_len, gap_ms, max_segment)
     if key in split._cache:
@@ -184,7 +189,7 @@ def _batches(arrays: dict[str, np.ndarray], order: np.ndarray, batch_size: int) 
         yield SeqBatch(*(torch.from_numpy(arrays[f][rows]) for f in SeqBatch.__dataclass_fields__))
 
 
-def train_batches(split: Split, *, batch_size: int, max_len: int, gap_ms: int, max_segment: int,
+def train_batches(split: Split, *, batch_size: int, max_len: int, gap_ms: int | None, max_segment: int,
                   rng: np.random.Generator) -> Iterator[SeqBatch]:
     """One epoch of training batches, users shuffled by ``rng``.
 
@@ -196,7 +201,7 @@ def train_batches(split: Split, *, batch_size: int, max_len: int, gap_ms: int, m
 
 
 def eval_batches(split: Split, which: Literal["valid", "test"], *, batch_size: int, max_len: int,
-                 gap_ms: int, max_segment: int) -> Iterator[SeqBatch]:
+                 gap_ms: int | None, max_segment: int) -> Iterator[SeqBatch]:
     """Evaluation batches in user order: inputs are the history before the target; ``targets[:, -1]``."""
     if which not in ("valid", "test"):
         raise ValueError(f"which must be 'valid' or 'test', not {which!r}")
@@ -204,7 +209,7 @@ def eval_batches(split: Split, which: Literal["valid", "test"], *, batch_size: i
     yield from _batches(arrays, np.arange(len(arrays["user"])), batch_size)
 
 
-def split_report(inter: Interactions, gap_ms: int, max_segment: int, max_long: int) -> dict[str, float | int]:
+def split_report(inter: Interactions, gap_ms: int | None, max_segment: int, max_long: int) -> dict[str, float | int]:
     """How the long/short split behaves on a dataset.
 
     Prediction positions are every event that has a next event (the last one of each user does not).

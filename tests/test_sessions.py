@@ -38,6 +38,11 @@ def test_boundary_rule(prev_ts, ts, seg_len, expected):
     assert boundary(prev_ts, ts, seg_len, GAP, 4) is expected
 
 
+def test_without_a_gap_rule_only_fixed_windows_remain():
+    codes = segment_starts([0, 10 * GAP, 20 * GAP, 30 * GAP, 40 * GAP], gap_ms=None, max_segment=2)
+    assert [Boundary(c).name for c in codes] == ["SESSION", "NONE", "SEGMENT", "NONE", "SEGMENT"]
+
+
 def test_segment_starts_matches_the_rule_on_random_sequences():
     rng = np.random.default_rng(0)
     S = 3
