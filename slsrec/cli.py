@@ -139,6 +139,29 @@ def bench_stream_cmd(
     typer.echo(report(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events)))
 
 
+@app.command("publish")
+def publish_cmd(
+    run: str = typer.Option(..., help="run directory written by `slsrec train`, e.g. runs/ml-1m"),
+    version: str = typer.Option(None, help="explicit version id v<number>[-label] [default: the next one]"),
+    data: str = typer.Option(None, help="history to summarise [default: the run's training data]"),
+    grace_s: float = typer.Option(3600.0, min=0, help="seconds the replaced version stays readable"),
+) -> None:
+    """Write every known user's long-term vector and the model to Redis, then switch to it atomically."""
+    from slsrec.data import load_dataset
+    from slsrec.publish import publish_run
+    from slsrec.settings import Settings
+    from slsrec.store import LongTermStore
+
+    settings = Settings()
+    store = LongTermStore(settings.redis_url)
+    report = publish_run(run, store, version=version, history=load_dataset(data) if data else None,
+                         grace_s=grace_s, device=settings.torch_device())
+    r = report.result
+    typer.echo(f"published {r.version} to Redis {store.location} (replacing {r.previous or 'nothing'}): "
+               f"{r.n_users} users, dim {r.dim}; vectors {report.encode_s:.2f} s, "
+               f"write+switch {r.seconds:.2f} s ({r.vectors_per_s:,.0f} vectors/s)")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
