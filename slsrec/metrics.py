@@ -23,7 +23,11 @@ import torch
 
 
 def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among all columns: count of other columns scoring >= it. ``(B,)``."""
+    """0-based rank of each target among all columns: count of other columns scoring >= it. ``(B,)``.
+
+    A NaN score counts as -inf, so a broken model cannot score hits.
+    """
+    scores = scores.nan_to_num(nan=float("-inf"))  # (B, V)
     target_score = scores.gather(1, targets[:, None])  # (B, 1)
     return (scores >= target_score).sum(dim=1) - 1  # (B,) the target itself always counts once
 

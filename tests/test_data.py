@@ -59,6 +59,8 @@ def test_iso_timestamps_are_utc_milliseconds(tmp_path):
          ["row 2", "column 'timestamp'", "missing"]),
         ("j.jsonl", '{"user_id": "u", "item_id": "a", "timestamp": 1}\n{"user_id": "u", "item_id": \n',
          ["j.jsonl", "line 2", "not valid JSON"]),
+        ("f.csv", "user_id,item_id,timestamp\nu,a,1\nu,b,2,3\n", ["f.csv", "Expected 3 fields in line 3, saw 4"]),
+        ("p.parquet", "not parquet", ["p.parquet", "cannot read as parquet"]),
         ("empty.csv", "", ["empty.csv", "empty"]),
         ("header.csv", "user_id,item_id,timestamp\n", ["header.csv", "no rows"]),
         ("clicks.xlsx", "whatever", ["clicks.xlsx", "unknown file type '.xlsx'", ".csv", ".parquet", ".jsonl"]),

@@ -66,3 +66,8 @@ def test_padding_targets_are_skipped_and_empty_result_is_nan():
     assert m.n == 1 and m.result() == {"HR@1": 1.0, "NDCG@1": 1.0, "MRR": 1.0}
     m.reset()
     assert m.n == 0
+
+
+def test_nan_scores_never_count_as_hits():
+    scores = torch.tensor([[float("-inf"), float("nan"), 1.0, 2.0]])
+    assert ranks(scores, torch.tensor([1])).tolist() == [3]
