@@ -72,8 +72,8 @@ def small():
 def test_leave_one_out_positions(small):
     inter = small.inter
     a, b, c = (inter.users.index(u) for u in "abc")
-    item = lambda i: inter.items.raw_of(int(inter.item[i]))  # noqa: E731
-    assert item(small.test[a]) == "i6" and item(small.valid[a]) == "i5"
+    assert inter.items.raw_of(inter.item[small.test[a]]) == "i6"
+    assert inter.items.raw_of(inter.item[small.valid[a]]) == "i5"
     assert small.valid[b] == -1 and small.test[b] == -1
     train = small.train
     assert [inter.items.raw_of(i) for i in train.item[train.user == a]] == ["i1", "i2", "i3", "i4"]
@@ -137,7 +137,10 @@ def test_no_target_leakage_on_movielens():
 def test_train_batches_cover_each_user_once_in_a_seeded_order():
     split = leave_one_out(load_dataset("ml-100k"))
     kw = dict(batch_size=100, max_len=20, gap_ms=GAP, max_segment=20)
-    order = lambda seed: torch.cat([b.user for b in train_batches(split, rng=np.random.default_rng(seed), **kw)])  # noqa: E731
+
+    def order(seed):
+        return torch.cat([b.user for b in train_batches(split, rng=np.random.default_rng(seed), **kw)])
+
     first, again, other = order(1), order(1), order(2)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert sorted(first.tolist()) == list(range(split.inter.n_users))

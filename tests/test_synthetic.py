@@ -72,8 +72,8 @@ def test_taste_shift_changes_only_what_comes_after_it(world):
     shift = int(np.median(world.events["timestamp"]))
     config = WorldConfig(n_users=300, n_items=400, n_clusters=8, seed=3, shift_at_ms=shift)
     shifted = generate(config)
-    before = lambda w: w.events[w.events["timestamp"] < shift].reset_index(drop=True)  # noqa: E731
-    pd.testing.assert_frame_equal(before(shifted), before(world))
+    early = [w.events[w.events["timestamp"] < shift].reset_index(drop=True) for w in (shifted, world)]
+    pd.testing.assert_frame_equal(*early)
     s, t = shifted.truth.sessions, shifted.truth
     assert (s["shifted"] == (s["start_ms"] >= shift)).all()
     # After the shift, intents drawn from the taste follow the new mixture, not the old one.
