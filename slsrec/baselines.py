@@ -7,7 +7,7 @@ treat all of them alike.
 CLSR (Zheng et al., WWW 2022) is SLSRec's closest published relative and is built as an SLSRec
 configuration (``clsr_overrides``). What is faithful: long-term attention pooling with the user
 embedding as query and the MLP scorer over [key, query, key-query, key*query]; a recurrent
-short-term encoder over recent items with no session segmentation (``gap_ms=NO_GAP_MS``);
+short-term encoder over recent items with no session segmentation (``gap_ms=None``);
 proxies = mean of the long-term items and mean of the last k items; the pairwise (BPR) contrastive
 loss with its four terms; an MLP-attention fusion. Where it differs, and why:
 
@@ -43,12 +43,9 @@ from slsrec.errors import UserError
 from slsrec.model import Output, SeqConfig
 
 
-NO_GAP_MS = 2**62  # a session gap no timestamp difference exceeds: only fixed windows cut sequences
-
-
 def clsr_overrides(k: int = 10) -> dict:
     """SLSRecConfig options that make SLSRec the CLSR-style model (differences: module docstring)."""
-    return dict(gap_ms=NO_GAP_MS, max_segment=k, proxy_k=k, contrastive="bpr", fusion="gate")
+    return dict(gap_ms=None, max_segment=k, proxy_k=k, contrastive="bpr", fusion="gate")
 
 
 # ---- Popularity ----------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class SeqConfig:
     n_items: int = 1  # real items are 1..n_items, 0 is padding
     d: int = 64  # embedding width; 64 is the usual ML-1M setting (SASRec, CLSR)
     max_len: int = 200  # T: most recent events per training sequence (SASRec uses 200 on ML-1M)
-    gap_ms: int = 30 * 60 * 1000  # inactivity (ms) that opens a session (slsrec.sessions.boundary)
+    gap_ms: int | None = 30 * 60 * 1000  # inactivity (ms) opening a session; None = fixed windows only
     max_segment: int = 20  # S: a segment (the short-term input) holds at most S items
     dropout: float = 0.2  # on input embeddings; ML-1M overfits quickly without it
 

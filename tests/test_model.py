@@ -1,0 +1,179 @@
+"""SLSRec: shapes, padding, the streaming step = batch identity, the long/short split, fusion modes,
+and the contrastive loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slsrec.errors import UserError
+from slsrec.model import SLSRec, SLSRecConfig, segments
+from slsrec.sessions import Boundary, SeqBatch, segment_starts
+
+N_USERS, N_ITEMS = 6, 30
+MIN = 60_000  # ms
+
+
+def make_batch(seqs, users=None, T=None, gap_ms=30 * MIN, max_segment=4) -> SeqBatch:
+    """Left-padded SeqBatch from (items, ts_ms) per user, cut by the real session rule."""
+    T = T or max(len(items) for items, _ in seqs)
+    rows = {k: [] for k in ("items", "dts", "seg_start")}
+    for items, ts in seqs:
+        codes = segment_starts(np.asarray(ts), gap_ms, max_segment)
+        dts = np.where(codes == Boundary.SESSION, 0.0, np.diff(ts, prepend=0) / 1000)
+        pad = T - len(items)
+        rows["items"].append([0] * pad + list(items))
+        rows["dts"].append([0.0] * pad + list(dts))
+        rows["seg_start"].append([False] * pad + list(codes != Boundary.NONE))
+    items = torch.tensor(rows["items"])
+    users = torch.tensor(users if users is not None else range(len(seqs)))
+    return SeqBatch(users, items, torch.tensor(rows["dts"], dtype=torch.float32), torch.tensor(rows["seg_start"]),
+                    torch.zeros_like(items))
+
+
+def sessions(*lengths, start=0):
+    """Timestamps of consecutive sessions of the given lengths: a minute apart inside, 3 h between."""
+    ts, t = [], start
+    for k in lengths:
+        ts += [t + i * MIN for i in range(k)]
+        t = ts[-1] + 180 * MIN
+    return ts
+
+
+def model(**kw) -> SLSRec:
+    torch.manual_seed(0)
+    kw = {"d": 16, "max_segment": 4, "long_len": 6, **kw}
+    return SLSRec(SLSRecConfig(n_users=N_USERS, n_items=N_ITEMS, **kw)).eval()
+
+
+SEQS = [([3, 4, 5, 6, 7, 8, 9, 10, 11], sessions(2, 5, 2)),  # a long session overflows into 2 segments
+        ([12, 13, 14], sessions(3)),  # first segment only: cold
+        ([1, 2, 3, 4, 5, 6], sessions(1, 1, 1, 3)),
+        ([20] * 7, sessions(7))]
+
+
+def test_shapes_and_padding_outputs():
+    b = make_batch(SEQS)
+    out = model()(b)
+    B, T = b.items.shape
+    assert out.user.shape == (B, T, 16) and out.alpha.shape == (B, T) and out.aux_loss.shape == ()
+    pad = b.items == 0
+    assert (out.user[pad] == 0).all() and (out.alpha[pad] == 0).all()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"fusion": "fixed"}, {"contrastive": "bpr"}, {"gap_ms": None}])
+def test_padding_never_changes_a_result(overrides):
+    m = model(**overrides)
+    b = make_batch(SEQS)
+    padded = make_batch(SEQS, T=b.items.shape[1] + 5)
+    out, out_p = m(b), m(padded)
+    torch.testing.assert_close(out_p.user[:, 5:], out.user, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_p.alpha[:, 5:], out.alpha, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_p.aux_loss, out.aux_loss)
+    # Each user alone (no padding at all) gets the same vectors as inside the padded batch.
+    for i, seq in enumerate(SEQS):
+        alone = m(make_batch([seq], users=[i]))
+        torch.testing.assert_close(out_p.user[i, -len(seq[0]):], alone.user[0], atol=1e-5, rtol=0)
+
+
+def test_step_by_step_equals_batch_encoding():
+    m = model()
+    b = make_batch(SEQS)
+    seg = segments(b.items, b.seg_start)
+    with torch.no_grad():
+        batch = m.short_encoder(m.item_emb(b.items), b.dts, seg)  # (B, T, d)
+        state = m.short_encoder.init_state(len(b))
+        for t in range(b.items.shape[1]):
+            reset = seg.start[:, t].unsqueeze(-1)
+            state = torch.where(reset, m.short_encoder.init_state(len(b)), state)
+            state = m.short_encoder.step(state, b.items[:, t], b.dts[:, t])
+            real = seg.real[:, t]
+            assert (state[real] - batch[real, t]).abs().max() < 1e-5, t
+
+
+def test_streaming_path_reproduces_forward():
+    """What the flow computes (published long-term vector of the history before the segment, GRU
+    steps over the segment, fuse) equals forward's user vector at the last position."""
+    m = model(long_len=3)
+    for i, (items, ts) in enumerate(SEQS):
+        b = make_batch([(items, ts)], users=[i])
+        seg = segments(b.items, b.seg_start)
+        first = int(seg.first[0, -1])
+        with torch.no_grad():
+            expected = m(b)
+            long = m.long_term(make_batch([(items[:first], ts[:first])], users=[i])) if first else None
+            state = m.short_encoder.init_state(1)
+            for t in range(first, len(items)):
+                state = m.short_encoder.step(state, b.items[:, t], b.dts[:, t])
+            user, alpha = m.fuse(long, m.short_vector(state), seg.length[:, -1], b.dts[:, -1])
+        torch.testing.assert_close(user, expected.user[:, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(alpha, expected.alpha[:, -1], atol=1e-6, rtol=0)
+
+
+def test_long_term_ignores_the_current_segment_and_is_zero_when_cold():
+    m = model(fusion="long", contrastive="none")  # user vector = long-term vector
+    items, ts = SEQS[0]  # segments: [3 4] [5 6 7 8] [9] [10 11]
+    out = m(make_batch([(items, ts)]))
+    changed_now = m(make_batch([(items[:-2] + [29, 30], ts)]))
+    changed_before = m(make_batch([(items[:1] + [1] + items[2:], ts)]))
+    changed_too_old = m(make_batch([([1] + items[1:], ts)]))  # beyond long_len=6 items back
+    torch.testing.assert_close(changed_now.user[0, -1], out.user[0, -1])
+    torch.testing.assert_close(changed_too_old.user[0, -1], out.user[0, -1])
+    assert (changed_before.user[0, -1] - out.user[0, -1]).abs().max() > 1e-4  # the test can fail
+    assert (out.user[0, :2] == 0).all() and (out.user[0, 2:].abs().sum(-1) > 0).all()
+    cold = m(make_batch([SEQS[1]]))
+    assert (cold.user == 0).all()
+    # long_term() over a whole history caps it to the latest long_len items.
+    lt = m.long_term(make_batch([(items, ts)]))
+    lt_recent = m.long_term(make_batch([(items[-6:], ts[-6:])]))
+    torch.testing.assert_close(lt, lt_recent)
+    assert m.long_term(make_batch([([0], [0])])).abs().sum() == 0  # an empty history
+
+
+def test_fusion_modes_give_the_expected_alpha():
+    b = make_batch(SEQS)
+    seg = segments(b.items, b.seg_start)
+    has_long = seg.real & (seg.first > (b.items == 0).sum(1, keepdim=True))  # not in the first segment
+    alpha = {mode: model(fusion=mode, contrastive="none" if mode in ("long", "short") else "infonce")(b).alpha
+             for mode in ("gate", "fixed", "long", "short")}
+    assert (alpha["short"] == 0).all()
+    assert (alpha["long"][seg.real] == 1).all()
+    assert (alpha["fixed"][has_long] == 0.5).all() and (alpha["fixed"][~has_long] == 0).all()
+    gate = alpha["gate"][has_long]
+    assert ((gate > 0) & (gate < 1)).all() and gate.std() > 0  # learned, input-dependent
+    assert (alpha["gate"][~has_long] == 0).all()  # cold start
+    # streaming fuse: None = all cold; has_long marks cold rows inside a batch
+    m = model()
+    short, n = torch.randn(3, 16), torch.tensor([2.0, 1, 5])
+    assert (m.fuse(None, short, n, n)[1] == 0).all()
+    user, a = m.fuse(torch.randn(3, 16), short, n, n, has_long=torch.tensor([True, False, True]))
+    assert a[1] == 0 and (a[[0, 2]] > 0).all()
+    torch.testing.assert_close(user[1], short[1])
+
+
+@pytest.mark.parametrize("kind", ["infonce", "bpr"])
+def test_contrastive_loss_is_finite_and_trains_both_encoders(kind):
+    m = model(contrastive=kind, contrastive_weight=1.0).train()
+    out = m(make_batch(SEQS))
+    assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
+    out.aux_loss.backward()
+    for part in (m.long_encoder, m.short_encoder, m.user_emb):
+        grads = [p.grad for p in part.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert model(contrastive="none")(make_batch(SEQS)).aux_loss == 0
+
+
+def test_contrastive_weight_scales_aux_loss():
+    b = make_batch(SEQS)
+    a1, a3 = (model(contrastive_weight=w)(b).aux_loss for w in (1.0, 3.0))
+    torch.testing.assert_close(a3, 3 * a1)
+
+
+def test_config_mistakes_are_clear_errors():
+    with pytest.raises(UserError, match="fusion='avg' is not one of gate, fixed, long, short"):
+        SLSRecConfig(n_users=1, n_items=1, fusion="avg")
+    with pytest.raises(UserError, match="set contrastive='none'"):
+        SLSRecConfig(n_users=1, n_items=1, fusion="short")
+    with pytest.raises(UserError, match="fixed_alpha"):
+        SLSRecConfig(n_users=1, n_items=1, fusion="fixed", fixed_alpha=2)
