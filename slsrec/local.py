@@ -208,7 +208,19 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise ServiceError(f"cannot create topic {topic!r} on {settings.kafka_bootstrap}: {e.args[0].str()}") from None
+    # The controller confirms before every broker knows the topic: wait until clients can use it.
+    deadline = time.monotonic() + timeout_s
+    while not _topics_ready(admin, specs):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"topics {', '.join(specs)} were created but are not ready after {timeout_s:.0f} s")
+        time.sleep(0.1)
     return created
+
+
+def _topics_ready(admin, specs: dict[str, int]) -> bool:
+    topics = admin.list_topics(timeout=5).topics
+    return all(t in topics and topics[t].error is None and len(topics[t].partitions) >= 1
+               and all(p.leader >= 0 for p in topics[t].partitions.values()) for t in specs)
 
 
 def admin_client(settings: Settings):
