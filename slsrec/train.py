@@ -1,0 +1,311 @@
+"""Train and evaluate one model: read :func:`train` top to bottom.
+
+data -> leave-one-out split -> batches with the model's own session rule and ``max_len`` -> model ->
+AdamW -> epochs of (train, validation NDCG@10 with full ranking) -> early stopping that keeps the
+best weights -> test metrics -> the run directory (:mod:`slsrec.checkpoint`).
+
+Every model goes through the same evaluation: full ranking over all items, the user's own history
+masked (:func:`slsrec.metrics.mask_seen`), HR/NDCG@{5,10,20} and MRR.
+
+>>> from slsrec.data import Interactions
+>>> from slsrec.synthetic import WorldConfig, generate
+>>> inter = Interactions.from_frame(generate(WorldConfig(n_users=60, n_items=40, n_clusters=4)).events)
+>>> res = train(TrainConfig(model="gru4rec", epochs=2, model_options={"d": 8}), inter=inter, progress=False)
+>>> [h["epoch"] for h in res.history], sorted(res.metrics["test"])[:3]
+([1, 2], ['HR@10', 'HR@20', 'HR@5'])
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from slsrec.checkpoint import Run, load_run, save_run
+from slsrec.data import Interactions, load_dataset
+from slsrec.errors import CheckpointError, UserError
+from slsrec.metrics import RankingMetrics, mask_seen
+from slsrec.model import score, segments
+from slsrec.registry import build_model
+from slsrec.sessions import Split, eval_batches, leave_one_out, train_batches
+
+VALID_METRIC = "NDCG@10"  # early stopping and model selection
+
+
+@dataclass
+class TrainConfig:
+    """Training options (model hyper-parameters go in ``model_options``, checked by the model config)."""
+
+    dataset: str = "ml-1m"  # ml-1m, ml-100k, synthetic, or a clickstream file
+    model: str = "slsrec"  # a name from slsrec.registry.MODEL_NAMES
+    epochs: int = 200  # upper bound; early stopping usually ends training long before
+    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
+    batch_size: int = 128  # users per step (one sequence per user)
+    lr: float = 1e-3  # AdamW, as in SASRec
+    weight_decay: float = 0.0  # dropout regularises already; decay on embeddings hurts rare items
+    max_len: int | None = None  # override the model's max_len (sequence length T)
+    loss: Literal["full", "sampled"] = "full"  # full softmax over all items, or sampled softmax
+    negatives: int = 256  # sampled softmax: negatives per step, shared by the whole batch
+    bf16: bool = False  # bfloat16 autocast for the forward pass (CPU with AMX/AVX512-BF16, or CUDA)
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    eval_batch_size: int = 256  # users per evaluation batch
+    model_options: dict = field(default_factory=dict)  # config overrides, e.g. {"d": 32}
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict]  # one record per epoch
+    metrics: dict  # test metrics, best validation, timings, alpha statistics
+    run_dir: Path | None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available (use --device auto or cpu)")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {device!r}: expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interactions | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.dataset`` (or on ``inter`` when given) and save the run to ``out``."""
+    # ---- setup: seeds, threads, device ----
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+
+    # ---- data: leave-one-out split ----
+    inter = load_dataset(cfg.dataset) if inter is None else inter
+    split = leave_one_out(inter)
+    if not (split.valid >= 0).any():
+        raise UserError(f"dataset {cfg.dataset!r}: no user has the 3 interactions leave-one-out needs")
+
+    # ---- model: its config carries the batch geometry (max_len, session rule) ----
+    options = dict(cfg.model_options) | ({"max_len": cfg.max_len} if cfg.max_len else {})
+    model = build_model(cfg.model, n_users=inter.n_users, n_items=inter.n_items, **options).to(device)
+    rule = batch_rule(model)
+    history: list[dict] = []
+    t_start = time.perf_counter()
+    time_to_best = 0.0
+
+    if cfg.model == "pop":
+        # ---- popularity: counting the training events replaces the epochs ----
+        model.fit(torch.from_numpy(split.train.item).to(device))
+        best_valid = evaluate(model, split, "valid", batch_size=cfg.eval_batch_size, device=device,
+                              progress=progress)
+        history.append({"epoch": 1, "train_loss": None, "valid": best_valid, "train_s": 0.0,
+                        "seconds": round(time.perf_counter() - t_start, 3)})
+        time_to_best, best_epoch = time.perf_counter() - t_start, 1
+    else:
+        # ---- optimiser and loss ----
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sampler = NegativeSampler(split.train.item, inter.n_items, seed=cfg.seed, device=device) \
+            if cfg.loss == "sampled" else None
+        step_model = torch.compile(model) if cfg.compile else model
+        best_valid, best_epoch, best_state, bad_epochs = None, 0, None, 0
+
+        for epoch in range(1, cfg.epochs + 1):
+            # ---- train one epoch ----
+            model.train()
+            t0 = time.perf_counter()
+            losses = []
+            batches = list(train_batches(split, batch_size=cfg.batch_size, rng=rng, **rule))  # a few MB
+            for batch in tqdm(batches, desc=f"{cfg.model} epoch {epoch}", disable=not progress, leave=False):
+                loss = train_step(step_model, batch.to(device), opt, sampler, cfg.negatives, cfg.bf16)
+                losses.append(loss)
+            train_s = time.perf_counter() - t0
+
+            # ---- validate: full ranking NDCG@10 ----
+            valid = evaluate(model, split, "valid", batch_size=cfg.eval_batch_size, device=device,
+                             progress=progress)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid": valid,
+                            "train_s": round(train_s, 3), "seconds": round(time.perf_counter() - t0, 3)})
+            if progress:
+                tqdm.write(f"{cfg.model} epoch {epoch}: loss {history[-1]['train_loss']:.4f} "
+                           f"valid {VALID_METRIC} {valid[VALID_METRIC]:.4f} ({train_s:.1f}s train)")
+
+            # ---- early stopping: keep the best weights ----
+            if best_valid is None or valid[VALID_METRIC] > best_valid[VALID_METRIC]:
+                best_valid, best_epoch, bad_epochs = valid, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+                time_to_best = time.perf_counter() - t_start
+            else:
+                bad_epochs += 1
+                if bad_epochs >= cfg.patience:
+                    break
+        model.load_state_dict(best_state)
+
+    # ---- test: full ranking on the held-out last interaction ----
+    test = evaluate(model, split, "test", batch_size=cfg.eval_batch_size, device=device, progress=progress)
+    epochs = [h for h in history if h["train_loss"] is not None]
+    metrics = {
+        "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
+        "test": test, "valid": best_valid, "best_epoch": best_epoch, "epochs_run": len(history),
+        "seconds_per_epoch": round(float(np.mean([h["train_s"] for h in epochs])), 3) if epochs else 0.0,
+        "time_to_convergence_s": round(time_to_best, 3),
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "device": str(device), "threads": torch.get_num_threads(),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
+    if getattr(model.config, "fusion", None) == "gate":
+        metrics["alpha"] = alpha_stats(model, split, batch_size=cfg.eval_batch_size, device=device)
+
+    # ---- save the run ----
+    run_dir = None
+    if out is not None:
+        run_dir = save_run(out, model.cpu(), name=cfg.model, users=inter.users, items=inter.items,
+                           dataset=cfg.dataset, metrics=metrics, history=history, train=asdict(cfg))
+    return TrainResult(model, history, metrics, run_dir)
+
+
+# ---- one training step --------------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, batch, opt: torch.optim.Optimizer, sampler: NegativeSampler | None,
+               negatives: int, bf16: bool) -> float:
+    """One optimiser step of next-item cross-entropy (+ the model's auxiliary loss)."""
+    device_type = batch.items.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(batch)
+        has = batch.targets > 0  # (B, T)
+        user, target = out.user[has], batch.targets[has]  # (N, d), (N,) only positions with a loss
+        items = model.item_embeddings()  # (V, d)
+        if sampler is None:
+            logits = score(user, items)  # (N, V), padding column -inf
+        else:
+            logits, target = sampler.logits(user, items, target, negatives)  # (N, 1+K)
+        loss = F.cross_entropy(logits.float(), target) + out.aux_loss.float()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+class NegativeSampler:
+    """Sampled softmax with negatives shared by the batch, drawn from the item popularity and
+    corrected by logQ (each logit minus log of its expected count), so the sampled loss estimates
+    the full softmax instead of over-penalising popular items.
+
+    >>> s = NegativeSampler(np.array([1, 1, 2]), n_items=3, seed=0)
+    >>> logits, target = s.logits(torch.ones(2, 4), torch.ones(4, 4), torch.tensor([1, 2]), negatives=5)
+    >>> tuple(logits.shape), target.tolist()
+    ((2, 6), [0, 0])
+    """
+
+    def __init__(self, train_items: np.ndarray, n_items: int, seed: int, device: torch.device | str = "cpu"):
+        counts = np.bincount(train_items, minlength=n_items + 1).astype(np.float64)
+        counts[1:] += 1.0  # every item can be drawn, even if never seen in training
+        counts[0] = 0.0
+        self.q = torch.tensor(counts / counts.sum(), dtype=torch.float32, device=device)  # (V,)
+        self.log_q = torch.log(self.q.clamp(min=1e-12))  # (V,)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def logits(self, user: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+               negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """user (N,d), items (V,d), target (N,) -> logits (N, 1+K) with the positive in column 0."""
+        neg = torch.multinomial(self.q, negatives, replacement=True, generator=self.gen)  # (K,)
+        log_k = math.log(negatives)
+        pos = (user * items[target]).sum(-1, keepdim=True) - self.log_q[target, None] - log_k  # (N, 1)
+        neg_logits = user @ items[neg].T - self.log_q[neg] - log_k  # (N, K)
+        hit = neg.unsqueeze(0) == target.unsqueeze(1)  # (N, K) a "negative" that is the positive
+        neg_logits = neg_logits.masked_fill(hit, float("-inf"))
+        return torch.cat([pos, neg_logits], 1), torch.zeros_like(target)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+
+def batch_rule(model: nn.Module) -> dict:
+    """Batch geometry from the model config: what ``train_batches``/``eval_batches`` must build."""
+    c = model.config
+    return {"max_len": c.max_len, "gap_ms": c.gap_ms, "max_segment": c.max_segment}
+
+
+def history_items(split: Split, which: str, users: np.ndarray) -> torch.Tensor:
+    """Every item each user met before its ``which`` target, left-padded (B, H): what ``mask_seen``
+    removes. The whole history, not only the model's last ``max_len`` items, so models with
+    different input lengths are ranked over the same candidates."""
+    start = split.inter.offsets[users]
+    stop = getattr(split, which)[users]
+    width = int((stop - start).max()) if len(users) else 0
+    pos = stop[:, None] - width + np.arange(width)  # (B, H)
+    return torch.from_numpy(np.where(pos >= start[:, None], split.inter.item[np.maximum(pos, 0)], 0))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, which: Literal["valid", "test"], *, batch_size: int = 256,
+             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
+    """Full-ranking metrics of the users' ``which`` targets, history masked."""
+    model.eval()
+    metrics = RankingMetrics(ks=(5, 10, 20))
+    batches = list(eval_batches(split, which, batch_size=batch_size, **batch_rule(model)))
+    for batch in tqdm(batches, desc=f"evaluate {which}", disable=not progress, leave=False):
+        users = batch.user.numpy()
+        batch = batch.to(device)
+        user = model(batch).user[:, -1].float()  # (B, d) the vector after the last input item
+        scores = mask_seen(score(user, model.item_embeddings().float()),
+                           history_items(split, which, users).to(device))  # (B, V)
+        metrics.update(scores, batch.targets[:, -1])
+    return metrics.result()
+
+
+@torch.no_grad()
+def alpha_stats(model: nn.Module, split: Split, *, batch_size: int = 256, device: torch.device | str = "cpu",
+                buckets: tuple[int, ...] = (1, 2, 4, 8, 16)) -> dict:
+    """The fusion gate on the test inputs (the position that predicts the test item).
+
+    Reports alpha over users with a long-term input (cold rows are 0 by construction, counted
+    apart), and by the current segment's length in buckets starting at ``buckets``.
+    """
+    model.eval()
+    alphas, lengths, warm = [], [], []
+    for batch in eval_batches(split, "test", batch_size=batch_size, **batch_rule(model)):
+        batch = batch.to(device)
+        out = model(batch)
+        seg = segments(batch.items, batch.seg_start)
+        alphas.append(out.alpha[:, -1].float().cpu())  # (B,)
+        lengths.append(seg.length[:, -1].cpu())  # (B,)
+        # A long-term input exists when the current segment does not start at the first real item.
+        warm.append(((seg.first[:, -1] > 0) & batch.items[torch.arange(len(batch)), seg.first[:, -1] - 1].gt(0)).cpu())
+    a, n, w = torch.cat(alphas), torch.cat(lengths), torch.cat(warm)
+    out = {"n": len(a), "cold_fraction": round(float(1 - w.float().mean()), 4), **_mean_std(a[w]), "by_segment_length": {}}
+    edges = list(buckets) + [math.inf]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = w & (n >= lo) & (n < hi)
+        name = f"{lo}" if hi == lo + 1 else (f"{lo}-{int(hi) - 1}" if hi != math.inf else f"{lo}+")
+        out["by_segment_length"][name] = {"n": int(sel.sum()), **_mean_std(a[sel])}
+    return out
+
+
+def _mean_std(x: torch.Tensor) -> dict:
+    if len(x) == 0:
+        return {"mean": None, "std": None}
+    return {"mean": round(float(x.mean()), 4), "std": round(float(x.std(unbiased=False)), 4)}
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "auto", inter: Interactions | None = None) -> dict:
+    """Load a run, rebuild its dataset split and recompute its test metrics."""
+    run: Run = load_run(run_dir)
+    inter = load_dataset(run.dataset) if inter is None else inter
+    if inter.users.raw != run.users.raw or inter.items.raw != run.items.raw:
+        raise CheckpointError(f"{run_dir}: dataset {run.dataset!r} no longer has the ids the run was trained on")
+    dev = resolve_device(device)
+    return evaluate(run.model.to(dev), leave_one_out(inter), "test", device=dev)
