@@ -55,7 +55,7 @@ APP_COMMANDS: dict[str, tuple[str, ...]] = {
     "topics": ("slsrec", "local", "topics"),
     "publisher": ("slsrec", "publish", "--run", DEMO_RUN),
     "flow": ("slsrec", "serve"),
-    "replay": ("slsrec", "replay", SAMPLE_CLICKS, "--topic", "clicks"),
+    "replay": ("slsrec", "replay", SAMPLE_CLICKS, "--topic", "clicks", "--as-fast-as-possible"),
 }
 
 
