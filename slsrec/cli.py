@@ -216,6 +216,18 @@ def evaluate_cmd(
     typer.echo(json.dumps(metrics, indent=2) if json_out else _metrics_table(metrics))
 
 
+@app.command("demo")
+def demo_cmd(
+    epochs: int = typer.Option(8, min=1, help="epochs when runs/demo has to be trained"),
+    keep_services: bool = typer.Option(False, "--keep-services", help="leave Kafka and Redis running"),
+) -> None:
+    """The whole system end to end: services, model, publish, flow, replay, summary; then stop."""
+    from slsrec.demo import run_demo
+    from slsrec.settings import Settings
+
+    run_demo(Settings(), epochs=epochs, keep_services=keep_services)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
