@@ -144,16 +144,22 @@ class LongTermEncoder(nn.Module):
     def __init__(self, config: SLSRecConfig):
         super().__init__()
         d, h = config.d, config.hidden
-        self.scorer = nn.Sequential(nn.Linear(4 * d, h), nn.ReLU(), nn.Linear(h, 1))
+        self.fc, self.out = nn.Linear(4 * d, h), nn.Linear(h, 1)  # the scorer MLP
+
+    def score(self, keys: Tensor, query: Tensor) -> Tensor:
+        """keys (B,T,d), query (B,d) -> (B,T). The first layer on the concatenation, split by block:
+        W[k, q, k-q, k*q] = (Wk+Wd)k + (Wq-Wd)q + Wp(k*q), so the query part is computed once per user."""
+        wk, wq, wd, wp = self.fc.weight.split(keys.shape[-1], 1)  # (h, d) each
+        per_user = F.linear(query, wq - wd, self.fc.bias).unsqueeze(1)  # (B, 1, h)
+        hid = F.linear(keys, wk + wd) + F.linear(keys * query.unsqueeze(1), wp) + per_user  # (B, T, h)
+        return self.out(torch.relu(hid)).squeeze(-1)  # (B, T)
 
     def forward(self, keys: Tensor, query: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """keys (B,T,d), query (B,d), mask (B,Tq,T) -> pooled (B,Tq,d) (zero if empty), has (B,Tq)."""
-        q = query.unsqueeze(1).expand_as(keys)  # (B, T, d)
-        s = self.scorer(torch.cat([keys, q, keys - q, keys * q], -1)).squeeze(-1)  # (B, T)
-        att = s.unsqueeze(1).masked_fill(~mask, float("-inf"))  # (B, Tq, T)
+        # A finite fill keeps rows without keys finite (uniform); they are zeroed through `has`.
+        att = self.score(keys, query).unsqueeze(1).masked_fill(~mask, -1e9)  # (B, Tq, T)
         has = mask.any(-1)  # (B, Tq)
-        w = torch.softmax(att.masked_fill(~has.unsqueeze(-1), 0.0), -1) * mask  # (B, Tq, T)
-        return w @ keys, has  # (B, Tq, d)
+        return (torch.softmax(att, -1) @ keys) * has.unsqueeze(-1), has  # (B, Tq, d)
 
 
 # ---- short-term encoder ---------------------------------------------------------------------------
