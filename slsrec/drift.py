@@ -198,6 +198,8 @@ class DriftMonitor:
             if x is None:
                 continue
             x = float(x)
+            if math.isnan(x):
+                raise ValueError(f"signal {name!r} is NaN; pass None for an event that says nothing about it")
             t = self._tracks[name]
             t.detector.update(x)
             t.n += 1

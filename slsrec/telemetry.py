@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -129,11 +129,11 @@ class Telemetry:
         with self.tracer.start_as_current_span(SPAN_BATCH, attributes=attributes) as span:
             yield span
 
-    def retrain_span(self, **attributes: str | int | float | bool) -> trace.Span:
-        """Context manager: the span of one retrain cycle (use as ``with tel.retrain_span(...) as span``)."""
+    def retrain_span(self, **attributes: str | int | float | bool) -> AbstractContextManager[trace.Span]:
+        """The span of one retrain cycle: ``with tel.retrain_span(run="runs/x") as span: ...``."""
         return self.tracer.start_as_current_span(SPAN_RETRAIN, attributes=attributes)
 
-    def publish_span(self, version: str, **attributes: str | int | float | bool) -> trace.Span:
+    def publish_span(self, version: str, **attributes: str | int | float | bool) -> AbstractContextManager[trace.Span]:
         """Context manager: the span of publishing one version to Redis."""
         return self.tracer.start_as_current_span(SPAN_PUBLISH, attributes={ATTR_VERSION: version, **attributes})
 

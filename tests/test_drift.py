@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -92,6 +93,22 @@ def test_missing_values_are_skipped_and_unknown_signals_refused():
     assert monitor.update({"hit": None}, ts=0) == []
     with pytest.raises(ValueError, match=r"no detector for signal\(s\) \['alpha'\]"):
         monitor.update({"alpha": 0.5}, ts=0)
+
+
+def test_nan_is_refused():
+    with pytest.raises(ValueError, match="signal 'alpha' is NaN"):
+        DriftMonitor().update({"alpha": float("nan")}, ts=0)
+
+
+def test_a_restored_monitor_continues_where_it_stopped():
+    """The flow's state snapshots pickle the monitor; a restored one raises the same alerts."""
+    rng = np.random.default_rng(2)
+    stream = np.r_[rng.random(1500) < 0.4, rng.random(1500) < 0.1]
+    whole = [i for i, _ in alarms(DriftMonitor(), "hit", stream)]
+    first = DriftMonitor()
+    assert alarms(first, "hit", stream[:1200]) == []
+    restored = pickle.loads(pickle.dumps(first))
+    assert [1200 + i for i, _ in alarms(restored, "hit", stream[1200:])] == whole != []
 
 
 def test_monitors_do_not_share_state_with_their_prototypes():
