@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slsrec.data import Interactions, Vocab
+from slsrec.checkpoint import CONFIG, IDS, METRICS, WEIGHTS, load_run
+from slsrec.data import Interactions, Vocab, load_dataset
 from slsrec.errors import CheckpointError
 from slsrec.sessions import SeqBatch
 from slsrec.store import LongTermStore, PublishResult
 
 # Run files that serve with the vectors: the flow rebuilds the model of a version from these.
-MODEL_FILES = ("model.safetensors", "config.json", "ids.json", "metrics.json")
+MODEL_FILES = (WEIGHTS, CONFIG, IDS, METRICS)
 
 
 @torch.no_grad()
@@ -96,17 +97,13 @@ def publish_run(run_dir: str | Path, store: LongTermStore, *, version: str | Non
 
     ``history`` defaults to the dataset the run was trained on.
     """
-    from slsrec.checkpoint import load_run  # noqa: PLC0415  (lands with the trainer)
-
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     if history is None:
-        from slsrec.data import load_dataset  # noqa: PLC0415
-
         history = load_dataset(run.dataset)
     t0 = time.perf_counter()
     vectors = long_term_vectors(run.model, run.users, run.items, history, batch_size=batch_size, device=device)
     encode_s = time.perf_counter() - t0
     files = {name: (run_dir / name).read_bytes() for name in MODEL_FILES if (run_dir / name).exists()}
-    result = store.publish(version, vectors, meta={"run": str(run_dir)}, model_files=files, grace_s=grace_s)
+    result = store.publish(version, vectors, meta={"run": str(run_dir), "model": run.name, "dataset": run.dataset}, model_files=files, grace_s=grace_s)
     return PublishReport(result, encode_s)

@@ -1,20 +1,29 @@
-"""Long-term vectors for publishing: one batched pass equals the model's per-user answer; unknown
-items are skipped, unknown users get no vector."""
+"""Publishing: one batched pass equals the model's per-user long-term vector (unknown items skipped,
+unknown users cold); `publish_run` and `slsrec publish` put vectors and the model into Redis."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from slsrec.data import Interactions, Vocab
+from slsrec import local
+from slsrec.checkpoint import load_run, save_run
+from slsrec.cli import app
+from slsrec.data import Interactions, Vocab, load_dataset
 from slsrec.errors import CheckpointError
 from slsrec.model import SLSRec, SLSRecConfig
-from slsrec.publish import long_term_vectors
+from slsrec.publish import long_term_vectors, publish_run
 from slsrec.registry import build_model
 from slsrec.sessions import SeqBatch
+from slsrec.store import LongTermStore, VersionError
 
 torch.set_num_threads(1)
+runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +78,52 @@ def test_unknown_items_are_skipped_and_unknown_users_get_no_vector(model):
 def test_models_without_long_term_vectors_are_refused():
     with pytest.raises(CheckpointError, match="no long-term vector"):
         long_term_vectors(build_model("sasrec", 6, 12, d=8), USERS, ITEMS, _history([("u1", "i3")]))
+
+
+@pytest.fixture
+def run_dir(tmp_path, model) -> Path:
+    """A saved run whose training data is a small CSV clickstream (u5 never clicked)."""
+    rows = ["user_id,item_id,timestamp"] + [f"u{u},i{1 + (u * 7 + k) % 12},{1_700_000_000_000 + k * 60_000}"
+                                            for u in range(5) for k in range(3 + u)]
+    data = tmp_path / "clicks.csv"
+    data.write_text("\n".join(rows) + "\n")
+    return save_run(tmp_path / "run", model, name="slsrec", users=USERS, items=ITEMS, dataset=str(data))
+
+
+@pytest.mark.integration
+def test_publish_run_writes_vectors_and_a_loadable_model(run_dir, redis_prefix, tmp_path):
+    store = LongTermStore(f"redis://{local.REDIS.host}:{local.REDIS.port}/0", prefix=redis_prefix)
+    report = publish_run(run_dir, store)
+    version = report.result.version
+    assert store.current_version() == version and report.result.n_users == 5
+
+    expected = long_term_vectors(load_run(run_dir).model, USERS, ITEMS, load_dataset(run_dir.parent / "clicks.csv"))
+    got = store.get_many(version, [f"u{u}" for u in range(6)])
+    assert got[5] is None  # u5 has no history: cold start
+    for u in range(5):
+        assert np.array_equal(got[u], expected[f"u{u}"])
+    assert store.meta(version)["run"] == str(run_dir)
+
+    # The version carries the model: a reader rebuilds it from Redis alone.
+    copy = tmp_path / "from-redis"
+    copy.mkdir()
+    for name, data in store.model_files(version).items():
+        (copy / name).write_bytes(data)
+    assert torch.equal(load_run(copy).model.item_embeddings(), load_run(run_dir).model.item_embeddings())
+
+
+@pytest.mark.integration
+def test_publish_command(run_dir, redis_db):
+    env = {"SLSREC_REDIS_URL": redis_db}
+    first = runner.invoke(app, ["publish", "--run", str(run_dir)], env=env)
+    assert first.exit_code == 0, first.output
+    assert re.search(r"published v000001-\d{8}T\d{6}Z to Redis 127\.0\.0\.1:\d+ \(replacing nothing\): 5 users, dim 8",
+                     first.output)
+    second = runner.invoke(app, ["publish", "--run", str(run_dir), "--version", "v7-manual"], env=env)
+    assert "published v7-manual" in second.output and "replacing v000001-" in second.output
+    assert LongTermStore(redis_db).current_version() == "v7-manual"
+
+    stale = runner.invoke(app, ["publish", "--run", str(run_dir), "--version", "v3"], env=env)
+    assert isinstance(stale.exception, VersionError) and "not newer" in str(stale.exception)
+    missing = runner.invoke(app, ["publish", "--run", str(run_dir.parent / "nope")], env=env)
+    assert isinstance(missing.exception, CheckpointError) and "no such run directory" in str(missing.exception)
