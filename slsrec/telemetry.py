@@ -87,7 +87,8 @@ class Telemetry:
         self.recommendations_out = m.create_counter("slsrec.recommendations.out", "{rec}", "recommendations written")
         self.dead_letters = m.create_counter("slsrec.dead_letters", "{event}", "events sent to the dead-letter topic")
         self.e2e_latency = m.create_histogram(
-            "slsrec.latency.e2e", "ms", "event ts to recommendation", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS
+            "slsrec.latency.e2e", "ms", "event ts to recommendation written",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self.batch_size = m.create_histogram(
             "slsrec.batch.size", "{event}", "events per micro-batch", explicit_bucket_boundaries_advisory=BATCH_BUCKETS

@@ -39,7 +39,8 @@ def points(reader: InMemoryMetricReader) -> dict[str, list]:
     data = reader.get_metrics_data()
     if data is None:  # nothing recorded yet
         return {}
-    return {m.name: list(m.data.data_points) for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    metrics = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+    return {m.name: list(m.data.data_points) for m in metrics}
 
 
 def test_counts_match_what_was_sent(tel):
