@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from schemas.events import ClickEvent, DeadLetter, RankedItem, Recommendation, SessionClosed, SessionItem
+from slsrec.checkpoint import load_run
 from slsrec.data import Vocab
 from slsrec.errors import CheckpointError, UserError
 from slsrec.model import score
@@ -393,8 +394,6 @@ def open_recommender(settings: Settings, run: str | Path | None = None) -> Recom
     Without ``run``, serves the run that the current Redis version was published from; when that
     directory is not on this machine, its model files are taken from Redis (``publish`` stores them).
     """
-    from slsrec.checkpoint import load_run  # noqa: PLC0415  TEMP until checkpoint imports cleanly
-
     store = LongTermStore(settings.redis_url)
     if run is None:
         version = store.current_version()
