@@ -6,14 +6,14 @@ The flow feeds one value per signal per event (``None`` when the event says noth
 signal        value per event                                             default detector
 ============  ==========================================================  ================
 hit           1 if the item was in the user's previous top-K (online HR)  ADWIN
-ndcg          the item's NDCG@K gain against that top-K                   (not monitored)
+ndcg          the item's NDCG@K gain against that top-K                   none by default
 alpha         fusion gate of a warm user (cold starts pass ``None``)      PageHinkley
 cold_start    1 if the user has no long-term vector                       ADWIN
 unknown_item  1 if the item is unknown to the model                       ADWIN
 ============  ==========================================================  ================
 
 Only ``hit`` of the two quality streams is monitored by default: ``ndcg`` moves with it, and one
-alert per change is enough. The default parameters were chosen by measurement: see the drift section
+alert per change is enough (pass ``detectors`` to watch it too). The default parameters were chosen by measurement: see the drift section
 of ``docs/benchmarks.md`` and ``python tests/test_drift.py``.
 """
 
@@ -118,7 +118,8 @@ class OnlineQuality:
 def default_detectors() -> dict[str, DriftDetector]:
     """One fresh River detector per monitored signal, with the measured defaults."""
     return {
-        # Bernoulli streams: ADWIN's bound needs no scale; delta traded delay for zero false alarms.
+        # Rates in [0, 1]: ADWIN's bound needs no scale. delta=0.002 gave no false alarm on 20 synthetic
+        # streams, median delay 1.4k events after a taste shift; 0.02 was faster but false-alarmed.
         "hit": ADWIN(delta=0.002),
         # alpha is a continuous gate; PH's delta and threshold are in its units (measured at sd 0.15).
         # No forgetting (alpha=1): with River's 0.9999 the fading sum wanders enough to false-alarm.
