@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -83,8 +84,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interactions | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.dataset`` (or on ``inter`` when given) and save the run to ``out``."""
+          progress: bool = True, warm_start: Callable[[nn.Module], None] | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.dataset`` (or on ``inter`` when given) and save the run to ``out``.
+
+    ``warm_start(model)`` is called on the freshly built model before training, e.g. to copy in the
+    weights of the model being retrained (:mod:`slsrec.retrain`)."""
     # ---- setup: seeds, threads, device ----
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -101,6 +105,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
     # ---- model: its config carries the batch geometry (max_len, session rule) ----
     options = dict(cfg.model_options) | ({"max_len": cfg.max_len} if cfg.max_len else {})
     model = build_model(cfg.model, n_users=inter.n_users, n_items=inter.n_items, **options).to(device)
+    if warm_start is not None:
+        warm_start(model)
     rule = batch_rule(model)
     history: list[dict] = []
     t_start = time.perf_counter()
