@@ -28,11 +28,11 @@ def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the
 
 
 @local_app.command("down")
-def local_down() -> None:
+def local_down(force: bool = typer.Option(False, "--force", help="stop even while tests or the demo use them")) -> None:
     """Stop the services that `slsrec local up` started (others are left running)."""
     from slsrec import local
 
-    stopped = local.down()
+    stopped = local.down(force=force)
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
 

@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -97,33 +96,6 @@ class ServiceStatus:
         return f"{self.name:<6} {self.address:<16} {who:<32} {state}"
 
 
-# --- locking: one `up`/`down` at a time across processes (teammates' test sessions, the demo) ------
-
-_lock_depth = threading.local()
-
-
-@contextmanager
-def lock() -> Iterator[None]:
-    """Hold the local-services lock (``var/run/local.lock``); re-entrant within a thread."""
-    depth = getattr(_lock_depth, "n", 0)
-    if depth:
-        _lock_depth.n = depth + 1
-        try:
-            yield
-        finally:
-            _lock_depth.n -= 1
-        return
-    RUN.mkdir(parents=True, exist_ok=True)
-    with open(RUN / "local.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        _lock_depth.n = 1
-        try:
-            yield
-        finally:
-            _lock_depth.n = 0
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # --- public API --------------------------------------------------------------------------------------
 
 
@@ -131,44 +103,59 @@ def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S) -> 
     """Start Kafka and Redis unless they already answer, wait for them, and create the topics.
 
     Idempotent: a service started by an earlier ``up`` is reused (same pid), one started by someone
-    else is reused and not owned. Raises :class:`ServiceError`, with the service's log tail, when a
+    else is reused and not owned. Services that a :func:`session` started are adopted: they keep
+    running after that session ends. Raises :class:`ServiceError`, with the service's log tail, when a
     service cannot be installed, started or reached within ``timeout_s``.
     """
-    settings = settings or Settings()
-    with lock():
-        result = []
-        for svc in SERVICES:
-            pid = own_pid(svc)
-            if pid is None and _answers(svc, timeout_s=2.0):
-                result.append(ServiceStatus(svc.name, _addr(svc), None, True))
-                continue
-            started = pid is None
-            if started:
-                pid = _START[svc.name](svc)
-            _wait_until_answering(svc, pid, timeout_s)
-            result.append(ServiceStatus(svc.name, _addr(svc), pid, True, started))
-        create_topics(settings)
+    with _lock():
+        result = _up(settings or Settings(), timeout_s)
+        _session_owned().unlink(missing_ok=True)
         return result
 
 
-def down(names: list[str] | None = None) -> list[str]:
+def down(names: list[str] | None = None, force: bool = False) -> list[str]:
     """Stop the services that ``up`` started (SIGTERM, then SIGKILL after a grace period).
 
-    ``names`` limits it to some services. Services that were not started by ``up`` are left running.
+    ``names`` limits it to some services. Services that were not started by ``up`` are left running,
+    and nothing is stopped while a :func:`session` (a test run, the demo) uses them, unless ``force``.
     Returns the names of the services stopped.
     """
-    stopped = []
-    with lock():
-        for svc in SERVICES:
-            if names is not None and svc.name not in names:
-                continue
-            pid = own_pid(svc)
-            if pid is None:
-                continue
-            _terminate(pid, svc)
-            svc.pid_file.unlink(missing_ok=True)
-            stopped.append(svc.name)
-    return stopped
+    with _lock():
+        users = _live_sessions()
+        if users and not force:
+            raise ServiceError(f"in use by {len(users)} running session(s) (pid {', '.join(map(str, users))}): "
+                               "not stopping (`slsrec local down --force` stops anyway)")
+        return _down(names)
+
+
+@contextmanager
+def session(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S) -> Iterator[list[ServiceStatus]]:
+    """Use the services for a while (a test run, the demo): ``up`` on entry, and on exit the last
+    session still running stops what sessions started. Services started by ``up`` or by someone else
+    are never stopped here. Several processes may hold sessions at once.
+    """
+    lease = _leases() / str(os.getpid())
+    with _lock():
+        _leases().mkdir(parents=True, exist_ok=True)
+        lease.touch()
+        try:
+            statuses = _up(settings or Settings(), timeout_s)
+        except BaseException:
+            lease.unlink(missing_ok=True)
+            raise
+        started = {s.name for s in statuses if s.started}
+        owned = _session_owned()
+        if started:
+            owned.write_text(" ".join(sorted(started | set(owned.read_text().split() if owned.exists() else ()))))
+    try:
+        yield statuses
+    finally:
+        with _lock():
+            lease.unlink(missing_ok=True)
+            if owned.exists() and not _live_sessions():
+                names = owned.read_text().split()
+                owned.unlink()
+                _down(names)
 
 
 def status() -> list[ServiceStatus]:
@@ -281,6 +268,65 @@ def own_pid(svc: Service) -> int | None:
         return pid
     svc.pid_file.unlink(missing_ok=True)
     return None
+
+
+# --- shared use: a lock for up/down, leases for sessions ---------------------------------------------
+
+
+@contextmanager
+def _lock() -> Iterator[None]:
+    """One ``up``/``down``/session change at a time, across processes (``var/run/local.lock``)."""
+    RUN.mkdir(parents=True, exist_ok=True)
+    with open(RUN / "local.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _leases() -> Path:
+    return RUN / "sessions"  # one empty file per process in a session, named by its pid
+
+
+def _session_owned() -> Path:
+    return RUN / "session-owned"  # names of the services that a session started
+
+
+def _live_sessions() -> list[int]:
+    """Pids of other processes holding a session; leases of processes that died are removed."""
+    live = []
+    for lease in _leases().glob("*") if _leases().is_dir() else ():
+        pid = int(lease.name)
+        if pid != os.getpid() and _alive(pid):
+            live.append(pid)
+        elif pid != os.getpid():
+            lease.unlink(missing_ok=True)
+    return live
+
+
+def _up(settings: Settings, timeout_s: float) -> list[ServiceStatus]:
+    result = []
+    for svc in SERVICES:
+        pid = own_pid(svc)
+        if pid is None and _answers(svc, timeout_s=2.0):
+            result.append(ServiceStatus(svc.name, _addr(svc), None, True))
+            continue
+        started = pid is None
+        if started:
+            pid = _START[svc.name](svc)
+        _wait_until_answering(svc, pid, timeout_s)
+        result.append(ServiceStatus(svc.name, _addr(svc), pid, True, started))
+    create_topics(settings)
+    return result
+
+
+def _down(names: list[str] | None) -> list[str]:
+    stopped = []
+    for svc in SERVICES:
+        pid = own_pid(svc) if names is None or svc.name in names else None
+        if pid is not None:
+            _terminate(pid, svc)
+            svc.pid_file.unlink(missing_ok=True)
+            stopped.append(svc.name)
+    return stopped
 
 
 # --- starting ----------------------------------------------------------------------------------------

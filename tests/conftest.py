@@ -2,19 +2,19 @@
 
 Integration tests are marked ``@pytest.mark.integration`` and take ``services`` (directly or through
 ``fresh_topics``, ``redis_db``, ``redis_prefix`` or ``live_settings``). The services come from the same
-:func:`slsrec.local.up` as ``slsrec local up``; when they cannot start, every test that needs them
+code as ``slsrec local up``; when they cannot start, every test that needs them
 fails with the reason. An integration test that skips counts as failed: CI must not go green without
 the services.
 
-Several test sessions may run at once in this checkout (teammates, CI). Each holds a lease
-(``var/run/test-leases/PID``); services that a test session started are stopped by the last test
-session to finish, and services started by ``slsrec local up`` or anyone else are never stopped.
+Several test runs may share the services at once (teammates, CI): each holds a session; services that
+a test run started are stopped by the last one to finish, and services started by ``slsrec local up``
+or anyone else are never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import os
 import uuid
 from collections.abc import Iterator
 
@@ -24,8 +24,6 @@ from pydantic import SecretStr
 from slsrec import local
 from slsrec.settings import Settings
 
-LEASES = local.RUN / "test-leases"
-TEST_OWNED = local.RUN / "test-owned"  # names of the services that a test session started
 TOPIC_FIELDS = [f for f in Settings.model_fields if f.startswith("topic_")]
 REDIS_TEST_DBS = range(1, 16)  # db 0 is left to the demo and to people
 
@@ -42,38 +40,14 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[list[local.ServiceStatus]]:
-    """Kafka and Redis, up and answering, with the project's topics (``slsrec local up``)."""
-    lease = LEASES / str(os.getpid())
-    with local.lock():
-        LEASES.mkdir(parents=True, exist_ok=True)
-        lease.touch()
-        try:
-            statuses = local.up()
-        except Exception as e:  # a ServiceError names the service and shows its log tail
-            lease.unlink(missing_ok=True)
-            pytest.fail(f"local Kafka/Redis could not start: {e}", pytrace=False)
-        started = {s.name for s in statuses if s.started}
-        if started:
-            owned = set(TEST_OWNED.read_text().split()) if TEST_OWNED.exists() else set()
-            TEST_OWNED.write_text(" ".join(sorted(owned | started)))
-    yield statuses
-    with local.lock():
-        lease.unlink(missing_ok=True)
-        if TEST_OWNED.exists() and not _other_live_leases():
-            local.down(TEST_OWNED.read_text().split())
-            TEST_OWNED.unlink()
-
-
-def _other_live_leases() -> list[int]:
-    live = []
-    for lease in LEASES.iterdir():
-        pid = int(lease.name)
-        try:
-            os.kill(pid, 0)
-            live.append(pid)
-        except ProcessLookupError:  # a test session that crashed
-            lease.unlink(missing_ok=True)
-    return live
+    """Kafka and Redis, up and answering, with the project's topics (a :func:`slsrec.local.session`)."""
+    stack = contextlib.ExitStack()
+    try:
+        statuses = stack.enter_context(local.session())
+    except Exception as e:  # a ServiceError names the service and shows its log tail
+        pytest.fail(f"local Kafka/Redis could not start: {e}", pytrace=False)
+    with stack:
+        yield statuses
 
 
 @pytest.fixture

@@ -164,3 +164,30 @@ def test_a_service_that_cannot_start_fails_with_its_log(services, private_redis,
     with pytest.raises(ServiceError, match="(?s)redis exited while starting.*FATAL: cannot bind"):
         local.up(timeout_s=10)
     assert local.status()[0].pid is None
+
+
+def test_a_session_stops_what_it_started_when_it_is_the_last(services, private_redis):
+    with local.session() as statuses:
+        assert [(s.started, s.answering) for s in statuses] == [(True, True)]
+    assert [(s.pid, s.answering) for s in local.status()] == [(None, False)]
+
+
+def test_services_in_use_by_another_session_keep_running(services, private_redis):
+    other = subprocess.Popen(["sleep", "60"])  # stands for a teammate's test run holding a session
+    try:
+        with local.session() as statuses:
+            (local.RUN / "sessions" / str(other.pid)).touch()
+        pid = statuses[0].pid
+        assert [(s.pid, s.answering) for s in local.status()] == [(pid, True)]  # the other still uses it
+        with pytest.raises(ServiceError, match=f"in use by 1 running session.*pid {other.pid}"):
+            local.down()
+    finally:
+        other.kill()
+        other.wait()
+    assert local.down() == ["redis"]  # its user is gone
+
+
+def test_up_adopts_what_a_session_started(services, private_redis):
+    with local.session():
+        pid = local.up()[0].pid  # a person asks for the services while tests run
+    assert [(s.pid, s.answering) for s in local.status()] == [(pid, True)]
