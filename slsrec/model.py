@@ -121,16 +121,24 @@ def segments(items: Tensor, seg_start: Tensor) -> Segments:
     return Segments(real, start, first, (idx - first + 1).float())
 
 
-def window_mean(x: Tensor, real: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean of x over real positions lo <= j < hi for every row, via prefix sums: O(B T d).
+def long_window(seg: Segments, long_len: int) -> tuple[Tensor, Tensor]:
+    """Each position's long-term input: the real positions in [lo, first), i.e. before its segment,
+    at most long_len of them. Returns lo (B,T) and the mask (B,T,T) over key positions."""
+    lo = (seg.first - long_len).clamp(min=0)  # (B, T)
+    j = torch.arange(seg.real.shape[1], device=lo.device)  # (T,) key positions
+    in_window = (j >= lo.unsqueeze(-1)) & (j < seg.first.unsqueeze(-1))  # (B, T, T)
+    return lo, in_window & seg.real.unsqueeze(1) & seg.real.unsqueeze(-1)
 
-    x (B,T,d), real/lo/hi (B,Tq) -> mean (B,Tq,d) (zero where empty) and count (B,Tq)."""
+
+def window_mean(x: Tensor, real: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Mean of x over the real positions lo <= j < hi of each row (zero where there are none),
+    via prefix sums: O(B T d) instead of a (B, T, T) mask. x (B,T,d), real/lo/hi (B,Tq) -> (B,Tq,d)."""
     csum = F.pad(x.cumsum(1), (0, 0, 1, 0))  # (B, T+1, d)
     ccnt = F.pad(real.float().cumsum(1), (1, 0))  # (B, T+1)
     n = ccnt.gather(1, hi) - ccnt.gather(1, lo)  # (B, Tq)
     idx = lambda i: i.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # noqa: E731
     total = csum.gather(1, idx(hi)) - csum.gather(1, idx(lo))  # (B, Tq, d)
-    return total / n.clamp(min=1).unsqueeze(-1), n
+    return total / n.clamp(min=1).unsqueeze(-1)
 
 
 # ---- long-term encoder ----------------------------------------------------------------------------
@@ -203,7 +211,7 @@ class ShortTermEncoder(nn.Module):
         x = self._input(e, dts)[where]  # (n, d+1)
         padded = x.new_zeros(len(lengths), int(lengths.max()), x.shape[-1]).index_put((sid, off), x)  # (N, S, d+1)
         h, _ = self.gru(padded)  # (N, S, d)
-        return e.new_zeros(B, T, self.d).index_put(where, h[sid, off])  # (B, T, d)
+        return h.new_zeros(B, T, self.d).index_put(where, h[sid, off])  # (B, T, d), GRU dtype under autocast
 
 
 # ---- contrastive disentanglement ------------------------------------------------------------------
@@ -269,6 +277,9 @@ class Fusion(nn.Module):
 
 
 class SLSRec(nn.Module):
+    """Long-term encoder + short-term encoder + fusion gate over a shared item table; the
+    contrastive loss keeps the two representations apart (``Output.aux_loss``)."""
+
     def __init__(self, config: SLSRecConfig):
         super().__init__()
         self.config = config
@@ -286,30 +297,28 @@ class SLSRec(nn.Module):
         return self.item_emb.weight  # (n_items+1, d)
 
     def forward(self, batch) -> Output:
-        cfg, items = self.config, batch.items
-        seg = segments(items, batch.seg_start)
-        e = self.item_emb(items)  # (B, T, d)
+        cfg = self.config
+        seg = segments(batch.items, batch.seg_start)
+        e = self.item_emb(batch.items)  # (B, T, d)
         x = self.drop(e)
-        idx = torch.arange(items.shape[1], device=items.device).expand_as(items)  # (B, T)
-        lo = (seg.first - cfg.long_len).clamp(min=0)  # (B, T): long-term window is [lo, first)
+        lo, mask = long_window(seg, cfg.long_len)  # (B, T), (B, T, T)
         zero = torch.zeros_like(x)
-        if cfg.fusion == "short":
-            long, has_long = zero, torch.zeros_like(seg.real)
-        else:
-            j = idx.unsqueeze(1)  # (B, 1, T): key positions
-            in_window = (j >= lo.unsqueeze(-1)) & (j < seg.first.unsqueeze(-1))  # (B, T, T)
-            mask = in_window & seg.real.unsqueeze(1) & seg.real.unsqueeze(-1)  # (B, T, T)
-            long, has_long = self.long_encoder(x, self.user_emb(batch.user), mask)  # (B, T, d), (B, T)
+        long, has_long = (zero, torch.zeros_like(seg.real)) if cfg.fusion == "short" else \
+            self.long_encoder(x, self.user_emb(batch.user), mask)  # (B, T, d), (B, T)
         short = zero if cfg.fusion == "long" else self.short_encoder(x, batch.dts, seg)  # (B, T, d)
         user, alpha = self.fusion(long, has_long.float(), short, seg.length, batch.dts)
-        user, alpha = user * seg.real.unsqueeze(-1), alpha * seg.real  # padding -> 0
-        aux = user.new_zeros(())
-        if cfg.contrastive != "none" and cfg.contrastive_weight > 0:
-            pl, _ = window_mean(e, seg.real, lo, seg.first)  # (B, T, d)
-            ps, _ = window_mean(e, seg.real, torch.maximum(seg.first, idx + 1 - cfg.proxy_k), idx + 1)  # (B, T, d)
-            valid = seg.real & has_long  # (B, T)
-            aux = cfg.contrastive_weight * contrastive_loss(cfg.contrastive, long, short, pl, ps, valid, cfg.temperature)
-        return Output(user, alpha, aux)
+        aux = self._contrastive(e, seg, lo, long, short, seg.real & has_long)
+        return Output(user * seg.real.unsqueeze(-1), alpha * seg.real, aux)  # padding -> 0
+
+    def _contrastive(self, e: Tensor, seg: Segments, lo: Tensor, long: Tensor, short: Tensor, valid: Tensor) -> Tensor:
+        """The weighted contrastive loss against the proxies (mean long-term item, mean of the last k)."""
+        cfg = self.config
+        if cfg.contrastive == "none" or cfg.contrastive_weight == 0:
+            return e.new_zeros(())
+        t = torch.arange(e.shape[1], device=e.device) + 1  # (T,) exclusive end of each position's window
+        pl = window_mean(e, seg.real, lo, seg.first)  # (B, T, d)
+        ps = window_mean(e, seg.real, torch.maximum(seg.first, t - cfg.proxy_k), t.expand_as(lo))  # (B, T, d)
+        return cfg.contrastive_weight * contrastive_loss(cfg.contrastive, long, short, pl, ps, valid, cfg.temperature)
 
     # ---- streaming API: the flow keeps one short-term state per user and fuses it per event ----
 
