@@ -159,6 +159,8 @@ class LongTermStore:
             raise ServiceError(f"Redis at {self.location} refused the credentials: {e}") from None
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise ServiceError(f"Redis at {self.location} is unreachable: {e}") from None
+        except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
+            raise ServiceError(f"Redis at {self.location} refused a command: {e}") from None
 
     # Reading.
     def current_version(self) -> str | None:
@@ -270,6 +272,8 @@ class LongTermStore:
             status, previous = self._switch(keys=keys, args=[version, seq])
             seconds = time.perf_counter() - t0
             previous = previous.decode() or None
+            if status != 1:
+                self._r.delete(*keys[1:])  # never served, and no longer servable
             if status == 0:
                 raise VersionError(f"version {version} is not newer than the current version {previous}")
             if status == -1:

@@ -122,6 +122,8 @@ def test_versions_only_move_forward(store):
     with pytest.raises(VersionError, match="not newer than the current version"):
         store.publish(None, slow)
     assert store.current_version() == newer[0]
+    # The overtaken version (seq 1002) is deleted; the superseded ones stay for their grace period.
+    assert [parse_seq(v) for v in store.versions()] == [1, 2, 1000, 1003]
 
 
 def test_reader_never_sees_a_half_written_version(store):
