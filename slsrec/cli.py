@@ -228,6 +228,50 @@ def demo_cmd(
     run_demo(Settings(), epochs=epochs, keep_services=keep_services)
 
 
+@app.command("retrain")
+def retrain_cmd(
+    once: bool = typer.Option(False, "--once", help="run one full cycle and exit"),
+    every: str = typer.Option(None, help="cycle on a schedule: 30m, 1h, 1d (Ctrl-C stops)"),
+    run_dir: str = typer.Option(None, "--run-dir", help="where runs are kept and candidates written [default: runs]"),
+    margin: float = typer.Option(0.01, help="refuse a candidate whose NDCG@10 is below the current one's minus this"),
+    epochs: int = typer.Option(3, min=1, help="epochs from the warm start (the best on validation is kept)"),
+    base: str = typer.Option(None, help="base training data [default: the current run's dataset]"),
+    history_dir: str = typer.Option(None, "--history-dir", help="recorded sessions (Parquet) [default: var/history]"),
+    grace_s: float = typer.Option(3600.0, min=0, help="seconds the replaced version stays readable"),
+    max_len: int = typer.Option(None, min=2, help="T: most recent events per training sequence [default: the run's]"),
+    loss: str = typer.Option("full", help="full or sampled softmax"),
+    threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    on_drift: bool = typer.Option(False, "--on-drift", help="with --every: also retrain on each alert on topic drift"),
+) -> None:
+    """Ingest recorded sessions, warm-start, train, compare with the current model, publish or refuse."""
+    import logging
+
+    from slsrec.retrain import RetrainConfig, Retrainer, parse_every
+    from slsrec.settings import Settings
+
+    if once == (every is not None):
+        raise UserError("give exactly one of --once and --every (e.g. --every 1h)")
+    if loss not in ("full", "sampled"):
+        raise UserError(f"--loss {loss!r}: expected full or sampled")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: expected auto, cpu or cuda")
+    every_s = parse_every(every) if every is not None else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"runs_dir": run_dir, "history_dir": history_dir}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    config = RetrainConfig(epochs=epochs, margin=margin, grace_s=grace_s, max_len=max_len, loss=loss,
+                           threads=threads, device=device)
+    retrainer = Retrainer(settings, config, base=base)
+    try:
+        if once:
+            typer.echo(retrainer.cycle().summary())
+        else:
+            retrainer.run(every_s, watch_drift=on_drift)
+    finally:
+        retrainer.telemetry.shutdown()
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
