@@ -228,10 +228,11 @@ def ensure_command(command: str, package: str) -> str:
     print(f"{command} not found: installing Debian package {package} (apt-get install -y {package})",
           file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt, "install", "-y", "-q", "--no-install-recommends", package]
+    wait = ["-o", "DPkg::Lock::Timeout=300"]  # another install may hold the dpkg lock
+    install = [apt, *wait, "install", "-y", "-q", "--no-install-recommends", package]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
         print("running apt-get update first", file=sys.stderr, flush=True)
-        subprocess.run([apt, "update", "-q"], env=env, capture_output=True)
+        subprocess.run([apt, *wait, "update", "-q"], env=env, capture_output=True)
         done = subprocess.run(install, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise ServiceError(f"apt-get install {package} failed: {_tail(done.stderr + done.stdout)}")
