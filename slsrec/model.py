@@ -86,7 +86,7 @@ def config_from(cls: type[SeqConfig], **kwargs) -> SeqConfig:
 class Output(NamedTuple):
     user: Tensor  # (B, T, d) user vector after each position; score items with user @ E.T
     alpha: Tensor | None  # (B, T) weight of the long-term vector, None for models without fusion
-    aux_loss: Tensor  # scalar, already weighted; add it to the recommendation loss
+    aux_loss: Tensor  # scalar, already weighted, 0 in eval mode; add it to the recommendation loss
 
 
 def score(user: Tensor, items: Tensor) -> Tensor:
@@ -313,7 +313,7 @@ class SLSRec(nn.Module):
     def _contrastive(self, e: Tensor, seg: Segments, lo: Tensor, long: Tensor, short: Tensor, valid: Tensor) -> Tensor:
         """The weighted contrastive loss against the proxies (mean long-term item, mean of the last k)."""
         cfg = self.config
-        if cfg.contrastive == "none" or cfg.contrastive_weight == 0:
+        if cfg.contrastive == "none" or cfg.contrastive_weight == 0 or not self.training:  # a training loss only
             return e.new_zeros(())
         t = torch.arange(e.shape[1], device=e.device) + 1  # (T,) exclusive end of each position's window
         pl = window_mean(e, seg.real, lo, seg.first)  # (B, T, d)

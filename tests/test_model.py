@@ -70,7 +70,8 @@ def test_padding_never_changes_a_result(overrides):
     out, out_p = m(b), m(padded)
     torch.testing.assert_close(out_p.user[:, 5:], out.user, atol=1e-5, rtol=0)
     torch.testing.assert_close(out_p.alpha[:, 5:], out.alpha, atol=1e-6, rtol=0)
-    torch.testing.assert_close(out_p.aux_loss, out.aux_loss)
+    train = model(dropout=0.0, **overrides).train()  # aux_loss is computed in training only
+    torch.testing.assert_close(train(padded).aux_loss, train(b).aux_loss)
     # Each user alone (no padding at all) gets the same vectors as inside the padded batch.
     for i, seq in enumerate(SEQS):
         alone = m(make_batch([seq], users=[i]))
@@ -161,12 +162,13 @@ def test_contrastive_loss_is_finite_and_trains_both_encoders(kind):
     for part in (m.long_encoder, m.short_encoder, m.user_emb):
         grads = [p.grad for p in part.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
-    assert model(contrastive="none")(make_batch(SEQS)).aux_loss == 0
+    assert model(contrastive="none").train()(make_batch(SEQS)).aux_loss == 0
+    assert model(contrastive=kind)(make_batch(SEQS)).aux_loss == 0  # eval mode: no training loss
 
 
 def test_contrastive_weight_scales_aux_loss():
     b = make_batch(SEQS)
-    a1, a3 = (model(contrastive_weight=w)(b).aux_loss for w in (1.0, 3.0))
+    a1, a3 = (model(contrastive_weight=w, dropout=0.0).train()(b).aux_loss for w in (1.0, 3.0))
     torch.testing.assert_close(a3, 3 * a1)
 
 
