@@ -151,11 +151,16 @@ def publish_cmd(
     from slsrec.publish import publish_run
     from slsrec.settings import Settings
     from slsrec.store import LongTermStore
+    from slsrec.telemetry import setup_telemetry
 
     settings = Settings()
     store = LongTermStore(settings.redis_url)
-    report = publish_run(run, store, version=version, history=load_dataset(data) if data else None,
-                         grace_s=grace_s, device=settings.torch_device())
+    telemetry = setup_telemetry(settings, "slsrec-publish")
+    try:
+        report = publish_run(run, store, version=version, history=load_dataset(data) if data else None,
+                             grace_s=grace_s, device=settings.torch_device(), telemetry=telemetry)
+    finally:
+        telemetry.shutdown()
     r = report.result
     typer.echo(f"published {r.version} to Redis {store.location} (replacing {r.previous or 'nothing'}): "
                f"{r.n_users} users, dim {r.dim}; vectors {report.encode_s:.2f} s, "

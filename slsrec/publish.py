@@ -19,6 +19,7 @@ no item the model knows, get no vector: the flow serves them as cold start.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from slsrec.data import Interactions, Vocab, load_dataset
 from slsrec.errors import CheckpointError
 from slsrec.sessions import SeqBatch
 from slsrec.store import LongTermStore, PublishResult
+from slsrec.telemetry import ATTR_VERSION, Telemetry
 
 # Run files that serve with the vectors: the flow rebuilds the model of a version from these.
 MODEL_FILES = (WEIGHTS, CONFIG, IDS, METRICS)
@@ -92,18 +94,26 @@ class PublishReport:
 
 def publish_run(run_dir: str | Path, store: LongTermStore, *, version: str | None = None,
                 history: Interactions | None = None, grace_s: float = 3600.0, batch_size: int = 1024,
-                device: str = "cpu") -> PublishReport:
+                device: str = "cpu", telemetry: Telemetry | None = None) -> PublishReport:
     """Publish a run: its users' long-term vectors and its model files, as one new version.
 
-    ``history`` defaults to the dataset the run was trained on.
+    ``history`` defaults to the dataset the run was trained on. With ``telemetry``, the work is one
+    ``slsrec.publish`` span carrying the version, the users written and the write throughput.
     """
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     if history is None:
         history = load_dataset(run.dataset)
-    t0 = time.perf_counter()
-    vectors = long_term_vectors(run.model, run.users, run.items, history, batch_size=batch_size, device=device)
-    encode_s = time.perf_counter() - t0
-    files = {name: (run_dir / name).read_bytes() for name in MODEL_FILES if (run_dir / name).exists()}
-    result = store.publish(version, vectors, meta={"run": str(run_dir), "model": run.name, "dataset": run.dataset}, model_files=files, grace_s=grace_s)
+    # The id is known only once the store hands it out: the span gets it at the end.
+    span_cm = telemetry.publish_span(version or "", run=str(run_dir)) if telemetry else contextlib.nullcontext()
+    with span_cm as span:
+        t0 = time.perf_counter()
+        vectors = long_term_vectors(run.model, run.users, run.items, history, batch_size=batch_size, device=device)
+        encode_s = time.perf_counter() - t0
+        files = {name: (run_dir / name).read_bytes() for name in MODEL_FILES if (run_dir / name).exists()}
+        meta = {"run": str(run_dir), "model": run.name, "dataset": run.dataset}
+        result = store.publish(version, vectors, meta=meta, model_files=files, grace_s=grace_s)
+        if span is not None:
+            span.set_attributes({ATTR_VERSION: result.version, "slsrec.users": result.n_users,
+                                 "slsrec.vectors_per_s": result.vectors_per_s, "slsrec.encode_s": encode_s})
     return PublishReport(result, encode_s)

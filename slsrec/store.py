@@ -47,12 +47,18 @@ _PENDING_TTL_MS = 24 * 3600 * 1000  # an aborted publish vanishes after a day
 _CHUNK = 1000  # users per HSET
 _CHUNKS_PER_ROUND_TRIP = 8  # bounds client memory for huge versions
 
-# Moves the counter up to ARGV[1] if that is higher; returns the counter afterwards.
-_RESERVE = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+# Claims a version id for one publisher. KEYS: version_seq, current, meta. ARGV: seq, pending TTL.
+# Returns {status, current}: 1 claimed (meta created, counter moved past seq), 0 id in use, -1 not newer.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0, ''} end
+local cur = redis.call('GET', KEYS[2]) or ''
+local cur_seq = tonumber(string.match(cur, '^v(%d+)'))
 local n = tonumber(ARGV[1])
-if n > cur then redis.call('SET', KEYS[1], ARGV[1]); return n end
-return cur
+if cur_seq and cur_seq >= n then return {-1, cur} end
+redis.call('HSET', KEYS[3], 'seq', ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+if n > tonumber(redis.call('GET', KEYS[1]) or '0') then redis.call('SET', KEYS[1], ARGV[1]) end
+return {1, cur}
 """
 
 # The switch, atomic because Redis runs a script alone. KEYS: current, lt, meta, model.
@@ -134,7 +140,7 @@ class LongTermStore:
         self.location = redis_location(secret)
         self.prefix = prefix
         self._r = redis.Redis.from_url(secret.get_secret_value(), socket_connect_timeout=5, socket_timeout=30)
-        self._reserve = self._r.register_script(_RESERVE)
+        self._claim_script = self._r.register_script(_CLAIM)
         self._switch = self._r.register_script(_SWITCH)
 
     def __repr__(self) -> str:
@@ -204,14 +210,23 @@ class LongTermStore:
             seq = self._r.incr(f"{self.prefix}:version_seq")
         return f"v{seq:06d}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
-    def _claim(self, version: str) -> None:
-        """Check an explicit version id and move the counter past it, so ids stay unique."""
+    def _claim(self, version: str) -> int:
+        """Make ``version`` this publisher's alone (its meta key) if it is unused and newer than current.
+
+        Generated ids pass by construction; an explicit id also moves the counter past it, so that
+        later generated ids sort after it.
+        """
         seq = parse_seq(version)
         if seq is None:
             raise VersionError(f"bad version id {version!r}: expected v<number>[-label], e.g. v42-nightly")
+        keys = [f"{self.prefix}:version_seq", f"{self.prefix}:current", self._key(version, "meta")]
         with self._errors():
-            if self._reserve(keys=[f"{self.prefix}:version_seq"], args=[seq]) != seq:
-                raise VersionError(f"version {version} is not newer than every version handed out so far")
+            status, current = self._claim_script(keys=keys, args=[seq, _PENDING_TTL_MS])
+        if status == 0:
+            raise VersionError(f"version {version} already exists in Redis; pick a new id")
+        if status == -1:
+            raise VersionError(f"version {version} is not newer than the current version {current.decode()}")
+        return seq
 
     def publish(
         self,
@@ -226,8 +241,8 @@ class LongTermStore:
         Parameters
         ----------
         version
-            ``None`` for a fresh id (:meth:`new_version`), or an explicit ``v<number>[-label]`` that
-            must be newer than every id handed out so far.
+            ``None`` for a fresh id, or one from :meth:`new_version`, or an explicit
+            ``v<number>[-label]``; it must be unused and newer than the current version.
         vectors
             user_id -> 1-D vector; all of one length, finite.
         meta
@@ -238,11 +253,8 @@ class LongTermStore:
             How long superseded versions stay readable.
         """
         dim = _check_vectors(vectors)
-        if version is None:
-            version = self.new_version()
-        else:
-            self._claim(version)
-        seq = parse_seq(version)
+        version = version or self.new_version()
+        seq = self._claim(version)
         lt, meta_key, model_key = self._version_keys(version)
         fields = {
             **{k: str(v) for k, v in (meta or {}).items()},

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from typer.testing import CliRunner
 
 from slsrec import local
@@ -20,7 +21,9 @@ from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.publish import long_term_vectors, publish_run
 from slsrec.registry import build_model
 from slsrec.sessions import SeqBatch
+from slsrec.settings import Settings
 from slsrec.store import LongTermStore, VersionError
+from slsrec.telemetry import setup_telemetry
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -93,9 +96,13 @@ def run_dir(tmp_path, model) -> Path:
 @pytest.mark.integration
 def test_publish_run_writes_vectors_and_a_loadable_model(run_dir, redis_prefix, tmp_path):
     store = LongTermStore(f"redis://{local.REDIS.host}:{local.REDIS.port}/0", prefix=redis_prefix)
-    report = publish_run(run_dir, store)
+    spans = InMemorySpanExporter()
+    report = publish_run(run_dir, store, telemetry=setup_telemetry(Settings(), "test", span_exporter=spans))
     version = report.result.version
     assert store.current_version() == version and report.result.n_users == 5
+    [span] = spans.get_finished_spans()
+    assert (span.name, span.attributes["slsrec.version"], span.attributes["slsrec.users"]) == \
+        ("slsrec.publish", version, 5)
 
     expected = long_term_vectors(load_run(run_dir).model, USERS, ITEMS, load_dataset(run_dir.parent / "clicks.csv"))
     got = store.get_many(version, [f"u{u}" for u in range(6)])

@@ -105,11 +105,21 @@ def test_versions_only_move_forward(store):
     second = store.publish(None, _vectors(10, 4, seed=2)).version
     assert parse_seq(second) > parse_seq(first) and store.versions() == [first, second]
 
-    with pytest.raises(VersionError, match="not newer"):
-        store.publish(first, _vectors(10, 4, seed=3))
+    with pytest.raises(VersionError, match="not newer than the current version"):
+        store.publish("v1-again", _vectors(10, 4, seed=3))
     with pytest.raises(VersionError, match="bad version id"):
         store.publish("latest", _vectors(10, 4, seed=3))
     assert store.current_version() == second
+
+    # An id in use is never written twice: the live version keeps its vectors.
+    live = store.get_many(second, ["user-0"])[0].copy()
+    with pytest.raises(VersionError, match="already exists"):
+        store.publish(second, _vectors(10, 4, seed=3))
+    assert np.array_equal(store.get_many(second, ["user-0"])[0], live) and store.meta(second)["n_users"] == "10"
+
+    # An id taken with new_version() first (to name a run before publishing it) is usable once.
+    reserved = store.new_version()
+    assert store.publish(reserved, _vectors(10, 4, seed=3)).version == reserved == store.current_version()
 
     # An explicit id may jump ahead; generated ids continue after it.
     assert store.publish("v1000-nightly", _vectors(10, 4, seed=4)).version == "v1000-nightly"
@@ -123,7 +133,7 @@ def test_versions_only_move_forward(store):
         store.publish(None, slow)
     assert store.current_version() == newer[0]
     # The overtaken version (seq 1002) is deleted; the superseded ones stay for their grace period.
-    assert [parse_seq(v) for v in store.versions()] == [1, 2, 1000, 1003]
+    assert [parse_seq(v) for v in store.versions()] == [1, 2, 3, 1000, 1003]
 
 
 def test_reader_never_sees_a_half_written_version(store):
