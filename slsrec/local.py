@@ -176,7 +176,8 @@ def topic_specs(settings: Settings) -> dict[str, int]:
 def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create the project's topics where missing (single replica). Returns the names created.
 
-    Existing topics are left as they are, whatever their partition count.
+    Existing topics are left as they are; a partition count other than the settings' is reported on
+    stderr (adding partitions would move keys, and so users, to other partitions).
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic
@@ -197,17 +198,23 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
                 raise ServiceError(f"cannot create topic {topic!r} on {settings.kafka_bootstrap}: {e.args[0].str()}") from None
     # The controller confirms before every broker knows the topic: wait until clients can use it.
     deadline = time.monotonic() + timeout_s
-    while not _topics_ready(admin, specs):
+    while not (found := _ready_partitions(admin, specs)):
         if time.monotonic() > deadline:
             raise ServiceError(f"topics {', '.join(specs)} were created but are not ready after {timeout_s:.0f} s")
         time.sleep(0.1)
+    for topic, n in specs.items():
+        if found[topic] != n:
+            print(f"note: topic {topic!r} exists with {found[topic]} partitions, not {n}; left as it is",
+                  file=sys.stderr)
     return created
 
 
-def _topics_ready(admin, specs: dict[str, int]) -> bool:
+def _ready_partitions(admin, specs: dict[str, int]) -> dict[str, int] | None:
+    """Partition count of each topic once every partition has a leader; None before that."""
     topics = admin.list_topics(timeout=5).topics
-    return all(t in topics and topics[t].error is None and len(topics[t].partitions) >= 1
-               and all(p.leader >= 0 for p in topics[t].partitions.values()) for t in specs)
+    ready = all(t in topics and topics[t].error is None and topics[t].partitions
+                and all(p.leader >= 0 for p in topics[t].partitions.values()) for t in specs)
+    return {t: len(topics[t].partitions) for t in specs} if ready else None
 
 
 def admin_client(settings: Settings):

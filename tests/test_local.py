@@ -45,13 +45,15 @@ def test_up_creates_the_topics_with_their_partition_counts(services):
         "clicks": 4, "recommendations": 4, "sessions": 4, "clicks.dlq": 1, "drift": 1}
 
 
-def test_create_topics_is_idempotent_and_follows_the_partition_setting(services, topic_prefix):
+def test_create_topics_is_idempotent_and_follows_the_partition_setting(services, topic_prefix, capsys):
     defaults = Settings(partitions=3)
     settings = defaults.model_copy(update={f: topic_prefix + getattr(defaults, f)
                                            for f in Settings.model_fields if f.startswith("topic_")})
     try:
         assert sorted(local.create_topics(settings)) == sorted(local.topic_specs(settings))
         assert local.create_topics(settings) == []
+        assert local.create_topics(settings.model_copy(update={"partitions": 5})) == []  # left as it is
+        assert f"topic '{settings.topic_clicks}' exists with 3 partitions, not 5" in capsys.readouterr().err
         found = _partitions(settings)
         assert found[settings.topic_clicks] == 3 and found[settings.topic_dlq] == 1
     finally:
@@ -72,7 +74,8 @@ def test_cli_status_and_up_report_each_service_and_its_pid(services):
 
 
 def test_services_bind_loopback_only(services):
-    listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+    ss = local.ensure_command("ss", "iproute2")
+    listening = subprocess.run([ss, "-Hltn"], capture_output=True, text=True, check=True).stdout
     for port in (9092, 9093, 6379):  # Kafka's broker and controller, Redis
         hosts = {line.split()[3].rsplit(":", 1)[0].strip("[]") for line in listening.splitlines()
                  if line.split()[3].endswith(f":{port}")}
