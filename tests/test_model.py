@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slsrec.errors import UserError
-from slsrec.model import SLSRec, SLSRecConfig, segments
+from slsrec.model import SLSRec, SLSRecConfig, long_window, segments, window_mean
 from slsrec.sessions import Boundary, SeqBatch, segment_starts
 
 N_USERS, N_ITEMS = 6, 30
@@ -130,6 +130,21 @@ def test_long_term_ignores_the_current_segment_and_is_zero_when_cold():
     lt_recent = m.long_term(make_batch([(items[-6:], ts[-6:])]))
     torch.testing.assert_close(lt, lt_recent)
     assert m.long_term(make_batch([([0], [0])])).abs().sum() == 0  # an empty history
+
+
+def test_long_term_window_and_proxies_by_hand():
+    b = make_batch([SEQS[0]], T=11)  # 2 padding, then segments [3 4] [5 6 7 8] [9] [10 11]
+    seg = segments(b.items, b.seg_start)
+    assert seg.first[0, 2:].tolist() == [2, 2, 4, 4, 4, 4, 8, 9, 9]
+    lo, mask = long_window(seg, long_len=3)
+    keys = [torch.nonzero(row).flatten().tolist() for row in mask[0]]
+    assert keys == [[], [], [], [], [2, 3], [2, 3], [2, 3], [2, 3], [5, 6, 7], [6, 7, 8], [6, 7, 8]]
+    x = torch.arange(11.0).view(1, 11, 1) * (b.items > 0).unsqueeze(-1)  # value = position at real items
+    long_proxy = window_mean(x, seg.real, lo, seg.first)[0, :, 0]
+    assert long_proxy.tolist() == [0, 0, 0, 0, 2.5, 2.5, 2.5, 2.5, 6, 7, 7]
+    t = torch.arange(1, 12).unsqueeze(0)  # last k=2 items of the segment, up to and including t
+    short_proxy = window_mean(x, seg.real, torch.maximum(seg.first, t - 2), t)[0, :, 0]
+    assert short_proxy.tolist() == [0, 0, 2, 2.5, 4, 4.5, 5.5, 6.5, 8, 9, 9.5]
 
 
 def test_fusion_modes_give_the_expected_alpha():
