@@ -63,7 +63,7 @@ def local_topics(partitions: int = typer.Option(None, min=1, help="partitions of
 @app.command("replay")
 def replay_cmd(
     file: str = typer.Argument(..., help="recorded clickstream: .csv, .parquet or .jsonl"),
-    topic: str = typer.Option("clicks", help="topic to produce to"),
+    topic: str = typer.Option(None, help="topic to produce to [default: clicks, or SLSREC_TOPIC_CLICKS]"),
     speed: float = typer.Option(None, help="time scale: 1 = real time, 10 = ten times faster [default: 1]"),
     as_fast_as_possible: bool = typer.Option(False, "--as-fast-as-possible", help="ignore recorded timing"),
     limit: int = typer.Option(None, min=1, help="send only the first N events"),

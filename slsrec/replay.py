@@ -83,9 +83,9 @@ def load_events(path: str | Path, *, shift_to_now: bool = True, now_ms: int | No
     return events
 
 
-def replay(path: str | Path, topic: str, settings: Settings | None = None, *, speed: float | None = 1.0,
+def replay(path: str | Path, topic: str | None = None, settings: Settings | None = None, *, speed: float | None = 1.0,
            limit: int | None = None, shift_to_now: bool = True, progress: bool = True) -> ReplayStats:
-    """Produce the clickstream in ``path`` to ``topic``, keyed by user_id, then flush.
+    """Produce the clickstream in ``path`` to ``topic`` (default: the clicks topic), keyed by user_id.
 
     ``speed`` scales the recorded gaps between events (1.0 = real time, 10 = ten times faster);
     ``None`` sends as fast as possible. Raises :class:`DataError` for a bad file and
@@ -97,6 +97,7 @@ def replay(path: str | Path, topic: str, settings: Settings | None = None, *, sp
     if speed is not None and not speed > 0:
         raise UserError(f"--speed must be positive, got {speed}")
     settings = settings or Settings()
+    topic = topic or settings.topic_clicks
     events = load_events(path, shift_to_now=shift_to_now, limit=limit)
     producer = Producer({
         **settings.kafka_config(),
