@@ -22,7 +22,7 @@ def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the
     from slsrec.settings import Settings
 
     t0 = time.monotonic()
-    for s in local.up(Settings(**({"partitions": partitions} if partitions else {}))):
+    for s in local.up(Settings(**({"partitions": partitions} if partitions else {})), adopt=True):
         typer.echo(s.describe())
     typer.echo(f"ready in {time.monotonic() - t0:.1f} s (logs: var/log/)")
 

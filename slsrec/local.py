@@ -99,17 +99,18 @@ class ServiceStatus:
 # --- public API --------------------------------------------------------------------------------------
 
 
-def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S) -> list[ServiceStatus]:
+def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S, adopt: bool = False) -> list[ServiceStatus]:
     """Start Kafka and Redis unless they already answer, wait for them, and create the topics.
 
     Idempotent: a service started by an earlier ``up`` is reused (same pid), one started by someone
-    else is reused and not owned. Services that a :func:`session` started are adopted: they keep
-    running after that session ends. Raises :class:`ServiceError`, with the service's log tail, when a
-    service cannot be installed, started or reached within ``timeout_s``.
+    else is reused and not owned. With ``adopt`` (``slsrec local up``), services that a running
+    :func:`session` started keep running after it ends. Raises :class:`ServiceError`, with the
+    service's log tail, when a service cannot be installed, started or reached within ``timeout_s``.
     """
     with _lock():
         result = _up(settings or Settings(), timeout_s)
-        _session_owned().unlink(missing_ok=True)
+        if adopt:
+            _session_owned().unlink(missing_ok=True)
         return result
 
 

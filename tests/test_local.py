@@ -62,15 +62,14 @@ def test_create_topics_is_idempotent_and_follows_the_partition_setting(services,
             fut.result(timeout=30)
 
 
-def test_cli_status_and_up_report_each_service_and_its_pid(services):
+def test_cli_status_reports_each_service_and_its_pid(services):
     pids = {s.name: s.pid for s in local.status()}
-    for args in (["local", "status"], ["local", "up"]):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, result.output
-        for name, addr in (("kafka", "127.0.0.1:9092"), ("redis", "127.0.0.1:6379")):
-            line = next(x for x in result.output.splitlines() if x.startswith(name))
-            assert addr in line and "NOT" not in line
-            assert (f"pid {pids[name]}" if pids[name] else "external") in line
+    result = runner.invoke(app, ["local", "status"])
+    assert result.exit_code == 0, result.output
+    for name, addr in (("kafka", "127.0.0.1:9092"), ("redis", "127.0.0.1:6379")):
+        line = next(x for x in result.output.splitlines() if x.startswith(name))
+        assert addr in line and "NOT" not in line
+        assert (f"pid {pids[name]}" if pids[name] else "external") in line
 
 
 def test_services_bind_loopback_only(services):
@@ -190,7 +189,20 @@ def test_services_in_use_by_another_session_keep_running(services, private_redis
     assert local.down() == ["redis"]  # its user is gone
 
 
-def test_up_adopts_what_a_session_started(services, private_redis):
+def test_cli_up_twice_then_down(services, private_redis):
+    first = runner.invoke(app, ["local", "up"])
+    assert first.exit_code == 0, first.output
+    pid = local.status()[0].pid
+    assert f"pid {pid}" in first.output and "started" in first.output
+    again = runner.invoke(app, ["local", "up"])
+    assert f"pid {pid}" in again.output and "answering" in again.output and "started" not in again.output
+    assert runner.invoke(app, ["local", "down"]).output.strip() == "stopped: redis"
+    status = runner.invoke(app, ["local", "status"])
+    assert isinstance(status.exception, ServiceError) and "not answering: redis" in str(status.exception)
+
+
+def test_cli_up_keeps_what_a_running_session_started(services, private_redis):
     with local.session():
-        pid = local.up()[0].pid  # a person asks for the services while tests run
+        assert runner.invoke(app, ["local", "up"]).exit_code == 0  # a person asks while tests run
+        pid = local.status()[0].pid
     assert [(s.pid, s.answering) for s in local.status()] == [(pid, True)]
