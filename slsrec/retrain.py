@@ -222,7 +222,7 @@ class Retrainer:
         """Ask for a cycle as soon as possible, e.g. from a drift alert; thread-safe, returns at once."""
         with self._lock:
             self._reasons.append(reason)
-        self._requested.set()
+            self._requested.set()
         log.info("retrain requested: %s", reason)
 
     def cycle(self, force: bool = True) -> CycleResult:
@@ -329,24 +329,28 @@ class Retrainer:
         watcher = _DriftWatcher(self.settings, self) if watch_drift else None
         n, forced = 0, True
         try:
-            while not stop.is_set() and (max_cycles is None or n < max_cycles):
+            while not stop.is_set():
                 try:
                     self.cycle(force=forced)
                 except UserError as e:
                     log.error("retrain cycle failed: %s", e)
                 n += 1
+                if max_cycles is not None and n >= max_cycles:
+                    break
+                # ---- wait for the schedule, a request (one made during the cycle counts) or stop ----
                 deadline = time.monotonic() + every_s
-                self._requested.clear()
-                while not stop.is_set() and time.monotonic() < deadline and not self._requested.is_set():
+                while not stop.is_set() and not self._requested.is_set() and time.monotonic() < deadline:
+                    wait_s = min(1.0, max(0.0, deadline - time.monotonic()))
                     if watcher is not None:
-                        watcher.poll(min(1.0, max(0.0, deadline - time.monotonic())))
+                        watcher.poll(wait_s)
                     else:
-                        self._requested.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                        self._requested.wait(wait_s)
                 with self._lock:
                     forced = bool(self._reasons)
                     if forced:
                         log.info("retrain now: %s", "; ".join(self._reasons))
                     self._reasons.clear()
+                    self._requested.clear()
         finally:
             if watcher is not None:
                 watcher.close()
