@@ -91,7 +91,7 @@ def replay(path: str | Path, topic: str | None = None, settings: Settings | None
     ``None`` sends as fast as possible. Raises :class:`DataError` for a bad file and
     :class:`ServiceError` when Kafka is unreachable, the topic is missing, or a send fails.
     """
-    from confluent_kafka import KafkaException, Producer
+    from confluent_kafka import KafkaError, KafkaException, Producer
     from tqdm import tqdm
 
     if speed is not None and not speed > 0:
@@ -110,9 +110,11 @@ def replay(path: str | Path, topic: str | None = None, settings: Settings | None
         meta = producer.list_topics(topic, timeout=10)
     except KafkaException as e:
         raise ServiceError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {e.args[0].str()}") from None
-    if meta.topics[topic].error is not None:
-        raise ServiceError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap} "
-                           "(create it with `slsrec local up` or `slsrec local topics`)")
+    if (err := meta.topics[topic].error) is not None:
+        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            raise ServiceError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap} "
+                               "(create it with `slsrec local up` or `slsrec local topics`)")
+        raise ServiceError(f"cannot use topic {topic!r} on {settings.kafka_bootstrap}: {err.str()}")
 
     failures: list[str] = []
 
