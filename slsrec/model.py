@@ -1,7 +1,7 @@
 """SLSRec: disentangled long- and short-term interest, fused by a learned gate.
 
 Read bottom-up: the config, the batch geometry (segments and masks), the long-term encoder (CLSR
-attention pooling), the short-term encoder (a GRU cell that resets at every segment start), the
+attention pooling), the short-term encoder (a GRU that resets at every segment start), the
 contrastive proxies, the fusion gate, and the model that wires them together.
 
 >>> import torch
@@ -72,6 +72,8 @@ class SLSRecConfig(SeqConfig):
             raise UserError(f"fusion={self.fusion!r} uses one representation only: set contrastive='none'")
         if not 0.0 <= self.fixed_alpha <= 1.0:
             raise UserError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha}")
+        if min(self.long_len, self.proxy_k, self.hidden) < 1 or self.temperature <= 0:
+            raise UserError("long_len, proxy_k and hidden must be >= 1 and temperature > 0")
 
 
 def config_from(cls: type[SeqConfig], **kwargs) -> SeqConfig:
