@@ -280,7 +280,7 @@ def retrain_cmd(
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -296,3 +296,4 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)

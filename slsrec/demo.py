@@ -45,25 +45,25 @@ class Collected:
 
 
 def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bool = False) -> None:
-    """Run the demo; stop the flow and the services this call started, also on failure."""
-    started = [s.name for s in local.up(settings) if s.started]
-    _say(f"services: Kafka {settings.kafka_bootstrap}, Redis up ({', '.join(started) or 'already running'})")
-    flow = None
-    try:
-        _ensure_run(epochs)
-        _run(local.APP_COMMANDS["publisher"])
-        start = _end_offsets(settings)
-        flow = _start_flow()
-        _run(local.APP_COMMANDS["replay"])
-        n_events = sum(1 for _ in open(local.ROOT / local.SAMPLE_CLICKS))
-        got = _collect(settings, start, n_events)
-        _summarise(n_events, got)
-    finally:
-        if flow is not None:
-            _stop(flow)
-        if started and not keep_services:
-            local.down(started)
-            _say(f"stopped: {', '.join(started)}")
+    """Run the demo; stop the flow, and the services the demo started unless ``keep_services``."""
+    if keep_services:
+        local.up(settings, adopt=True)
+    with local.session(settings) as statuses:
+        started = [s.name for s in statuses if s.started]
+        _say(f"services: Kafka {settings.kafka_bootstrap} and Redis answer (started now: {', '.join(started) or 'none'})")
+        flow = None
+        try:
+            _ensure_run(epochs)
+            _run(local.APP_COMMANDS["publisher"])
+            start = _end_offsets(settings)
+            flow = _start_flow()
+            _run(local.APP_COMMANDS["replay"])
+            n_events = sum(1 for _ in open(local.ROOT / local.SAMPLE_CLICKS))
+            got = _collect(settings, start, n_events)
+            _summarise(n_events, got)
+        finally:
+            if flow is not None:
+                _stop(flow)
 
 
 def _ensure_run(epochs: int) -> None:
