@@ -9,8 +9,9 @@ may be produced twice. Every recommendation names its ``event_id``; consumers de
 
 from __future__ import annotations
 
-import copy
+import gc
 import logging
+import pickle
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -78,7 +79,7 @@ class ShardLogic(StatefulBatchLogic):
 
     def __init__(self, rec: Recommender, batch_size: int, timeout: timedelta, sweep: timedelta, resume=None):
         self.rec, self.batch_size, self.timeout, self.sweep = rec, batch_size, timeout, sweep
-        self.table, self.pending = resume if resume is not None else (SessionTable(), [])
+        self.table, self.pending = pickle.loads(resume) if resume is not None else (SessionTable(), [])
         now = datetime.now(timezone.utc)
         self.flush_at = now + timeout if self.pending else None
         self.sweep_at = now + sweep
@@ -106,8 +107,9 @@ class ShardLogic(StatefulBatchLogic):
     def notify_at(self) -> datetime:
         return min(self.sweep_at, self.flush_at) if self.flush_at is not None else self.sweep_at
 
-    def snapshot(self):
-        return copy.deepcopy((self.table, self.pending))  # `process` mutates the live table
+    def snapshot(self) -> bytes:
+        # A frozen copy of the live (mutable) sessions; pickling is much faster than deepcopy.
+        return pickle.dumps((self.table, self.pending), protocol=pickle.HIGHEST_PROTOCOL)
 
     def _flush(self, n: int) -> list[Output]:
         batch, self.pending = self.pending[:n], self.pending[n:]
@@ -207,6 +209,11 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
             init_db_dir(settings.recovery_dir, len(addresses or [None]))
         recovery_config = RecoveryConfig(str(settings.recovery_dir))
     flow = get_flow(settings, open_recommender(settings, run), tail=tail)
+    # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
+    # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
+    # events per CPU second (docs/benchmarks.md).
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     log.info("serving %s: %s -> %s (process %s of %s)", run or "the published version", settings.topic_clicks,
              settings.topic_recommendations, process_id or 0, len(addresses or [None]))
     cli_main(flow, process_id=process_id, addresses=addresses, epoch_interval=SNAPSHOT_INTERVAL,

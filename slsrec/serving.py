@@ -31,6 +31,7 @@ the ``i``-th event of every user in the batch, and each wave costs one batched e
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from schemas.events import ClickEvent, DeadLetter, RankedItem, Recommendation, SessionClosed, SessionItem
+from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed, SessionItem
 from slsrec.checkpoint import load_run
 from slsrec.data import Vocab
 from slsrec.errors import CheckpointError, UserError
@@ -179,6 +180,7 @@ class Recommender:
         with torch.no_grad():
             self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
             self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
+        self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
 
     @torch.no_grad()
     def process(self, table: SessionTable, clicks: Sequence[tuple[ClickEvent, Origin]],
@@ -246,27 +248,27 @@ class Recommender:
         longs = [long_of[s.user_id] for s in sessions]
         users, alphas = self._fuse(sessions, longs, dts)  # (B, d), (B,)
         top_scores, top_items = self._rank(users, sessions)  # (B, K), (B, K)
-        emit = int(now_ms())
+        emit, raw = int(now_ms()), self._raw_ids
         for j, i in enumerate(rows):
             ev, cold = clicks[i][0], longs[j] is None
-            keep = np.isfinite(top_scores[j])  # fewer than K items left after exclusion
             self.stats.recommendations += 1
             self.stats.cold_starts += cold
-            out[i].append(Recommendation(
-                user_id=ev.user_id,
-                event_id=ev.event_id,
-                items=[RankedItem(item_id=self.items.raw_of(int(k)), score=float(x))
-                       for k, x in zip(top_items[j][keep], top_scores[j][keep])],
-                model_version=self.model_version,
-                long_term_version=None if cold else version,
-                cold_start=cold,
-                alpha=float(alphas[j]),
-                unknown_item=known[j] is None,
-                event_ts=ev.ts,
-                emit_ts=emit,
-            ))
+            # From plain dicts: pydantic validates these faster than it builds nested models.
+            out[i].append(Recommendation.model_validate({
+                "user_id": ev.user_id,
+                "event_id": ev.event_id,
+                "items": [{"item_id": raw[k], "score": x} for k, x in zip(top_items[j], top_scores[j])
+                          if x != -math.inf],  # fewer than K items may be left after exclusion
+                "model_version": self.model_version,
+                "long_term_version": None if cold else version,
+                "cold_start": cold,
+                "alpha": alphas[j],
+                "unknown_item": known[j] is None,
+                "event_ts": ev.ts,
+                "emit_ts": emit,
+            }))
 
-    def _fuse(self, sessions: list[Session], longs: list, dts: list[float]) -> tuple[torch.Tensor, np.ndarray]:
+    def _fuse(self, sessions: list[Session], longs: list, dts: list[float]) -> tuple[torch.Tensor, list[float]]:
         state = torch.from_numpy(np.stack([s.state for s in sessions])).to(self.device)  # (B, d)
         short = self.model.short_vector(state)  # (B, d)
         has_long = torch.tensor([v is not None for v in longs], device=self.device)  # (B,)
@@ -277,9 +279,9 @@ class Recommender:
         seg_len = torch.tensor([s.seg_len for s in sessions], device=self.device)  # (B,)
         dt = torch.tensor(dts, device=self.device)  # (B,)
         users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=None if long is None else has_long)
-        return users, alpha.clamp(0.0, 1.0).cpu().numpy()  # (B, d), (B,)
+        return users, alpha.clamp(0.0, 1.0).tolist()  # (B, d), B floats
 
-    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[np.ndarray, np.ndarray]:
+    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[list, list]:
         """Top-K (scores, item indices) per row; padding and excluded items score -inf."""
         scores = score(users, self._item_emb)  # (B, n_items+1)
         if self.exclude_seen:
@@ -287,7 +289,7 @@ class Recommender:
             cols = [k for s in sessions for k in s.seen]
             scores[rows, cols] = float("-inf")
         top = torch.topk(scores, min(self.top_k, scores.shape[1] - 1), dim=1)
-        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+        return top.values.tolist(), top.indices.tolist()
 
     def _close(self, table: SessionTable, s: Session) -> SessionClosed:
         del table.sessions[s.user_id]

@@ -1,0 +1,318 @@
+"""``slsrec bench-stream``: the flow's throughput and latency through the local Kafka and Redis.
+
+Three phases on their own fresh topics, one flow worker process (``slsrec serve``), CPU only:
+
+1. **Throughput**: a backlog of events is produced first, then the flow drains it
+   (``--exit-at-end``); events/s = backlog / (last - first recommendation's Kafka timestamp).
+2. **Latency**: the flow tails the topic while events are produced at half that rate; latency is a
+   recommendation's Kafka timestamp minus its event's ``ts`` (set when the event is produced).
+3. **Naive**: the backlog's first events through a per-event loop (one Redis read and one model
+   call per event, no micro-batching, no cache), from Kafka to Kafka, in this process.
+
+The model is a run's (``--run``) or a randomly initialised SLSRec of ML-1M size (6,040 users, 3,706
+items, d=64): the weights do not change the cost. Long-term vectors of every user are published to
+an otherwise unused Redis database, so the demo's published version is never touched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from confluent_kafka import Consumer, Producer
+from pydantic import SecretStr
+
+from schemas.events import InvalidEvent, decode_click
+from slsrec import local
+from slsrec.checkpoint import load_run, save_run
+from slsrec.data import Vocab
+from slsrec.errors import ServiceError
+from slsrec.model import SLSRec, SLSRecConfig
+from slsrec.serving import Origin, Recommender, SessionTable
+from slsrec.settings import Settings
+from slsrec.store import LongTermStore
+
+ML1M_USERS, ML1M_ITEMS = 6040, 3706
+UNKNOWN_ITEM_RATE = 0.01  # new products in the stream
+FLOW_TIMEOUT_S = 600.0
+
+
+@dataclass
+class BenchResult:
+    machine: str
+    model: str
+    events: int
+    flow_events_per_s: float
+    load_events_per_s: float  # the paced load of the latency phase
+    latency_events: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    naive_events: int
+    naive_events_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.flow_events_per_s / self.naive_events_per_s
+
+
+def bench(settings: Settings, run: str | None = None, events: int = 100_000, latency_s: float = 20.0,
+          naive_events: int = 5_000) -> BenchResult:
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="slsrec-bench-") as tmp, _redis_db(settings) as redis_url:
+        settings = settings.model_copy(update={"redis_url": SecretStr(redis_url), "device": "cpu"})
+        run_dir = Path(run) if run else _ml1m_sized_run(Path(tmp) / "ml1m-random")
+        loaded = load_run(run_dir)
+        users, items = loaded.users.raw, loaded.items.raw
+        store = LongTermStore(settings.redis_url)
+        rng = np.random.default_rng(0)
+        d = loaded.model.config.d
+        vectors = {u: (rng.normal(size=d) / np.sqrt(d)).astype(np.float32) for u in users}
+        version = store.publish(None, vectors, meta={"run": str(run_dir.resolve())}).version
+
+        # 1. Throughput: drain a backlog.
+        s1 = _fresh_topics(settings, "tput")
+        stream = _events(users, items, events, rng)
+        _produce(s1, stream)
+        _run_flow(s1, run_dir, Path(tmp) / "rec1", exit_at_end=True)
+        first, last, n = _timestamps(s1, s1.topic_recommendations, events)
+        if n < events:
+            raise ServiceError(f"the flow answered {n} of {events} events")
+        flow_eps = events / max((last - first) / 1000.0, 1e-3)
+
+        # 2. Latency at half the sustained rate.
+        s2 = _fresh_topics(settings, "lat")
+        rate = flow_eps / 2
+        flow = _run_flow(s2, run_dir, Path(tmp) / "rec2", exit_at_end=False)
+        try:
+            _wait_until_serving(s2, users[0], items[0])
+            sent = _paced(s2, _events(users, items, int(rate * latency_s), rng), rate)
+            lat = _latencies(s2, sent + 1)
+        finally:
+            flow.terminate()
+            flow.wait(60)
+        warm = lat[len(lat) // 20:]  # the first 5% include the flow's warm-up
+        # 3. The naive per-event path over the same kind of events.
+        naive_eps = _naive(s1, loaded, store, version, min(naive_events, events))
+        for s in (s1, s2):
+            _delete_topics(s)
+    return BenchResult(
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
+        model=f"{loaded.name} n_items={len(items)} n_users={len(users)} d={d} ({run_dir.name})",
+        events=events, flow_events_per_s=flow_eps, load_events_per_s=rate, latency_events=len(warm),
+        p50_ms=float(np.percentile(warm, 50)), p99_ms=float(np.percentile(warm, 99)), max_ms=float(warm.max()),
+        naive_events=min(naive_events, events), naive_events_per_s=naive_eps,
+    )
+
+
+def report(r: BenchResult) -> str:
+    return "\n".join([
+        f"machine     {r.machine}",
+        f"model       {r.model}",
+        f"throughput  {r.flow_events_per_s:,.0f} events/s (backlog of {r.events:,} events, 1 worker, CPU)",
+        f"latency     p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, max {r.max_ms:.0f} ms "
+        f"at {r.load_events_per_s:,.0f} events/s ({r.latency_events:,} events)",
+        f"naive       {r.naive_events_per_s:,.0f} events/s (per event: 1 Redis read, 1 model call; "
+        f"{r.naive_events:,} events)",
+        f"ratio       {r.ratio:.1f}x",
+        f"command     slsrec bench-stream --events {r.events}",
+    ])
+
+
+# ---- setup ------------------------------------------------------------------------------------------
+
+
+def _ml1m_sized_run(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = SLSRec(SLSRecConfig(n_users=ML1M_USERS, n_items=ML1M_ITEMS))
+    users = Vocab([f"u{k}" for k in range(1, ML1M_USERS + 1)], padding=False)
+    items = Vocab([str(k) for k in range(1, ML1M_ITEMS + 1)], padding=True)
+    return save_run(path, model, name="slsrec", users=users, items=items, dataset="random, ML-1M sized")
+
+
+class _redis_db:
+    """An empty Redis database that nobody else uses now (the tests' lock files), emptied after."""
+
+    def __init__(self, settings: Settings):
+        self.base = settings.redis_url.get_secret_value().rsplit("/", 1)[0]
+
+    def __enter__(self) -> str:
+        import redis
+
+        local.RUN.mkdir(parents=True, exist_ok=True)
+        for db in range(15, 0, -1):  # the tests take them from 1 up
+            self._lock = open(local.RUN / f"redis-db-{db}.lock", "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                continue
+            self.url = f"{self.base}/{db}"
+            self._client = redis.Redis.from_url(self.url)
+            self._client.flushdb()
+            return self.url
+        raise ServiceError("every Redis database 1-15 is in use by tests; try again later")
+
+    def __exit__(self, *exc) -> None:
+        self._client.flushdb()
+        self._lock.close()
+
+
+def _fresh_topics(settings: Settings, phase: str) -> Settings:
+    prefix = f"bench-{phase}-{uuid.uuid4().hex[:8]}."
+    names = {f: prefix + getattr(settings, f) for f in Settings.model_fields if f.startswith("topic_")}
+    s = settings.model_copy(update=names)
+    local.create_topics(s)
+    return s
+
+
+def _delete_topics(settings: Settings) -> None:
+    admin = local.admin_client(settings)  # held: its futures fail once the client is collected
+    for fut in admin.delete_topics(list(local.topic_specs(settings))).values():
+        fut.result(timeout=30)
+
+
+def _events(users: list[str], items: list[str], n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """(user, item) pairs: users uniform, items Zipf-like (popular items dominate, as in ML-1M)."""
+    popularity = 1.0 / np.arange(1, len(items) + 1) ** 0.8
+    chosen = rng.choice(len(items), size=n, p=popularity / popularity.sum())
+    who = rng.integers(len(users), size=n)
+    unknown = rng.random(n) < UNKNOWN_ITEM_RATE
+    return [(users[u], f"new-{k}" if unk else items[i]) for k, (u, i, unk) in enumerate(zip(who, chosen, unknown))]
+
+
+def _click(user: str, item: str) -> bytes:
+    return json.dumps({"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item,
+                       "ts": int(time.time() * 1000), "event_type": "view"}).encode()
+
+
+def _produce(settings: Settings, stream: list[tuple[str, str]]) -> None:
+    p = Producer({**settings.kafka_config(), "linger.ms": 5, "queue.buffering.max.messages": 1_000_000})
+    for user, item in stream:
+        p.produce(settings.topic_clicks, _click(user, item), key=user.encode())
+        p.poll(0)
+    p.flush(60)
+
+
+def _paced(settings: Settings, stream: list[tuple[str, str]], rate: float) -> int:
+    """Produce at ``rate`` events/s in 2 ms slices; the event ts is its produce time."""
+    p = Producer({**settings.kafka_config(), "linger.ms": 0})
+    t0, sent = time.perf_counter(), 0
+    while sent < len(stream):
+        due = min(len(stream), int((time.perf_counter() - t0) * rate) + 1)
+        for user, item in stream[sent:due]:
+            p.produce(settings.topic_clicks, _click(user, item), key=user.encode())
+        sent = max(sent, due)
+        p.poll(0)
+        time.sleep(0.002)
+    p.flush(60)
+    return sent
+
+
+def _run_flow(settings: Settings, run_dir: Path, recovery_dir: Path, exit_at_end: bool) -> subprocess.Popen:
+    """`slsrec serve` in a child process on the bench's topics; waits for it when ``exit_at_end``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLSREC_DEVICE": "cpu",
+           "SLSREC_REDIS_URL": settings.redis_url.get_secret_value(), "SLSREC_RECOVERY_DIR": str(recovery_dir)}
+    env.update({f"SLSREC_{f.upper()}": getattr(settings, f) for f in Settings.model_fields if f.startswith("topic_")})
+    cmd = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--run", str(run_dir)]
+    child = subprocess.Popen(cmd + (["--exit-at-end"] if exit_at_end else []), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if exit_at_end:
+        try:
+            _, err = child.communicate(timeout=FLOW_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            raise ServiceError(f"the flow did not drain the backlog in {FLOW_TIMEOUT_S:.0f} s") from None
+        if child.returncode:
+            raise ServiceError(f"the flow failed: {err.strip().splitlines()[-1] if err.strip() else child.returncode}")
+    return child
+
+
+def _consumer(settings: Settings, topic: str) -> Consumer:
+    c = Consumer({**settings.kafka_config(), "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    return c
+
+
+def _drain(settings: Settings, topic: str, n: int, timeout_s: float = 120.0):
+    c = _consumer(settings, topic)
+    deadline, got = time.monotonic() + timeout_s, 0
+    try:
+        while got < n and time.monotonic() < deadline:
+            for m in c.consume(10_000, 0.5):
+                if m.error() is None:
+                    got += 1
+                    yield m
+    finally:
+        c.close()
+
+
+def _timestamps(settings: Settings, topic: str, n: int) -> tuple[int, int, int]:
+    ts = [m.timestamp()[1] for m in _drain(settings, topic, n)]
+    return min(ts), max(ts), len(ts)
+
+
+def _wait_until_serving(settings: Settings, user: str, item: str, timeout_s: float = 120.0) -> None:
+    _produce(settings, [(user, item)])
+    if not list(_drain(settings, settings.topic_recommendations, 1, timeout_s)):
+        raise ServiceError(f"the flow gave no recommendation within {timeout_s:.0f} s")
+
+
+def _latencies(settings: Settings, n: int) -> np.ndarray:
+    """Recommendation produce time minus event produce time (ms), warm-up event excluded."""
+    out = [m.timestamp()[1] - json.loads(m.value())["event_ts"]
+           for m in _drain(settings, settings.topic_recommendations, n)]
+    if len(out) < n:
+        raise ServiceError(f"only {len(out)} of {n} recommendations arrived")
+    return np.array(out[1:], dtype=np.float64)
+
+
+def _naive(settings: Settings, run, store: LongTermStore, version: str, n: int) -> float:
+    """Per event: decode, one Redis read, one model call on a batch of one, produce."""
+    def one_read(user_ids):
+        return version, store.get_many(version, user_ids)
+
+    rec = Recommender(run.model, run.items, one_read, model_version="naive", gap_ms=settings.session_gap_s * 1000,
+                      max_segment=run.model.config.max_segment, top_k=settings.top_k, device="cpu")
+    table = SessionTable()
+    p = Producer({**settings.kafka_config(), "linger.ms": 0})
+    c = _consumer(settings, settings.topic_clicks)
+    done, t0 = 0, None
+    while done < n:
+        m = c.poll(5.0)
+        if m is None:
+            raise ServiceError("the naive path ran out of events")
+        t0 = t0 or time.perf_counter()
+        try:
+            ev = decode_click(m.value())
+        except InvalidEvent:
+            continue
+        for out in rec.process(table, [(ev, Origin(m.value(), m.topic(), m.partition(), m.offset()))]):
+            p.produce(settings.topic_recommendations, out.model_dump_json().encode(), key=ev.user_id.encode())
+            p.poll(0)
+        done += 1
+    p.flush(30)
+    c.close()
+    return n / (time.perf_counter() - t0)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
