@@ -31,6 +31,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -265,7 +266,8 @@ class Retrainer:
                                batch_size=cfg.batch_size, lr=cfg.lr, loss=cfg.loss, max_len=cfg.max_len,
                                seed=cfg.seed, device=cfg.device, threads=cfg.threads, model_options=options)
             state = current.model.state_dict()
-            out = Path(settings.runs_dir) / f"retrain-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+            stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:4]}"  # unique per cycle
+            out = Path(settings.runs_dir) / f"retrain-{stamp}"
             res = train(tcfg, out, inter=history, progress=False, warm_start=partial(grow_into, state=state))
             seconds["train"] = time.perf_counter() - t
 
@@ -288,8 +290,8 @@ class Retrainer:
                       f"{cur[VALID_METRIC]:.4f} - margin {cfg.margin:g} = {floor:.4f}")
             result = CycleResult("published" if ok else "refused", reason, warm_start=str(run_dir),
                                  current_version=current_version, candidate=str(out), margin=cfg.margin,
-                                 current_metrics=cur, candidate_metrics=cand, users=int((np.diff(history.offsets) > 0).sum()),
-                                 events=len(history), ingest=ingested)
+                                 current_metrics=cur, candidate_metrics=cand, events=len(history),
+                                 users=int((np.diff(history.offsets) > 0).sum()), ingest=ingested)
             if not ok:
                 result.seconds = _rounded(seconds, t0)
                 _record(out, result)  # before anything else: a refused run is never picked as "latest"

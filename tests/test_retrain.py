@@ -41,7 +41,8 @@ def env(live_settings, topic_prefix, tmp_path, world):
     world[world["timestamp"] < cut].to_csv(base_file, index=False)
     runs = tmp_path / "runs"
     train(TrainConfig(dataset=str(base_file), model="slsrec", epochs=1, threads=1, device="cpu",
-                      model_options={"d": 8, "hidden": 8, "max_len": 30, "long_len": 30}), runs / "base", progress=False)
+                      model_options={"d": 8, "hidden": 8, "max_len": 30, "long_len": 30}),
+          runs / "base", progress=False)
     later = world[world["timestamp"] >= cut]
     records = [session(u, list(zip(g["item_id"], g["timestamp"]))) for u, g in later.groupby("user_id", sort=False)]
     last = int(world["timestamp"].max())
