@@ -36,7 +36,7 @@ from slsrec.data import Interactions, load_dataset
 from slsrec.errors import CheckpointError, UserError
 from slsrec.metrics import RankingMetrics, mask_seen
 from slsrec.model import score, segments
-from slsrec.registry import build_model
+from slsrec.registry import MODEL_NAMES, build_model
 from slsrec.sessions import Split, eval_batches, leave_one_out, train_batches
 
 VALID_METRIC = "NDCG@10"  # early stopping and model selection
@@ -89,7 +89,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
 
     ``warm_start(model)`` is called on the freshly built model before training, e.g. to copy in the
     weights of the model being retrained (:mod:`slsrec.retrain`)."""
-    # ---- setup: seeds, threads, device ----
+    # ---- setup: options, seeds, threads, device ----
+    if cfg.model not in MODEL_NAMES:  # before loading data, which can take a while
+        raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(MODEL_NAMES)}")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -104,7 +106,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
 
     # ---- model: its config carries the batch geometry (max_len, session rule) ----
     options = dict(cfg.model_options) | ({"max_len": cfg.max_len} if cfg.max_len else {})
-    model = build_model(cfg.model, n_users=inter.n_users, n_items=inter.n_items, **options).to(device)
+    model = build_model(cfg.model, n_users=inter.n_users, n_items=inter.n_items, **options)
+    if warm_start is not None:
+        warm_start(model)
+    model = model.to(device)
     if warm_start is not None:
         warm_start(model)
     rule = batch_rule(model)
