@@ -226,26 +226,23 @@ def contrastive_loss(kind: str, ul: Tensor, us: Tensor, pl: Tensor, ps: Tensor, 
     ul/us: long/short representations, pl/ps: their proxies, all (B,T,d); valid (B,T) bool.
     ``infonce``: positive = own proxy; negatives = the other proxy at the same position and the same
     kind of proxy of every other user in the batch at the same position. ``bpr``: CLSR's four
-    pairwise terms, e.g. softplus(sim(ul,ps) - sim(ul,pl)).
+    pairwise terms, e.g. softplus(sim(ul,ps) - sim(ul,pl)) and softplus(sim(pl,us) - sim(pl,ul)).
     """
     ul, us, pl, ps = (F.normalize(x, dim=-1) for x in (ul, us, pl, ps))
-    n = valid.sum().clamp(min=1)
-    if kind == "bpr":
-        sim = lambda a, b: (a * b).sum(-1)  # noqa: E731
-        terms = [(ul, pl, ps), (us, ps, pl), (pl, ul, us), (ps, us, ul)]  # (anchor, pos, neg)
-        loss = sum(F.softplus(sim(a, neg) - sim(a, pos)) for a, pos, neg in terms)  # (B, T)
-        return (loss * valid).sum() / n
-    bias = (~valid).T.unsqueeze(1) * -1e4  # (T, 1, B): drops non-candidates, finite so grads stay finite
-    pos_t = lambda x: x.transpose(0, 1)  # noqa: E731  (T, B, d): one similarity matrix per position
+    sim = lambda a, b: (a * b).sum(-1)  # noqa: E731
+    l_pl, l_ps, s_ps, s_pl = sim(ul, pl), sim(ul, ps), sim(us, ps), sim(us, pl)  # (B, T): the only pairs either loss uses
+    if kind == "bpr":  # anchors ul, us, pl, ps in turn
+        loss = F.softplus(l_ps - l_pl) + F.softplus(s_pl - s_ps) + F.softplus(s_pl - l_pl) + F.softplus(l_ps - s_ps)
+    else:
+        bias = (~valid).T.unsqueeze(1) * -1e4  # (T, 1, B): drops non-candidates, finite so grads stay finite
 
-    def nce(anchor: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        a, p = pos_t(anchor) / tau, pos_t(pos)  # (T, B, d)
-        batch = torch.baddbmm(bias, a, p.transpose(1, 2))  # (T, B, B)
-        hard, own = (a * pos_t(neg)).sum(-1), (a * p).sum(-1)  # (T, B)
-        return (torch.logaddexp(torch.logsumexp(batch, -1), hard) - own).T  # (B, T)
+        def in_batch(a: Tensor, p: Tensor) -> Tensor:  # logsumexp of a against every user's p, per position
+            a, p = a.transpose(0, 1) / tau, p.transpose(0, 1)  # (T, B, d)
+            return torch.logsumexp(torch.baddbmm(bias, a, p.transpose(1, 2)), -1).T  # (T, B, B) -> (B, T)
 
-    loss = nce(ul, pl, ps) + nce(us, ps, pl)  # (B, T)
-    return (loss * valid).sum() / n
+        loss = (torch.logaddexp(in_batch(ul, pl), l_ps / tau) - l_pl / tau
+                + torch.logaddexp(in_batch(us, ps), s_pl / tau) - s_ps / tau)  # (B, T)
+    return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
 # ---- fusion ---------------------------------------------------------------------------------------
@@ -319,8 +316,9 @@ class SLSRec(nn.Module):
         if cfg.contrastive == "none" or cfg.contrastive_weight == 0 or not self.training:  # a training loss only
             return e.new_zeros(())
         t = torch.arange(e.shape[1], device=e.device) + 1  # (T,) exclusive end of each position's window
-        pl = window_mean(e, seg.real, lo, seg.first)  # (B, T, d)
-        ps = window_mean(e, seg.real, torch.maximum(seg.first, t - cfg.proxy_k), t.expand_as(lo))  # (B, T, d)
+        short_lo = torch.maximum(seg.first, t - cfg.proxy_k)  # (B, T)
+        pl, ps = window_mean(e, seg.real, torch.cat([lo, short_lo], 1), torch.cat([seg.first, t.expand_as(lo)], 1)
+                             ).chunk(2, 1)  # (B, T, d) each, one prefix sum for both
         return cfg.contrastive_weight * contrastive_loss(cfg.contrastive, long, short, pl, ps, valid, cfg.temperature)
 
     # ---- streaming API: the flow keeps one short-term state per user and fuses it per event ----

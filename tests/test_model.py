@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slsrec.errors import UserError
-from slsrec.model import SLSRec, SLSRecConfig, long_window, segments, window_mean
+from slsrec.model import SLSRec, SLSRecConfig, contrastive_loss, long_window, segments, window_mean
 from slsrec.sessions import Boundary, SeqBatch, segment_starts
 
 N_USERS, N_ITEMS = 6, 30
@@ -179,6 +179,24 @@ def test_contrastive_loss_is_finite_and_trains_both_encoders(kind):
         assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert model(contrastive="none").train()(make_batch(SEQS)).aux_loss == 0
     assert model(contrastive=kind)(make_batch(SEQS)).aux_loss == 0  # eval mode: no training loss
+
+
+def test_contrastive_losses_match_their_definitions():
+    torch.manual_seed(0)
+    ul, us, pl, ps = (torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1) for _ in range(4))
+    valid = torch.tensor([[True, False], [True, True], [False, True]])
+    sim = lambda a, b: float(a @ b)  # noqa: E731
+    nce, bpr = [], []
+    for b, t in valid.nonzero().tolist():
+        others = [c for c in range(3) if valid[c, t]]
+        for anchor, own, other in ((ul, pl, ps), (us, ps, pl)):
+            logits = torch.tensor([sim(anchor[b, t], own[c, t]) for c in others] + [sim(anchor[b, t], other[b, t])]) / 0.5
+            nce.append(torch.logsumexp(logits, 0) - logits[others.index(b)])
+        for a, pos, neg in ((ul, pl, ps), (us, ps, pl), (pl, ul, us), (ps, us, ul)):
+            bpr.append(torch.nn.functional.softplus(torch.tensor(sim(a[b, t], neg[b, t]) - sim(a[b, t], pos[b, t]))))
+    n = int(valid.sum())
+    torch.testing.assert_close(contrastive_loss("infonce", ul, us, pl, ps, valid, 0.5), sum(nce) / n)
+    torch.testing.assert_close(contrastive_loss("bpr", ul, us, pl, ps, valid, 0.5), sum(bpr) / n)
 
 
 def test_contrastive_weight_scales_aux_loss():
