@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import pickle
 import subprocess
 import sys
+import zlib
 from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
@@ -26,6 +28,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
+from pydantic import SecretStr
 
 from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
 from slsrec.errors import ServiceError
@@ -64,9 +67,12 @@ def is_click(item: Decoded | DeadLetter) -> bool:
     return not isinstance(item, DeadLetter)
 
 
-def shard_of(item: Decoded) -> str:
-    """The Kafka partition: a user always lands in one, so one shard sees all of a user's events."""
-    return str(item[1].partition)
+SHARDS_PER_WORKER = 8  # enough keys for Bytewax's hash routing to spread them evenly over workers
+
+
+def shard_of(n_shards: int, item: Decoded) -> str:
+    """A stable hash of the user id: one shard sees all of a user's events, in order."""
+    return str(zlib.crc32(item[0].user_id.encode()) % n_shards)
 
 
 class ShardLogic(StatefulBatchLogic):
@@ -87,6 +93,8 @@ class ShardLogic(StatefulBatchLogic):
     def on_batch(self, values: list[Decoded]) -> tuple[list[Output], bool]:
         if not self.pending:
             self.flush_at = datetime.now(timezone.utc) + self.timeout
+        if values:
+            self.rec.observe([ev for ev, _ in values])  # time moves on arrival, for every shard
         self.pending.extend(values)
         out: list[Output] = []
         while len(self.pending) >= self.batch_size:
@@ -95,14 +103,19 @@ class ShardLogic(StatefulBatchLogic):
 
     def on_notify(self) -> tuple[list[Output], bool]:
         now = datetime.now(timezone.utc)
-        out = self._flush(len(self.pending)) if self.flush_at is not None and now >= self.flush_at else []
         if now >= self.sweep_at:
-            out += self.rec.close_idle(self.table)
             self.sweep_at = now + self.sweep
-        return out, self.RETAIN
+            return self._flush_and_sweep(), self.RETAIN
+        if self.flush_at is not None and now >= self.flush_at:
+            return self._flush(len(self.pending)), self.RETAIN
+        return [], self.RETAIN
 
     def on_eof(self) -> tuple[list[Output], bool]:
-        return self._flush(len(self.pending)) + self.rec.close_idle(self.table), self.RETAIN
+        return self._flush_and_sweep(), self.RETAIN
+
+    def _flush_and_sweep(self) -> list[Output]:
+        # Pending events first: a session must not close while its next event waits here.
+        return self._flush(len(self.pending)) + self.rec.close_idle(self.table)
 
     def notify_at(self) -> datetime:
         return min(self.sweep_at, self.flush_at) if self.flush_at is not None else self.sweep_at
@@ -140,6 +153,7 @@ def get_flow(
     sessions_sink: Sink | None = None,
     sweep: timedelta = timedelta(seconds=1),
     tail: bool = True,
+    workers: int = 1,
 ) -> Dataflow:
     """Build the flow. Tests inject Bytewax testing sources/sinks; by default all ends are Kafka.
 
@@ -147,6 +161,9 @@ def get_flow(
     injected sink receives the pydantic records (``Recommendation``, ``DeadLetter``,
     ``SessionClosed``) instead of serialized Kafka messages. ``tail=False`` stops at the end of
     the topic (a backfill, a benchmark, a bounded test) instead of waiting for new events.
+    ``workers`` (of the whole cluster) sets the number of shards: users are spread over
+    ``SHARDS_PER_WORKER * workers`` of them, each holding its users' sessions; changing it between
+    runs splits the sessions open at the restart (their old shards close them when idle).
     """
     brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
@@ -160,12 +177,12 @@ def get_flow(
     # DeadLetter
     decoded = op.branch("valid", op.map("decode", split.trues, decode), is_click)
     # trues: (ClickEvent, Origin); falses: DeadLetter
-    keyed = op.key_on("key_by_shard", decoded.trues, shard_of)
-    # (partition, (ClickEvent, Origin))
+    keyed = op.key_on("key_by_shard", decoded.trues, partial(shard_of, SHARDS_PER_WORKER * workers))
+    # (shard, (ClickEvent, Origin))
     timeout = timedelta(milliseconds=settings.batch_timeout_ms)
     logic = partial(ShardLogic, recommender, settings.batch_size, timeout, sweep)
     shards = op.stateful_batch("sessions_and_recommend", keyed, logic)
-    # (partition, Recommendation | DeadLetter | SessionClosed)
+    # (shard, Recommendation | DeadLetter | SessionClosed)
     results = op.key_rm("unkey", shards)
     # Recommendation | DeadLetter | SessionClosed
     recs = op.branch("recommendations", results, is_recommendation)
@@ -208,7 +225,7 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
             settings.recovery_dir.mkdir(parents=True, exist_ok=True)
             init_db_dir(settings.recovery_dir, len(addresses or [None]))
         recovery_config = RecoveryConfig(str(settings.recovery_dir))
-    flow = get_flow(settings, open_recommender(settings, run), tail=tail)
+    flow = get_flow(settings, open_recommender(settings, run), tail=tail, workers=len(addresses or [None]))
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
     # events per CPU second (docs/benchmarks.md).
@@ -231,7 +248,8 @@ def _run_local_cluster(settings: Settings, run, addresses: list[str], recovery: 
     base = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--addresses", ";".join(addresses)]
     base += (["--run", str(run)] if run else []) + ([] if recovery else ["--no-recovery"])
     base += [] if tail else ["--exit-at-end"]
-    children = [subprocess.Popen(base + ["--process-id", str(i)]) for i in range(len(addresses))]
+    env = {**os.environ, **settings_env(settings)}
+    children = [subprocess.Popen(base + ["--process-id", str(i)], env=env) for i in range(len(addresses))]
     try:
         codes = [c.wait() for c in children]
     finally:
@@ -241,3 +259,13 @@ def _run_local_cluster(settings: Settings, run, addresses: list[str], recovery: 
                 c.wait(30)
     if any(codes):
         raise ServiceError(f"flow processes exited with {codes}")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``SLSREC_*`` variables that recreate ``settings`` in a child process (secrets included)."""
+    env = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"SLSREC_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    return env

@@ -61,6 +61,8 @@ class BenchResult:
     max_ms: float
     naive_events: int
     naive_events_per_s: float
+    load_average: tuple[float, float]  # 1-min load average of the machine at start and end
+    latency_s: float
 
     @property
     def ratio(self) -> float:
@@ -70,6 +72,7 @@ class BenchResult:
 def bench(settings: Settings, run: str | None = None, events: int = 100_000, latency_s: float = 20.0,
           naive_events: int = 5_000) -> BenchResult:
     torch.set_num_threads(1)
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="slsrec-bench-") as tmp, _redis_db(settings) as redis_url:
         settings = settings.model_copy(update={"redis_url": SecretStr(redis_url), "device": "cpu"})
         run_dir = Path(run) if run else _ml1m_sized_run(Path(tmp) / "ml1m-random")
@@ -113,12 +116,13 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         events=events, flow_events_per_s=flow_eps, load_events_per_s=rate, latency_events=len(warm),
         p50_ms=float(np.percentile(warm, 50)), p99_ms=float(np.percentile(warm, 99)), max_ms=float(warm.max()),
         naive_events=min(naive_events, events), naive_events_per_s=naive_eps,
+        load_average=(load_start, os.getloadavg()[0]), latency_s=latency_s,
     )
 
 
 def report(r: BenchResult) -> str:
     return "\n".join([
-        f"machine     {r.machine}",
+        f"machine     {r.machine}; load average {r.load_average[0]:.1f} at start, {r.load_average[1]:.1f} at end",
         f"model       {r.model}",
         f"throughput  {r.flow_events_per_s:,.0f} events/s (backlog of {r.events:,} events, 1 worker, CPU)",
         f"latency     p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, max {r.max_ms:.0f} ms "
@@ -126,7 +130,7 @@ def report(r: BenchResult) -> str:
         f"naive       {r.naive_events_per_s:,.0f} events/s (per event: 1 Redis read, 1 model call; "
         f"{r.naive_events:,} events)",
         f"ratio       {r.ratio:.1f}x",
-        f"command     slsrec bench-stream --events {r.events}",
+        f"command     slsrec bench-stream --events {r.events} --latency-s {r.latency_s:g} --naive-events {r.naive_events}",
     ])
 
 

@@ -23,7 +23,7 @@ the ``i``-th event of every user in the batch, and each wave costs one batched e
 [('Recommendation', None), ('Recommendation', None), ('DeadLetter', 'duplicate'), ('Recommendation', None)]
 >>> sorted(i.item_id for i in out[1].items), out[1].cold_start, out[3].unknown_item  # a, b excluded
 (['c', 'd', 'e'], True, True)
->>> closed = rec.close_idle(table, wall_ms=table.wall_at_max_ms + 60_001)
+>>> closed = rec.close_idle(table, wall_ms=rec.clock.wall_at_max_ms + 60_001)
 >>> [i.item_id for i in closed[0].items], table.sessions
 (['a', 'b', 'new-product'], {})
 """
@@ -97,13 +97,19 @@ class Session:
 
 @dataclass
 class SessionTable:
-    """The open sessions of one shard, and the shard's event-time clock for closing idle ones.
-
-    The clock is the newest event ts seen plus the wall time elapsed since it was seen: it follows
-    event time while events flow (a replay at any speed) and keeps moving when the shard goes quiet.
-    """
+    """The open sessions of one shard (what a Bytewax snapshot of the shard holds)."""
 
     sessions: dict[str, Session] = field(default_factory=dict)
+
+
+@dataclass
+class Clock:
+    """Event time for closing idle sessions: the newest event ts seen plus the wall time since.
+
+    It follows event time while events flow (a replay at any speed) and keeps moving when the stream
+    goes quiet. One per worker, shared by its shards, so a shard with few users still sees time pass.
+    """
+
     max_ts: int | None = None
     wall_at_max_ms: float = 0.0
 
@@ -111,7 +117,7 @@ class SessionTable:
         if self.max_ts is None or ts > self.max_ts:
             self.max_ts, self.wall_at_max_ms = ts, wall_ms
 
-    def clock(self, wall_ms: float) -> int | None:
+    def now(self, wall_ms: float) -> int | None:
         if self.max_ts is None:
             return None
         return self.max_ts + int(max(0.0, wall_ms - self.wall_at_max_ms))
@@ -177,6 +183,7 @@ class Recommender:
         self.exclude_seen = exclude_seen
         self.device = device
         self.stats = Stats()
+        self.clock = Clock()
         with torch.no_grad():
             self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
             self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
@@ -209,7 +216,7 @@ class Recommender:
         for i in wave:
             ev, origin = clicks[i]
             self.stats.events += 1
-            table.observe(ev.ts, wall_ms)
+            self.clock.observe(ev.ts, wall_ms)
             s = table.sessions.get(ev.user_id)
             if s is not None and ev.event_id in s.event_ids:
                 self.stats.duplicates += 1
@@ -296,9 +303,14 @@ class Recommender:
         self.stats.sessions_closed += 1
         return session_closed(s)
 
+    def observe(self, events: Sequence[ClickEvent], wall_ms: float | None = None) -> None:
+        """Advance the clock with events that arrived but may wait in a batch."""
+        wall_ms = now_ms() if wall_ms is None else wall_ms
+        self.clock.observe(max(ev.ts for ev in events), wall_ms)
+
     def close_idle(self, table: SessionTable, wall_ms: float | None = None) -> list[SessionClosed]:
-        """Close every session idle for longer than the gap (by the table's clock); drop its state."""
-        clock = table.clock(now_ms() if wall_ms is None else wall_ms)
+        """Close every session idle for longer than the gap (by :class:`Clock`); drop its state."""
+        clock = self.clock.now(now_ms() if wall_ms is None else wall_ms)
         if clock is None:
             return []
         idle = [s for s in table.sessions.values() if clock - s.last_ts > self.gap_ms]

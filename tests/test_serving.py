@@ -147,7 +147,7 @@ def test_unknown_item_is_kept_flagged_and_not_stepped(model, items):
     assert rank(unknown)[0] == rank(first)[0]
     np.testing.assert_allclose(rank(unknown)[1], rank(first)[1], atol=1e-6)
     assert table.sessions["u"].seg_len == 1 and rec.stats.unknown_item_rate == 0.5
-    (closed,) = rec.close_idle(table, wall_ms=table.wall_at_max_ms + GAP_MS + 1)
+    (closed,) = rec.close_idle(table, wall_ms=rec.clock.wall_at_max_ms + GAP_MS + 1)
     assert [i.item_id for i in closed.items] == ["i5", "sku-unseen"]  # the retrain sees the new item
 
 
@@ -161,10 +161,10 @@ def test_gap_closes_the_session_and_drops_its_state(model, items):
     assert (closed.user_id, [i.item_id for i in closed.items], closed.start_ts, closed.end_ts) == (
         "a", ["i1", "i2"], T0, T0 + 1000)
     assert isinstance(r, Recommendation) and table.sessions["a"].seen == [items.index("i7")]
-    # `b` idles: the shard's clock (newest event + wall time since) passes its gap and the sweep drops it.
-    assert rec.close_idle(table, wall_ms=table.wall_at_max_ms) == []
+    # `b` idles: the clock (newest event + wall time since) passes its gap and the sweep drops it.
+    assert rec.close_idle(table, wall_ms=rec.clock.wall_at_max_ms) == []
     assert set(table.sessions) == {"a", "b"}
-    (idle,) = rec.close_idle(table, wall_ms=table.wall_at_max_ms + 1000)
+    (idle,) = rec.close_idle(table, wall_ms=rec.clock.wall_at_max_ms + 1000)
     assert idle.user_id == "b" and set(table.sessions) == {"a"}
     assert rec.stats.sessions_closed == 2
 
