@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zlib
@@ -34,6 +35,7 @@ from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation,
 from slsrec.errors import ServiceError
 from slsrec.serving import Origin, Recommender, SessionTable, dead_letter, open_recommender
 from slsrec.settings import Settings
+from slsrec.telemetry import Telemetry, setup_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,15 @@ def decode(msg: KafkaSourceMessage) -> Decoded | DeadLetter:
         return decode_click(msg.value), origin
     except InvalidEvent as e:
         return dead_letter(origin, e.reason)
+
+
+def count_event(telemetry: Telemetry, step_id: str, item: KafkaSourceMessage) -> None:
+    telemetry.events_in.add(1)
+
+
+def count_dead_letter(telemetry: Telemetry, step_id: str, item: DeadLetter) -> None:
+    # The reason's kind ("missing field", "payload too large") keeps the metric's cardinality bounded.
+    telemetry.dead_letters.add(1, {"reason": re.split(r"[:(]", item.reason)[0].strip()})
 
 
 def is_click(item: Decoded | DeadLetter) -> bool:
@@ -154,6 +165,7 @@ def get_flow(
     sweep: timedelta = timedelta(seconds=1),
     tail: bool = True,
     workers: int = 1,
+    telemetry: Telemetry | None = None,
 ) -> Dataflow:
     """Build the flow. Tests inject Bytewax testing sources/sinks; by default all ends are Kafka.
 
@@ -175,8 +187,13 @@ def get_flow(
     # trues: KafkaSourceMessage; falses: KafkaError
     consumer_dlq = op.map("consumer_error_to_dead_letter", split.falses, consumer_error)
     # DeadLetter
+    if telemetry is not None:
+        op.inspect("count_events_in", split.trues, partial(count_event, telemetry))
     decoded = op.branch("valid", op.map("decode", split.trues, decode), is_click)
     # trues: (ClickEvent, Origin); falses: DeadLetter
+    if telemetry is not None:
+        op.inspect("count_invalid", op.merge("input_dead_letters", consumer_dlq, decoded.falses),
+                   partial(count_dead_letter, telemetry))
     keyed = op.key_on("key_by_shard", decoded.trues, partial(shard_of, SHARDS_PER_WORKER * workers))
     # (shard, (ClickEvent, Origin))
     timeout = timedelta(milliseconds=settings.batch_timeout_ms)
@@ -225,7 +242,9 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
             settings.recovery_dir.mkdir(parents=True, exist_ok=True)
             init_db_dir(settings.recovery_dir, len(addresses or [None]))
         recovery_config = RecoveryConfig(str(settings.recovery_dir))
-    flow = get_flow(settings, open_recommender(settings, run), tail=tail, workers=len(addresses or [None]))
+    telemetry = setup_telemetry(settings, "slsrec-flow")
+    flow = get_flow(settings, open_recommender(settings, run, telemetry), tail=tail,
+                    workers=len(addresses or [None]), telemetry=telemetry)
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
     # events per CPU second (docs/benchmarks.md).
@@ -233,8 +252,11 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
     gc.set_threshold(50_000, 20, 100)
     log.info("serving %s: %s -> %s (process %s of %s)", run or "the published version", settings.topic_clicks,
              settings.topic_recommendations, process_id or 0, len(addresses or [None]))
-    cli_main(flow, process_id=process_id, addresses=addresses, epoch_interval=SNAPSHOT_INTERVAL,
-             recovery_config=recovery_config)
+    try:
+        cli_main(flow, process_id=process_id, addresses=addresses, epoch_interval=SNAPSHOT_INTERVAL,
+                 recovery_config=recovery_config)
+    finally:
+        telemetry.shutdown()
 
 
 CLUSTER_PORT = 2101  # first port of the local cluster's processes (Bytewax's own default)

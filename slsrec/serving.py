@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from opentelemetry import metrics, trace
 
 from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed, SessionItem
 from slsrec.checkpoint import load_run
@@ -49,6 +50,7 @@ from slsrec.model import score
 from slsrec.sessions import Boundary, SeqBatch, boundary, segment_starts
 from slsrec.settings import Settings
 from slsrec.store import CachedLongTerm, LongTermStore
+from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class Stats:
     duplicates: int = 0
     unknown_items: int = 0
     cold_starts: int = 0
+    sessions_opened: int = 0
     sessions_closed: int = 0
 
     @property
@@ -169,10 +172,13 @@ class Recommender:
     exclude_seen : bool
         Drop the session's items from its ranking.
     device : str
+    telemetry : Telemetry, optional
+        Counters, latency histogram and one span per micro-batch (no-op by default).
     """
 
     def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
-                 gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu"):
+                 gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
+                 telemetry: Telemetry | None = None):
         self.model = model.to(device).eval()
         self.items = items
         self.long_term = long_term
@@ -184,6 +190,8 @@ class Recommender:
         self.device = device
         self.stats = Stats()
         self.clock = Clock()
+        self.telemetry = telemetry or Telemetry(metrics.NoOpMeterProvider(), trace.NoOpTracerProvider())
+        self.telemetry.set_versions(model=model_version)
         with torch.no_grad():
             self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
             self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
@@ -203,13 +211,27 @@ class Recommender:
         per_user: dict[str, list[int]] = {}
         for i, (ev, _) in enumerate(clicks):
             per_user.setdefault(ev.user_id, []).append(i)
-        version, vectors = self.long_term(list(per_user))
-        long_of = dict(zip(per_user, vectors))
-        queues = list(per_user.values())
-        for w in range(max((len(q) for q in queues), default=0)):
-            wave = [q[w] for q in queues if len(q) > w]
-            self._apply_wave(table, clicks, wave, long_of, version, out, wall_ms)
-        return [o for per_event in out for o in per_event]
+        tel, opened, closed = self.telemetry, self.stats.sessions_opened, self.stats.sessions_closed
+        with tel.batch_span([ev.event_id for ev, _ in clicks]) as span:
+            t0 = time.perf_counter()
+            version, vectors = self.long_term(list(per_user))
+            t1 = time.perf_counter()
+            long_of = dict(zip(per_user, vectors))
+            queues = list(per_user.values())
+            for w in range(max((len(q) for q in queues), default=0)):
+                wave = [q[w] for q in queues if len(q) > w]
+                self._apply_wave(table, clicks, wave, long_of, version, out, wall_ms)
+            span.set_attribute(ATTR_REDIS_MS, (t1 - t0) * 1000)
+            span.set_attribute(ATTR_MODEL_MS, (time.perf_counter() - t1) * 1000)
+        results = [o for per_event in out for o in per_event]
+        recs = [o for o in results if isinstance(o, Recommendation)]
+        tel.recommendations_out.add(len(recs))
+        for r in recs:
+            tel.e2e_latency.record(r.emit_ts - r.event_ts)
+        if len(recs) < len(clicks):
+            tel.dead_letters.add(len(clicks) - len(recs), {"reason": "duplicate"})
+        tel.sessions_active.add((self.stats.sessions_opened - opened) - (self.stats.sessions_closed - closed))
+        return results
 
     def _apply_wave(self, table, clicks, wave, long_of, version, out, wall_ms) -> None:
         rows, dts, known = [], [], []  # events that get a recommendation, their dt, item index
@@ -228,6 +250,7 @@ class Recommender:
                 if s is not None:
                     out[i].append(self._close(table, s))
                 s = table.sessions[ev.user_id] = Session(ev.user_id, ev.ts, ev.ts, self._init_state.copy())
+                self.stats.sessions_opened += 1
             elif b is Boundary.SEGMENT:
                 s.state, s.seg_len = self._init_state.copy(), 0
             dts.append(max(0, ev.ts - s.last_ts) / 1000.0)  # seconds; 0 at a session's first event
@@ -314,6 +337,7 @@ class Recommender:
         if clock is None:
             return []
         idle = [s for s in table.sessions.values() if clock - s.last_ts > self.gap_ms]
+        self.telemetry.sessions_active.add(-len(idle))
         return [self._close(table, s) for s in idle]
 
 
@@ -372,8 +396,9 @@ class LongTermReader:
         The served run directory; versions whose ``meta["run"]`` names another run are not used.
     """
 
-    def __init__(self, store: LongTermStore, ttl_s: float, run: str | None = None):
+    def __init__(self, store: LongTermStore, ttl_s: float, run: str | None = None, telemetry: Telemetry | None = None):
         self.store = store
+        self.telemetry = telemetry
         self.cache = CachedLongTerm(store, ttl_s)
         self.ttl_s = ttl_s
         self.run = None if run is None else Path(run).resolve()
@@ -387,7 +412,14 @@ class LongTermReader:
             self._switch(self.store.current_version())
         if self.version is None:
             return None, [None] * len(user_ids)
-        return self.version, self.cache.get_many(self.version, user_ids)
+        hits, misses, t0 = self.cache.hits, self.cache.misses, time.perf_counter()
+        vectors = self.cache.get_many(self.version, user_ids)
+        if self.telemetry is not None:
+            self.telemetry.cache_hits.add(self.cache.hits - hits)
+            self.telemetry.cache_misses.add(self.cache.misses - misses)
+            if self.cache.misses > misses:  # one round trip
+                self.telemetry.redis_latency.record((time.perf_counter() - t0) * 1000)
+        return self.version, vectors
 
     def _switch(self, current: str | None) -> None:
         if current is None or current == self.version or current in self._refused:
@@ -400,9 +432,12 @@ class LongTermReader:
             return
         log.info("long-term vectors: version %s", current)
         self.version = current
+        if self.telemetry is not None:
+            self.telemetry.set_versions(long_term=current)
 
 
-def open_recommender(settings: Settings, run: str | Path | None = None) -> Recommender:
+def open_recommender(settings: Settings, run: str | Path | None = None,
+                     telemetry: Telemetry | None = None) -> Recommender:
     """The recommender ``slsrec serve`` runs: a run's model plus the Redis long-term lookup.
 
     Without ``run``, serves the run that the current Redis version was published from; when that
@@ -432,6 +467,7 @@ def open_recommender(settings: Settings, run: str | Path | None = None) -> Recom
     if loaded.session.get("gap_ms") not in (None, gap_ms):
         log.warning("session gap %d ms differs from the %d ms the model was trained with",
                     gap_ms, loaded.session["gap_ms"])
-    return Recommender(model, loaded.items, LongTermReader(store, settings.redis_cache_ttl_s, str(run)),
-                       model_version=Path(run).name, gap_ms=gap_ms, max_segment=model.config.max_segment,
-                       top_k=settings.top_k, exclude_seen=settings.exclude_seen, device=settings.torch_device())
+    reader = LongTermReader(store, settings.redis_cache_ttl_s, str(run), telemetry)
+    return Recommender(model, loaded.items, reader, model_version=Path(run).name, gap_ms=gap_ms,
+                       max_segment=model.config.max_segment, top_k=settings.top_k,
+                       exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry)

@@ -13,12 +13,15 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
 from flows.recommend import get_flow
 from schemas.events import DeadLetter, Recommendation, SessionClosed
 from slsrec.data import Vocab
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.serving import Recommender
 from slsrec.settings import Settings
+from slsrec.telemetry import setup_telemetry
 
 GAP_MS = 30 * 60 * 1000
 T0 = 1_700_000_000_000
@@ -37,10 +40,6 @@ VECTORS = {"warm": np.linspace(-1, 1, 16, dtype=np.float32)}
 
 def lookup(users):
     return "v7", [VECTORS.get(u) for u in users]
-
-
-def recommender(model) -> Recommender:
-    return Recommender(model, ITEMS, lookup, model_version="run-a", gap_ms=GAP_MS, max_segment=5, top_k=5)
 
 
 class Topic:
@@ -62,11 +61,13 @@ class Topic:
         return self.send(json.dumps(body).encode(), partition)
 
 
-def run(model, messages, batch_size=64, recovery=None) -> tuple[list, list, list]:
+def run(model, messages, batch_size=64, recovery=None, telemetry=None) -> tuple[list, list, list]:
     recs, dlq, sessions = [], [], []
     settings = Settings(batch_size=batch_size, batch_timeout_ms=5)
-    flow = get_flow(settings, recommender(model), source=TestingSource(messages), sink=TestingSink(recs),
-                    dlq_sink=TestingSink(dlq), sessions_sink=TestingSink(sessions))
+    rec = Recommender(model, ITEMS, lookup, model_version="run-a", gap_ms=GAP_MS, max_segment=5, top_k=5,
+                      telemetry=telemetry)
+    flow = get_flow(settings, rec, source=TestingSource(messages), sink=TestingSink(recs),
+                    dlq_sink=TestingSink(dlq), sessions_sink=TestingSink(sessions), telemetry=telemetry)
     run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
     return recs, dlq, sessions
 
@@ -181,3 +182,25 @@ def test_resume_after_a_crash_keeps_the_sessions(model, tmp_path):
     uninterrupted, _, _ = run(model, before + after, batch_size=1)
     assert [i.item_id for i in second[-1].items] == [i.item_id for i in uninterrupted[-1].items]
     assert not {"i1", "i2", "i3"} & {i.item_id for i in second[-1].items}
+
+
+def test_telemetry_counts_what_the_flow_did(model):
+    reader = InMemoryMetricReader()
+    telemetry = setup_telemetry(Settings(), "test-flow", reader=reader)
+    t = Topic()
+    for n in range(5):
+        t.click(f"e{n}", "u", f"i{n + 1}", T0 + n, partition=0)
+    t.send(b"{oops", 0)
+    t.send(b" " * 70_000, 0)
+    t.click("e1", "u", "i2", T0 + 1, partition=0)  # duplicate
+    run(model, t.messages, telemetry=telemetry)
+    points = {}
+    for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
+        for p in m.data.data_points:
+            points[(m.name, tuple(sorted(p.attributes.items())))] = getattr(p, "value", getattr(p, "count", None))
+    assert points[("slsrec.events.in", ())] == 8
+    assert points[("slsrec.recommendations.out", ())] == 5
+    assert points[("slsrec.latency.e2e", ())] == 5  # one latency per recommendation
+    assert {k[1]: v for k, v in points.items() if k[0] == "slsrec.dead_letters"} == {
+        (("reason", "not JSON"),): 1, (("reason", "payload too large"),): 1, (("reason", "duplicate"),): 1}
+    assert points[("slsrec.sessions.active", ())] == 1  # u is still in session at the end
