@@ -2,9 +2,26 @@
 
 Wiring only; the logic lives in :mod:`slsrec.serving`. Run it with ``slsrec serve``.
 
-Delivery is at-least-once: with recovery on, a restart resumes from the last snapshot's offsets and
-session state, so events of the interrupted epoch are processed again and their recommendations
-may be produced twice. Every recommendation names its ``event_id``; consumers de-duplicate on it.
+Steps: ``clicks`` (every partition) -> decode and validate (bad input -> ``clicks.dlq``) -> key by
+a hash of the user id into shards -> one stateful step per shard holding its users' sessions, fed in
+micro-batches (one batched model call per wave, see :class:`slsrec.serving.Recommender`), with a
+sweep that closes idle sessions -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq``.
+
+**Delivery is at-least-once.** With recovery on (``slsrec serve`` default), Bytewax snapshots the
+input offsets and every shard's sessions to SQLite under ``settings.recovery_dir`` every
+``SNAPSHOT_INTERVAL``. A restart resumes from the last snapshot, so the events after it are processed
+again: their recommendations (and a session closed in that window) may be produced twice. Every
+recommendation names its causing ``event_id``; consumers de-duplicate on it.
+
+**Scaling.** Kafka partitions of ``clicks`` are the unit of parallelism; workers split them. On one
+machine ``slsrec serve --processes N`` starts N worker processes (Bytewax's ``-i/-a`` cluster mode on
+127.0.0.1:2101...). Across machines run one process per machine with the same address list, e.g.
+``slsrec serve --process-id 0 --addresses "hostA:2101;hostB:2101"`` on hostA and ``--process-id 1``
+on hostB. Every process needs Kafka and Redis, the run directory (or nothing: the published version's
+model files come from Redis), and the same ``recovery_dir`` (shared storage; its SQLite partitions,
+one per process, are created on the first start). Give ``clicks`` at least as many partitions as
+workers in total; sessions are sharded over ``SHARDS_PER_WORKER`` x workers keys. Restart all
+processes together; changing the worker count re-shards users (their open sessions split once).
 """
 
 from __future__ import annotations
