@@ -60,6 +60,7 @@ class SLSRecConfig(SeqConfig):
     contrastive: Literal["infonce", "bpr", "none"] = "infonce"  # bpr is the CLSR pairwise form
     contrastive_weight: float = 0.1  # weight of aux_loss next to the recommendation loss
     temperature: float = 0.2  # InfoNCE softmax temperature on cosine similarities
+    negatives: int = 32  # InfoNCE in-batch negatives per anchor; cost grows with it ((T, B, m) logits)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,8 +73,8 @@ class SLSRecConfig(SeqConfig):
             raise UserError(f"fusion={self.fusion!r} uses one representation only: set contrastive='none'")
         if not 0.0 <= self.fixed_alpha <= 1.0:
             raise UserError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha}")
-        if min(self.long_len, self.proxy_k, self.hidden) < 1 or self.temperature <= 0:
-            raise UserError("long_len, proxy_k and hidden must be >= 1 and temperature > 0")
+        if min(self.long_len, self.proxy_k, self.hidden, self.negatives) < 1 or self.temperature <= 0:
+            raise UserError("long_len, proxy_k, hidden and negatives must be >= 1 and temperature > 0")
 
 
 def config_from(cls: type[SeqConfig], **kwargs) -> SeqConfig:
@@ -220,13 +221,15 @@ class ShortTermEncoder(nn.Module):
 # ---- contrastive disentanglement ------------------------------------------------------------------
 
 
-def contrastive_loss(kind: str, ul: Tensor, us: Tensor, pl: Tensor, ps: Tensor, valid: Tensor, tau: float) -> Tensor:
+def contrastive_loss(kind: str, ul: Tensor, us: Tensor, pl: Tensor, ps: Tensor, valid: Tensor, tau: float,
+                     negatives: int = 32) -> Tensor:
     """Pull each representation towards its own proxy and away from the other's (cosine similarity).
 
     ul/us: long/short representations, pl/ps: their proxies, all (B,T,d); valid (B,T) bool.
-    ``infonce``: positive = own proxy; negatives = the other proxy at the same position and the same
-    kind of proxy of every other user in the batch at the same position. ``bpr``: CLSR's four
-    pairwise terms, e.g. softplus(sim(ul,ps) - sim(ul,pl)) and softplus(sim(pl,us) - sim(pl,ul)).
+    ``infonce``: positive = own proxy; negatives = the other proxy at the same position, and the
+    same kind of proxy at the same position of the users among the batch's first ``negatives + 1``
+    (batches are shuffled) other than the anchor. ``bpr``: CLSR's four pairwise terms, e.g. softplus(sim(ul,ps) - sim(ul,pl)) and
+    softplus(sim(pl,us) - sim(pl,ul)).
     """
     ul, us, pl, ps = (F.normalize(x, dim=-1) for x in (ul, us, pl, ps))
     sim = lambda a, b: (a * b).sum(-1)  # noqa: E731
@@ -234,14 +237,16 @@ def contrastive_loss(kind: str, ul: Tensor, us: Tensor, pl: Tensor, ps: Tensor, 
     if kind == "bpr":  # anchors ul, us, pl, ps in turn
         loss = F.softplus(l_ps - l_pl) + F.softplus(s_pl - s_ps) + F.softplus(s_pl - l_pl) + F.softplus(l_ps - s_ps)
     else:
-        bias = (~valid).T.unsqueeze(1) * -1e4  # (T, 1, B): drops non-candidates, finite so grads stay finite
+        B, m = valid.shape[0], min(negatives + 1, valid.shape[0])  # +1: an anchor among them is skipped
+        own = torch.eye(B, m, dtype=torch.bool, device=valid.device)  # (B, m) the anchor itself
+        bias = ((~valid[:m]).T.unsqueeze(1) | own) * -1e4  # (T, B, m): finite, so grads stay finite
 
-        def in_batch(a: Tensor, p: Tensor) -> Tensor:  # logsumexp of a against every user's p, per position
-            a, p = a.transpose(0, 1) / tau, p.transpose(0, 1)  # (T, B, d)
-            return torch.logsumexp(torch.baddbmm(bias, a, p.transpose(1, 2)), -1).T  # (T, B, B) -> (B, T)
+        def in_batch(a: Tensor, p: Tensor) -> Tensor:  # logsumexp over the other users' proxies
+            a, p = a.transpose(0, 1) / tau, p[:m].transpose(0, 1)  # (T, B, d), (T, m, d)
+            return torch.logsumexp(torch.baddbmm(bias, a, p.transpose(1, 2)), -1).T  # (T, B, m) -> (B, T)
 
-        loss = (torch.logaddexp(in_batch(ul, pl), l_ps / tau) - l_pl / tau
-                + torch.logaddexp(in_batch(us, ps), s_pl / tau) - s_ps / tau)  # (B, T)
+        nce = lambda batch, hard, pos: torch.logaddexp(torch.logaddexp(batch, hard), pos) - pos  # noqa: E731
+        loss = nce(in_batch(ul, pl), l_ps / tau, l_pl / tau) + nce(in_batch(us, ps), s_pl / tau, s_ps / tau)  # (B, T)
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -319,7 +324,8 @@ class SLSRec(nn.Module):
         short_lo = torch.maximum(seg.first, t - cfg.proxy_k)  # (B, T)
         pl, ps = window_mean(e, seg.real, torch.cat([lo, short_lo], 1), torch.cat([seg.first, t.expand_as(lo)], 1)
                              ).chunk(2, 1)  # (B, T, d) each, one prefix sum for both
-        return cfg.contrastive_weight * contrastive_loss(cfg.contrastive, long, short, pl, ps, valid, cfg.temperature)
+        return cfg.contrastive_weight * contrastive_loss(cfg.contrastive, long, short, pl, ps, valid,
+                                                           cfg.temperature, cfg.negatives)
 
     # ---- streaming API: the flow keeps one short-term state per user and fuses it per event ----
 

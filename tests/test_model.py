@@ -181,21 +181,22 @@ def test_contrastive_loss_is_finite_and_trains_both_encoders(kind):
     assert model(contrastive=kind)(make_batch(SEQS)).aux_loss == 0  # eval mode: no training loss
 
 
-def test_contrastive_losses_match_their_definitions():
+@pytest.mark.parametrize("negatives", [32, 1])
+def test_contrastive_losses_match_their_definitions(negatives):
     torch.manual_seed(0)
     ul, us, pl, ps = (torch.nn.functional.normalize(torch.randn(3, 2, 4), dim=-1) for _ in range(4))
     valid = torch.tensor([[True, False], [True, True], [False, True]])
     sim = lambda a, b: float(a @ b)  # noqa: E731
     nce, bpr = [], []
     for b, t in valid.nonzero().tolist():
-        others = [c for c in range(3) if valid[c, t]]
+        others = [c for c in range(min(3, negatives + 1)) if valid[c, t] and c != b] + [b]
         for anchor, own, other in ((ul, pl, ps), (us, ps, pl)):
             logits = torch.tensor([sim(anchor[b, t], own[c, t]) for c in others] + [sim(anchor[b, t], other[b, t])]) / 0.5
-            nce.append(torch.logsumexp(logits, 0) - logits[others.index(b)])
+            nce.append(torch.logsumexp(logits, 0) - logits[-2])
         for a, pos, neg in ((ul, pl, ps), (us, ps, pl), (pl, ul, us), (ps, us, ul)):
             bpr.append(torch.nn.functional.softplus(torch.tensor(sim(a[b, t], neg[b, t]) - sim(a[b, t], pos[b, t]))))
     n = int(valid.sum())
-    torch.testing.assert_close(contrastive_loss("infonce", ul, us, pl, ps, valid, 0.5), sum(nce) / n)
+    torch.testing.assert_close(contrastive_loss("infonce", ul, us, pl, ps, valid, 0.5, negatives), sum(nce) / n)
     torch.testing.assert_close(contrastive_loss("bpr", ul, us, pl, ps, valid, 0.5), sum(bpr) / n)
 
 
