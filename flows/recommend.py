@@ -20,7 +20,7 @@ machine ``slsrec serve --processes N`` starts N worker processes (Bytewax's ``-i
 on hostB. Every process needs Kafka and Redis, the run directory (or nothing: the published version's
 model files come from Redis), and the same ``recovery_dir`` (shared storage; its SQLite partitions,
 one per process, are created on the first start). Give ``clicks`` at least as many partitions as
-workers in total; sessions are sharded over ``SHARDS_PER_WORKER`` x workers keys. Restart all
+workers in total; users are sharded over the workers by a hash of their id. Restart all
 processes together; changing the worker count re-shards users (their open sessions split once).
 """
 
@@ -45,6 +45,7 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.testing import TestingSource
 from bytewax.run import cli_main
 from pydantic import SecretStr
 
@@ -95,12 +96,37 @@ def is_click(item: Decoded | DeadLetter) -> bool:
     return not isinstance(item, DeadLetter)
 
 
-SHARDS_PER_WORKER = 8  # enough keys for Bytewax's hash routing to spread them evenly over workers
+def shard_keys(workers: int) -> list[str]:
+    """One key per worker, such that Bytewax routes key ``i`` to worker ``i``.
+
+    Bytewax sends a key to the worker its hash picks; with a few arbitrary keys some workers get
+    none (keys "0".."3" all land on one of 2 workers). A tiny local flow with the same worker count
+    shows where candidate keys go (milliseconds), so that each worker owns exactly one shard and
+    batches across all of its users.
+    """
+    if workers == 1:
+        return ["0"]
+    owner: dict[int, str] = {}
+
+    def record(step_id: str, item: tuple[str, str], epoch: int, worker: int) -> None:
+        owner.setdefault(worker, item[0])
+
+    probe = Dataflow("shard_probe")
+    keys = op.key_on("key", op.input("candidates", probe, TestingSource([str(i) for i in range(64 * workers)])), str)
+    op.inspect_debug("owner", op.stateful_map("route", keys, keep_state), record)
+    cli_main(probe, workers_per_process=workers)
+    if len(owner) < workers:
+        raise ServiceError(f"could not find a shard key for each of {workers} workers")
+    return [owner[w] for w in range(workers)]
 
 
-def shard_of(n_shards: int, item: Decoded) -> str:
-    """A stable hash of the user id: one shard sees all of a user's events, in order."""
-    return str(zlib.crc32(item[0].user_id.encode()) % n_shards)
+def keep_state(state: None, value: str) -> tuple[None, str]:
+    return state, value
+
+
+def shard_of(keys: list[str], item: Decoded) -> str:
+    """The shard of the event's user, by a stable hash: all of a user's events, in order."""
+    return keys[zlib.crc32(item[0].user_id.encode()) % len(keys)]
 
 
 class ShardLogic(StatefulBatchLogic):
@@ -190,9 +216,9 @@ def get_flow(
     injected sink receives the pydantic records (``Recommendation``, ``DeadLetter``,
     ``SessionClosed``) instead of serialized Kafka messages. ``tail=False`` stops at the end of
     the topic (a backfill, a benchmark, a bounded test) instead of waiting for new events.
-    ``workers`` (of the whole cluster) sets the number of shards: users are spread over
-    ``SHARDS_PER_WORKER * workers`` of them, each holding its users' sessions; changing it between
-    runs splits the sessions open at the restart (their old shards close them when idle).
+    ``workers`` (of the whole cluster) sets the shards: one per worker, holding the sessions of its
+    users; changing it between runs splits the sessions open at the restart (their old shards close
+    them when idle).
     """
     brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
@@ -211,7 +237,7 @@ def get_flow(
     if telemetry is not None:
         op.inspect("count_invalid", op.merge("input_dead_letters", consumer_dlq, decoded.falses),
                    partial(count_dead_letter, telemetry))
-    keyed = op.key_on("key_by_shard", decoded.trues, partial(shard_of, SHARDS_PER_WORKER * workers))
+    keyed = op.key_on("key_by_shard", decoded.trues, partial(shard_of, shard_keys(workers)))
     # (shard, (ClickEvent, Origin))
     timeout = timedelta(milliseconds=settings.batch_timeout_ms)
     logic = partial(ShardLogic, recommender, settings.batch_size, timeout, sweep)

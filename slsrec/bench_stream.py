@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import torch
 from confluent_kafka import Consumer, Producer
 from pydantic import SecretStr
 
+from flows.recommend import settings_env
 from schemas.events import InvalidEvent, decode_click
 from slsrec import local
 from slsrec.checkpoint import load_run, save_run
@@ -54,6 +56,7 @@ class BenchResult:
     model: str
     events: int
     flow_events_per_s: float
+    flow_events_per_cpu_s: float  # per CPU second of the flow process (start-up excluded)
     load_events_per_s: float  # the paced load of the latency phase
     latency_events: int
     p50_ms: float
@@ -84,11 +87,14 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         vectors = {u: (rng.normal(size=d) / np.sqrt(d)).astype(np.float32) for u in users}
         version = store.publish(None, vectors, meta={"run": str(run_dir.resolve())}).version
 
-        # 1. Throughput: drain a backlog.
+        # 1. Throughput: drain a backlog. The flow's CPU time, less that of a run over an empty
+        # topic (start-up and shutdown), gives events per CPU second, which other load cannot skew.
+        s0 = _fresh_topics(settings, "idle")
+        idle_cpu = _child_cpu(lambda: _run_flow(s0, run_dir, Path(tmp) / "rec0", exit_at_end=True))
         s1 = _fresh_topics(settings, "tput")
         stream = _events(users, items, events, rng)
         _produce(s1, stream)
-        _run_flow(s1, run_dir, Path(tmp) / "rec1", exit_at_end=True)
+        busy_cpu = _child_cpu(lambda: _run_flow(s1, run_dir, Path(tmp) / "rec1", exit_at_end=True))
         first, last, n = _timestamps(s1, s1.topic_recommendations, events)
         if n < events:
             raise ServiceError(f"the flow answered {n} of {events} events")
@@ -108,12 +114,13 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         warm = lat[len(lat) // 20:]  # the first 5% include the flow's warm-up
         # 3. The naive per-event path over the same kind of events.
         naive_eps = _naive(s1, loaded, store, version, min(naive_events, events))
-        for s in (s1, s2):
+        for s in (s0, s1, s2):
             _delete_topics(s)
     return BenchResult(
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
         model=f"{loaded.name} n_items={len(items)} n_users={len(users)} d={d} ({run_dir.name})",
-        events=events, flow_events_per_s=flow_eps, load_events_per_s=rate, latency_events=len(warm),
+        events=events, flow_events_per_s=flow_eps, flow_events_per_cpu_s=events / max(busy_cpu - idle_cpu, 1e-3),
+        load_events_per_s=rate, latency_events=len(warm),
         p50_ms=float(np.percentile(warm, 50)), p99_ms=float(np.percentile(warm, 99)), max_ms=float(warm.max()),
         naive_events=min(naive_events, events), naive_events_per_s=naive_eps,
         load_average=(load_start, os.getloadavg()[0]), latency_s=latency_s,
@@ -124,7 +131,8 @@ def report(r: BenchResult) -> str:
     return "\n".join([
         f"machine     {r.machine}; load average {r.load_average[0]:.1f} at start, {r.load_average[1]:.1f} at end",
         f"model       {r.model}",
-        f"throughput  {r.flow_events_per_s:,.0f} events/s (backlog of {r.events:,} events, 1 worker, CPU)",
+        f"throughput  {r.flow_events_per_s:,.0f} events/s (backlog of {r.events:,} events, 1 worker, CPU); "
+        f"{r.flow_events_per_cpu_s:,.0f} events per CPU second of the flow process",
         f"latency     p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, max {r.max_ms:.0f} ms "
         f"at {r.load_events_per_s:,.0f} events/s ({r.latency_events:,} events)",
         f"naive       {r.naive_events_per_s:,.0f} events/s (per event: 1 Redis read, 1 model call; "
@@ -226,9 +234,8 @@ def _paced(settings: Settings, stream: list[tuple[str, str]], rate: float) -> in
 
 def _run_flow(settings: Settings, run_dir: Path, recovery_dir: Path, exit_at_end: bool) -> subprocess.Popen:
     """`slsrec serve` in a child process on the bench's topics; waits for it when ``exit_at_end``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLSREC_DEVICE": "cpu",
-           "SLSREC_REDIS_URL": settings.redis_url.get_secret_value(), "SLSREC_RECOVERY_DIR": str(recovery_dir)}
-    env.update({f"SLSREC_{f.upper()}": getattr(settings, f) for f in Settings.model_fields if f.startswith("topic_")})
+    env = {**os.environ, **settings_env(settings.model_copy(update={"recovery_dir": recovery_dir})),
+           "OMP_NUM_THREADS": "1"}  # one worker on one core
     cmd = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--run", str(run_dir)]
     child = subprocess.Popen(cmd + (["--exit-at-end"] if exit_at_end else []), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -241,6 +248,14 @@ def _run_flow(settings: Settings, run_dir: Path, recovery_dir: Path, exit_at_end
         if child.returncode:
             raise ServiceError(f"the flow failed: {err.strip().splitlines()[-1] if err.strip() else child.returncode}")
     return child
+
+
+def _child_cpu(fn) -> float:
+    """CPU seconds (user + system) that the child processes finished during ``fn`` used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    fn()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _consumer(settings: Settings, topic: str) -> Consumer:

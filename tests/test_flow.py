@@ -204,3 +204,21 @@ def test_telemetry_counts_what_the_flow_did(model):
     assert {k[1]: v for k, v in points.items() if k[0] == "slsrec.dead_letters"} == {
         (("reason", "not JSON"),): 1, (("reason", "payload too large"),): 1, (("reason", "duplicate"),): 1}
     assert points[("slsrec.sessions.active", ())] == 1  # u is still in session at the end
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_each_worker_owns_exactly_one_shard(workers):
+    from bytewax import operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.run import cli_main
+
+    from flows.recommend import keep_state, shard_keys
+
+    keys = shard_keys(workers)
+    seen: dict[str, int] = {}
+    flow = Dataflow("check_routing")
+    items = op.key_on("key", op.input("in", flow, TestingSource(keys)), str)
+    op.inspect_debug("where", op.stateful_map("state", items, keep_state),
+                     lambda step, item, epoch, worker: seen.setdefault(item[0], worker))
+    cli_main(flow, workers_per_process=workers)
+    assert [seen[k] for k in keys] == list(range(workers))
