@@ -14,6 +14,7 @@ from confluent_kafka import Producer
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from typer.testing import CliRunner
 
+from schemas.drift import DriftAlert
 from schemas.events import SessionClosed, SessionItem
 from slsrec.checkpoint import load_run
 from slsrec.cli import app
@@ -122,13 +123,15 @@ def test_cli_once_without_a_published_version_starts_from_the_latest_run_and_nev
 
 
 @pytest.mark.integration
-def test_a_request_runs_the_next_cycle_now_and_cycles_are_counted_by_outcome(env):
+def test_a_request_runs_the_next_cycle_now_and_cycles_are_counted_by_outcome(env, request):
     settings, store, base_run = env
     reader = InMemoryMetricReader()
     retrainer = Retrainer(settings, RetrainConfig(margin=1.0, **FAST), store=store,
                           telemetry=setup_telemetry(settings, "test-retrain", reader=reader))
-    loop = threading.Thread(target=retrainer.run, args=(3600.0,), kwargs={"max_cycles": 3})
+    stop = threading.Event()  # ends the loop if the test fails
+    loop = threading.Thread(target=retrainer.run, args=(3600.0,), kwargs={"max_cycles": 3, "stop": stop})
     loop.start()
+    request.addfinalizer(stop.set)
     t0 = time.monotonic()
     while not store.current_version():
         time.sleep(0.2)
@@ -155,3 +158,25 @@ def test_warm_start_copies_the_current_weights_and_both_are_scored_alike(env):
     n = base.model.item_embeddings().shape[0]
     assert torch.equal(candidate.model.item_embeddings()[:n], base.model.item_embeddings())
     assert candidate.items.index("brand-new-item") >= n  # new items got rows after the old ones
+
+
+@pytest.mark.integration
+def test_a_drift_alert_on_the_drift_topic_triggers_a_cycle(env, request):
+    settings, store, base_run = env
+    retrainer = Retrainer(settings, RetrainConfig(margin=1.0, **FAST), store=store)
+    stop = threading.Event()  # ends the loop if the test fails
+    loop = threading.Thread(target=retrainer.run, args=(3600.0,),
+                            kwargs={"max_cycles": 2, "watch_drift": True, "stop": stop})
+    loop.start()
+    request.addfinalizer(stop.set)
+    alert = DriftAlert(signal="hit", detector="ADWIN", worker_id="0", ts=1_700_000_000_000, n_seen=500, window=100,
+                       mean_before=0.3, mean_after=0.1, params={"delta": 0.002})
+    producer = Producer(settings.kafka_config())
+    t0 = time.monotonic()
+    while loop.is_alive() and time.monotonic() - t0 < 120:
+        # Alerts before the watcher's subscription is assigned are not seen (it reads new alerts only).
+        producer.produce(settings.topic_drift, alert.model_dump_json().encode())
+        producer.flush(10)
+        loop.join(timeout=2)
+    assert not loop.is_alive(), "a drift alert did not cut the 1 h wait short"
+    assert len(store.versions()) == 2
