@@ -279,18 +279,14 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
         addresses = [f"127.0.0.1:{CLUSTER_PORT + i}" for i in range(processes)]
         _run_local_cluster(settings, run, addresses, recovery, tail)
         return
-    recovery_config = None
-    if recovery:
-        if not any(settings.recovery_dir.glob("*.sqlite3")):
-            settings.recovery_dir.mkdir(parents=True, exist_ok=True)
-            init_db_dir(settings.recovery_dir, len(addresses or [None]))
-        recovery_config = RecoveryConfig(str(settings.recovery_dir))
+    recovery_config = _recovery(settings, len(addresses or [None])) if recovery else None
     telemetry = setup_telemetry(settings, "slsrec-flow")
     flow = get_flow(settings, open_recommender(settings, run, telemetry), tail=tail,
                     workers=len(addresses or [None]), telemetry=telemetry)
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
     # events per CPU second (docs/benchmarks.md).
+    thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     log.info("serving %s: %s -> %s (process %s of %s)", run or "the published version", settings.topic_clicks,
@@ -300,16 +296,28 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
                  recovery_config=recovery_config)
     finally:
         telemetry.shutdown()
+        gc.unfreeze()  # serve() may run inside a longer-lived process (tests, the demo)
+        gc.set_threshold(*thresholds)
 
 
 CLUSTER_PORT = 2101  # first port of the local cluster's processes (Bytewax's own default)
 
 
+def _recovery(settings: Settings, processes: int) -> RecoveryConfig:
+    """The recovery config; its SQLite partitions (one per process) are created on the first start.
+
+    The directory belongs to one flow on one set of topics: Bytewax refuses to resume from another.
+    """
+    if not any(settings.recovery_dir.glob("*.sqlite3")):
+        settings.recovery_dir.mkdir(parents=True, exist_ok=True)
+        init_db_dir(settings.recovery_dir, processes)
+    return RecoveryConfig(str(settings.recovery_dir))
+
+
 def _run_local_cluster(settings: Settings, run, addresses: list[str], recovery: bool, tail: bool) -> None:
     """One child process per address, each `slsrec serve --process-id I --addresses ...`."""
-    if recovery and not any(settings.recovery_dir.glob("*.sqlite3")):
-        settings.recovery_dir.mkdir(parents=True, exist_ok=True)
-        init_db_dir(settings.recovery_dir, len(addresses))
+    if recovery:
+        _recovery(settings, len(addresses))  # before the children start, so that they agree on it
     base = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--addresses", ";".join(addresses)]
     base += (["--run", str(run)] if run else []) + ([] if recovery else ["--no-recovery"])
     base += [] if tail else ["--exit-at-end"]
