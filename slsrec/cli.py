@@ -221,6 +221,66 @@ def evaluate_cmd(
     typer.echo(json.dumps(metrics, indent=2) if json_out else _metrics_table(metrics))
 
 
+@app.command("benchmark")
+def benchmark_cmd(
+    dataset: str = typer.Option("ml-1m", help="dataset of the table"),
+    seeds: int = typer.Option(3, min=1, help="seeds for slsrec, sasrec and clsr (1 for the other models)"),
+    models: str = typer.Option(None, help="comma-separated subset of the models [default: all]"),
+    out: str = typer.Option(None, help="where results and runs are kept [default: runs/bench-DATASET]"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
+    epochs: int = typer.Option(None, min=1, help="most epochs per run [default: the trainer's]"),
+    write_docs: bool = typer.Option(True, "--docs/--no-docs", help="write docs/benchmarks.md and docs/img/"),
+) -> None:
+    """Train every model (resumable: finished (model, seed) runs are skipped) and write the results table."""
+    import shlex
+    import time
+    from dataclasses import replace
+    from pathlib import Path
+
+    from slsrec.benchmark import PLAN, results_table, run_benchmark, write_benchmark_report
+    from slsrec.train import TrainConfig
+
+    t0 = time.perf_counter()
+    names = [m.strip() for m in models.split(",")] if models else list(PLAN)
+    base = TrainConfig(device=device, threads=threads)
+    base = replace(base, epochs=epochs) if epochs else base
+    out_dir = Path(out or f"runs/bench-{dataset}")
+    results = run_benchmark(dataset, seeds=seeds, models=names, out=out_dir, base=base, log=typer.echo)
+    typer.echo(results_table(results))
+    if write_docs:
+        command = "slsrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] \
+            else f"slsrec benchmark --dataset {dataset} --seeds {seeds}"
+        write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, wall_s=time.perf_counter() - t0)
+        typer.echo("wrote docs/benchmarks.md and its plot under docs/img/")
+
+
+@app.command("bench-train")
+def bench_train_cmd(
+    dataset: str = typer.Option("ml-1m", help="dataset whose batches are timed"),
+    models: str = typer.Option("sasrec,slsrec", help="comma-separated models to time"),
+    steps: int = typer.Option(5, min=1, help="timed steps per lever (after warm-up)"),
+    warmup: int = typer.Option(2, min=0, help="untimed steps first (torch.compile compiles here)"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    write_docs: bool = typer.Option(False, "--docs/--no-docs", help="write the table into docs/benchmarks.md"),
+) -> None:
+    """Time the training-speed levers: sequence length, sampled softmax, threads, torch.compile, bf16."""
+    import shlex
+
+    from slsrec.benchmark import bench_train, levers_table, write_levers_report
+    from slsrec.train import resolve_device
+
+    command = "slsrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench-train"] \
+        else f"slsrec bench-train --dataset {dataset}"
+    typer.echo(f"command: {command}")
+    rows = bench_train(dataset, models=tuple(m.strip() for m in models.split(",")), steps=steps, warmup=warmup,
+                       device=device, log=typer.echo)
+    typer.echo(levers_table(rows))
+    if write_docs:
+        write_levers_report(rows, command=command, device=str(resolve_device(device)))
+        typer.echo("wrote docs/benchmarks.md")
+
+
 @app.command("demo")
 def demo_cmd(
     epochs: int = typer.Option(8, min=1, help="epochs when runs/demo has to be trained"),

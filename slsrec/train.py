@@ -56,6 +56,7 @@ class TrainConfig:
     max_len: int | None = None  # override the model's max_len (sequence length T)
     loss: Literal["full", "sampled"] = "full"  # full softmax over all items, or sampled softmax
     negatives: int = 256  # sampled softmax: negatives per step, shared by the whole batch
+    negative_power: float = 0.0  # negatives ~ count**power: 0 = uniform, 1 = popularity (logQ-corrected)
     bf16: bool = False  # bfloat16 autocast for the forward pass (CPU with AMX/AVX512-BF16, or CUDA)
     compile: bool = False  # torch.compile the model
     seed: int = 0
@@ -128,7 +129,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
     else:
         # ---- optimiser and loss ----
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sampler = NegativeSampler(split.train.item, inter.n_items, seed=cfg.seed, device=device) \
+        sampler = NegativeSampler(split.train.item, inter.n_items, seed=cfg.seed, power=cfg.negative_power,
+                                  device=device) \
             if cfg.loss == "sampled" else None
         step_model = torch.compile(model) if cfg.compile else model
         best_valid, best_epoch, best_state, bad_epochs = None, 0, None, 0
@@ -211,9 +213,13 @@ def train_step(model: nn.Module, batch, opt: torch.optim.Optimizer, sampler: Neg
 
 
 class NegativeSampler:
-    """Sampled softmax with negatives shared by the batch, drawn from the item popularity and
-    corrected by logQ (each logit minus log of its expected count), so the sampled loss estimates
-    the full softmax instead of over-penalising popular items.
+    """Sampled softmax: K negatives per step, shared by the whole batch, drawn with probability q.
+
+    The positive keeps its exact logit; each negative's logit is corrected by ``-log(K q)`` (logQ),
+    so the sampled denominator is an unbiased estimate of the full softmax denominator and the loss
+    approaches full cross-entropy as K grows, whatever q is (uniform or popularity). Correcting the
+    positive too (as some implementations do) inflates it by ``1/(K q)`` and starves rare targets of
+    gradient.
 
     >>> s = NegativeSampler(np.array([1, 1, 2]), n_items=3, seed=0)
     >>> logits, target = s.logits(torch.ones(2, 4), torch.ones(4, 4), torch.tensor([1, 2]), negatives=5)
@@ -221,9 +227,10 @@ class NegativeSampler:
     ((2, 6), [0, 0])
     """
 
-    def __init__(self, train_items: np.ndarray, n_items: int, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, train_items: np.ndarray, n_items: int, seed: int, power: float = 1.0,
+                 device: torch.device | str = "cpu"):
         counts = np.bincount(train_items, minlength=n_items + 1).astype(np.float64)
-        counts[1:] += 1.0  # every item can be drawn, even if never seen in training
+        counts = (counts + 1.0) ** power  # +1: every item can be drawn, even if never seen in training
         counts[0] = 0.0
         self.q = torch.tensor(counts / counts.sum(), dtype=torch.float32, device=device)  # (V,)
         self.log_q = torch.log(self.q.clamp(min=1e-12))  # (V,)
@@ -233,12 +240,10 @@ class NegativeSampler:
                negatives: int) -> tuple[torch.Tensor, torch.Tensor]:
         """user (N,d), items (V,d), target (N,) -> logits (N, 1+K) with the positive in column 0."""
         neg = torch.multinomial(self.q, negatives, replacement=True, generator=self.gen)  # (K,)
-        log_k = math.log(negatives)
-        pos = (user * items[target]).sum(-1, keepdim=True) - self.log_q[target, None] - log_k  # (N, 1)
-        neg_logits = user @ items[neg].T - self.log_q[neg] - log_k  # (N, K)
+        pos = (user * items[target]).sum(-1, keepdim=True)  # (N, 1)
+        neg_logits = user @ items[neg].T - (self.log_q[neg] + math.log(negatives))  # (N, K)
         hit = neg.unsqueeze(0) == target.unsqueeze(1)  # (N, K) a "negative" that is the positive
-        neg_logits = neg_logits.masked_fill(hit, float("-inf"))
-        return torch.cat([pos, neg_logits], 1), torch.zeros_like(target)
+        return torch.cat([pos, neg_logits.masked_fill(hit, float("-inf"))], 1), torch.zeros_like(target)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------

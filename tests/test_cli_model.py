@@ -92,3 +92,33 @@ def test_bad_inputs_exit_2_with_one_line_and_no_traceback(tmp_path, clicks, monk
         assert exit_info.value.code == 2, (args, err)
         assert err.startswith("error: ") and message in err and "Traceback" not in err, (args, err)
         assert err.count("\n") == 1, err
+
+
+def test_benchmark_is_resumable_and_writes_its_report(clicks, tmp_path):
+    from slsrec.benchmark import load_results, replace_section, write_benchmark_report
+
+    out = tmp_path / "bench"
+    args = ["benchmark", "--dataset", str(clicks), "--models", "pop,gru4rec", "--seeds", "3", "--epochs", "1",
+            "--threads", "1", "--out", str(out), "--no-docs"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["gru4rec-s0.json", "pop-s0.json"]  # 1 seed each
+    (out / "results" / "gru4rec-s0.json").unlink()  # as if the run was cut off during gru4rec
+    pop_run = out / "runs" / "pop-s0"
+    stamp = pop_run.joinpath("metrics.json").stat().st_mtime_ns
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "pop seed 0: done earlier" in second.output and "gru4rec seed 0: training" in second.output
+    assert pop_run.joinpath("metrics.json").stat().st_mtime_ns == stamp  # pop was not trained again
+    assert "| gru4rec | 1 |" in second.output
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Streaming\n\nkept as is\n")
+    replace_section(doc, "Training speed: levers", "old table")
+    write_benchmark_report(load_results(out), dataset="clicks.csv", command="slsrec benchmark ...", out=out, wall_s=1.0, doc=doc,
+                           img=tmp_path / "img" / "curves.png")
+    write_benchmark_report(load_results(out), dataset="clicks.csv", command="slsrec benchmark ...", out=out, wall_s=1.0, doc=doc,
+                           img=tmp_path / "img" / "curves.png")
+    text = doc.read_text()
+    assert text.count("## Model quality: clicks.csv") == 1 and "kept as is" in text and "old table" in text
+    assert "| pop | 1 |" in text and (tmp_path / "img" / "curves.png").stat().st_size > 1000

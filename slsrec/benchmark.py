@@ -1,0 +1,287 @@
+"""The model benchmark (every model, several seeds, resumable) and the training-speed levers.
+
+``slsrec benchmark`` trains each (model, seed) of :data:`PLAN` with :func:`slsrec.train.train` and
+saves each result as soon as it is done (``<out>/results/<model>-s<seed>.json``), so a run cut off
+continues where it stopped. It then writes the table and the validation curves into
+``docs/benchmarks.md`` and ``docs/img/``.
+
+``slsrec bench-train`` times single training steps under each speed lever (sequence length, sampled
+softmax, threads, ``torch.compile``, bf16 autocast) and reports median seconds per step and epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slsrec.errors import UserError
+from slsrec.registry import MODEL_NAMES, build_model
+from slsrec.sessions import leave_one_out, train_batches
+from slsrec.train import VALID_METRIC, NegativeSampler, TrainConfig, batch_rule, resolve_device, train, train_step
+
+# (model, seeds): 3 seeds for SLSRec and the two strongest baselines, 1 for the rest.
+PLAN: dict[str, int] = {"pop": 1, "gru4rec": 1, "sasrec": 3, "clsr": 3, "slsrec": 3, "slsrec-long": 1,
+                        "slsrec-short": 1, "slsrec-nocl": 1, "slsrec-fixed": 1}
+HEADLINE = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "MRR")
+DOCS = Path("docs/benchmarks.md")
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__, "gpu": gpu,
+            "python": platform.python_version()}
+
+
+# ---- the model benchmark --------------------------------------------------------------------------
+
+
+def result_path(out: Path, model: str, seed: int) -> Path:
+    return out / "results" / f"{model}-s{seed}.json"
+
+
+def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, base: TrainConfig,
+                  progress: bool = True, log=print) -> list[dict]:
+    """Train every (model, seed) not finished yet under ``out``; return all results (old and new)."""
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        raise UserError(f"unknown model {unknown[0]!r}; valid: {', '.join(MODEL_NAMES)}")
+    results = []
+    for model in models:
+        for seed in range(min(seeds, PLAN.get(model, 1))):
+            path = result_path(out, model, seed)
+            if path.exists():
+                results.append(json.loads(path.read_text()))
+                log(f"{model} seed {seed}: done earlier ({path})")
+                continue
+            log(f"{model} seed {seed}: training")
+            cfg = replace(base, dataset=dataset, model=model, seed=seed)
+            res = train(cfg, out / "runs" / f"{model}-s{seed}", progress=progress)
+            result = {**res.metrics, "history": res.history, "train": asdict(cfg)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(path)  # a result file is complete or absent
+            results.append(result)
+            log(f"{model} seed {seed}: test {VALID_METRIC} {result['test'][VALID_METRIC]:.4f}, "
+                f"{result['seconds_per_epoch']:.1f} s/epoch, best epoch {result['best_epoch']}")
+    return results
+
+
+def load_results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+
+
+def results_table(results: list[dict]) -> str:
+    """Markdown table: mean ± std over seeds of the test metrics, and the training cost."""
+    by_model: dict[str, list[dict]] = {}
+    for r in results:
+        by_model.setdefault(r["model"], []).append(r)
+    head = "| model | seeds | " + " | ".join(HEADLINE) + " | s/epoch | epochs (best) | time to best (s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for model in [m for m in MODEL_NAMES if m in by_model]:
+        rs = by_model[model]
+        cells = [_mean_std([r["test"][k] for r in rs]) for k in HEADLINE]
+        spe = statistics.mean(r["seconds_per_epoch"] for r in rs)
+        epochs = f"{statistics.mean(r['epochs_run'] for r in rs):.0f} ({statistics.mean(r['best_epoch'] for r in rs):.0f})"
+        ttc = statistics.mean(r["time_to_convergence_s"] for r in rs)
+        lines.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + f" | {spe:.1f} | {epochs} | {ttc:.0f} |")
+    return "\n".join(lines)
+
+
+def _mean_std(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def plot_curves(results: list[dict], path: Path) -> Path:
+    """PNG of validation NDCG@10 per epoch, one line per model (seed 0)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in sorted(results, key=lambda r: MODEL_NAMES.index(r["model"])):
+        if r["seed"] != 0:
+            continue
+        epochs = [h["epoch"] for h in r["history"]]
+        values = [h["valid"][VALID_METRIC] for h in r["history"]]
+        ax.plot(epochs, values, marker="o" if len(epochs) == 1 else None, label=r["model"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {VALID_METRIC} (full ranking)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def replace_section(doc: Path, title: str, body: str) -> None:
+    """Replace (or append) the ``## title`` section of a markdown file, leaving other sections alone."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.M | re.S)
+    text = pattern.sub(lambda _: section + "\n", text, count=1) if pattern.search(text) else \
+        text.rstrip("\n") + "\n\n" + section
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+# ---- training-speed levers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One training set-up; every lever is measured against :data:`BASELINE`, one change at a time."""
+
+    name: str
+    max_len: int = 200
+    loss: str = "full"
+    threads: int = 1
+    compile: bool = False
+    bf16: bool = False
+
+
+BASELINE = Lever("baseline: T=200, full softmax, 1 thread, fp32, eager")
+LEVERS = (
+    BASELINE,
+    replace(BASELINE, name="T=100", max_len=100),
+    replace(BASELINE, name="T=50", max_len=50),
+    replace(BASELINE, name="sampled softmax (shared negatives)", loss="sampled"),
+    replace(BASELINE, name="2 threads", threads=2),
+    replace(BASELINE, name="torch.compile", compile=True),
+    replace(BASELINE, name="bf16 autocast", bf16=True),
+)
+
+
+def time_lever(model_name: str, split, lever: Lever, *, batch_size: int = 128, negatives: int = 256,
+               steps: int = 5, warmup: int = 2, seed: int = 0, device: str = "auto") -> dict:
+    """Median seconds of one optimiser step under ``lever``, and the epoch time it implies."""
+    dev = resolve_device(device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(lever.threads)
+    try:
+        torch.manual_seed(seed)
+        inter = split.inter
+        model = build_model(model_name, n_users=inter.n_users, n_items=inter.n_items, max_len=lever.max_len).to(dev)
+        batches = list(train_batches(split, batch_size=batch_size, rng=np.random.default_rng(seed), **batch_rule(model)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sampler = NegativeSampler(split.train.item, inter.n_items, seed=seed, device=dev) if lever.loss == "sampled" else None
+        step_model = torch.compile(model) if lever.compile else model
+        times = []
+        for batch in batches[:warmup + steps]:
+            batch = batch.to(dev)
+            t0 = time.perf_counter()
+            train_step(step_model, batch, opt, sampler, negatives, lever.bf16)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times[warmup:] or times)
+        return {"model": model_name, "lever": lever.name, "step_s": round(step_s, 4),
+                "epoch_s": round(step_s * len(batches), 1), "steps_per_epoch": len(batches),
+                "first_step_s": round(times[0], 2)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_train(dataset: str, *, models: tuple[str, ...] = ("sasrec", "slsrec"), levers=LEVERS,
+                batch_size: int = 128, steps: int = 5, warmup: int = 2, device: str = "auto",
+                log=print) -> list[dict]:
+    """Time every lever for every model on ``dataset``; rows carry the speed-up over the baseline."""
+    from slsrec.data import load_dataset  # noqa: PLC0415
+
+    split = leave_one_out(load_dataset(dataset))
+    rows = []
+    for model in models:
+        base = None
+        for lever in levers:
+            row = time_lever(model, split, lever, batch_size=batch_size, steps=steps, warmup=warmup, device=device)
+            base = base or row["step_s"]
+            row["speedup"] = round(base / row["step_s"], 2)
+            log(f"{model:<8} {lever.name:<55} {row['step_s']:8.3f} s/step {row['epoch_s']:8.1f} s/epoch "
+                f"x{row['speedup']:.2f} (first step {row['first_step_s']} s)")
+            rows.append(row)
+    return rows
+
+
+def levers_table(rows: list[dict]) -> str:
+    head = "| model | lever | s/step (median) | s/epoch | speed-up |"
+    lines = [head, "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['lever']} | {r['step_s']:.3f} | {r['epoch_s']:.0f} | x{r['speedup']:.2f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+# ---- reports --------------------------------------------------------------------------------------
+
+
+def _machine_line(device: str, threads: int | None) -> str:
+    m = machine()
+    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, device {device}"
+            f"{'' if device != 'cuda' else ' (' + m['gpu'] + ')'}, torch threads {threads or torch.get_num_threads()}")
+
+
+def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float,
+                           doc: Path = DOCS, img: Path | None = None) -> str:
+    """Write the ``Model quality: <dataset>`` section of ``doc`` and the validation-curve PNG."""
+    img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}.png"
+    plot_curves(results, img)
+    train_s = sum(r["total_s"] for r in results)
+    expected = sum(PLAN.values())
+    devices = sorted({r["device"] for r in results})
+    threads = sorted({r["threads"] for r in results})
+    body = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {_machine_line(', '.join(devices), threads[0] if len(threads) == 1 else None)}.",
+        f"Wall time: {train_s / 3600:.2f} h of training and evaluation summed over the {len(results)} finished "
+        f"(model, seed) runs of {expected}; this invocation took {wall_s / 60:.1f} min "
+        f"(results saved under `{out}/results/`, a re-run skips finished ones).",
+        "",
+        "Test metrics, full ranking over all items with the user's history masked, leave-one-out; mean ± std "
+        "over seeds. s/epoch is training only; time to best is wall time from the start to the end of the best "
+        "epoch (validation NDCG@10).",
+        "",
+        results_table(results),
+        "",
+        f"![validation NDCG@10 per epoch]({img.relative_to(doc.parent) if img.is_relative_to(doc.parent) else img})",
+    ]
+    alpha = [r for r in results if r["model"] == "slsrec" and r.get("alpha")]
+    if alpha:
+        a = alpha[0]["alpha"]
+        buckets = ", ".join(f"{k}: {v['mean']:.3f} (n={v['n']})" for k, v in a["by_segment_length"].items()
+                            if v["mean"] is not None)
+        body += ["", f"SLSRec fusion gate on the test inputs (seed 0): alpha mean {a['mean']:.3f}, std {a['std']:.3f} "
+                     f"over users with a long-term input ({a['cold_fraction']:.1%} have none, alpha = 0); "
+                     f"mean alpha by current segment length: {buckets}."]
+    section = "\n".join(body)
+    replace_section(doc, f"Model quality: {dataset}", section)
+    return section
+
+
+def write_levers_report(rows: list[dict], *, command: str, device: str, doc: Path = DOCS, notes: str = "") -> str:
+    section = "\n".join([f"Command: `{command}`", "", f"Machine: {_machine_line(device, None)}.", "",
+                         "Median seconds per training step (batch 128 users) after warm-up steps, and the epoch "
+                         "time it implies (steps per epoch x median step); each lever changes one thing from the "
+                         "baseline.", "", levers_table(rows), "", notes])
+    replace_section(doc, "Training speed: levers", section)
+    return section
