@@ -444,22 +444,24 @@ def open_recommender(settings: Settings, run: str | Path | None = None,
     directory is not on this machine, its model files are taken from Redis (``publish`` stores them).
     """
     store = LongTermStore(settings.redis_url)
+    version = None
     if run is None:
         version = store.current_version()
         if version is None:
             raise UserError(f"nothing is published in Redis at {store.location} yet: "
                             "run `slsrec publish --run runs/NAME` first, or pass --run")
         run = Path(store.meta(version).get("run", version))
-        if not run.is_dir():
-            files = store.model_files(version)
-            if not files:
-                raise CheckpointError(f"version {version} names run {run}, which is not here, "
-                                      "and Redis holds no model files for it; pass --run")
-            run = settings.runs_dir / "published" / version
-            run.mkdir(parents=True, exist_ok=True)
-            for name, data in files.items():
-                (run / Path(name).name).write_bytes(data)
-    loaded = load_run(run)
+    files = Path(run)
+    if not files.is_dir() and version is not None:
+        model_files = store.model_files(version)
+        if not model_files:
+            raise CheckpointError(f"version {version} names run {run}, which is not here, "
+                                  "and Redis holds no model files for it; pass --run")
+        files = settings.runs_dir / "published" / version
+        files.mkdir(parents=True, exist_ok=True)
+        for name, data in model_files.items():
+            (files / Path(name).name).write_bytes(data)
+    loaded = load_run(files)
     model = loaded.model
     if not hasattr(model, "short_encoder"):
         raise CheckpointError(f"{run}: a {loaded.name} model cannot serve the stream; train an slsrec model")
@@ -467,6 +469,7 @@ def open_recommender(settings: Settings, run: str | Path | None = None,
     if loaded.session.get("gap_ms") not in (None, gap_ms):
         log.warning("session gap %d ms differs from the %d ms the model was trained with",
                     gap_ms, loaded.session["gap_ms"])
+    # The reader follows versions published for this run (named as the publisher named it).
     reader = LongTermReader(store, settings.redis_cache_ttl_s, str(run), telemetry)
     return Recommender(model, loaded.items, reader, model_version=Path(run).name, gap_ms=gap_ms,
                        max_segment=model.config.max_segment, top_k=settings.top_k,

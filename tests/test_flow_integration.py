@@ -136,3 +136,27 @@ def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
     for u in {e["user_id"] for e in sent}:  # per-user order survives the exchange between workers
         ts = [r.event_ts for r in recs if r.user_id == u]
         assert ts == sorted(ts)
+
+
+def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing(redis_db, tmp_path):
+    """Without --run the flow serves the published run; on a machine without the run directory, it
+    rebuilds the model from the files the publisher stored in Redis."""
+    import shutil
+
+    from slsrec.serving import open_recommender
+    from slsrec.settings import Settings
+
+    settings = Settings(redis_url=redis_db, runs_dir=tmp_path / "runs")
+    torch.manual_seed(2)
+    model = SLSRec(SLSRecConfig(n_users=2, n_items=5, d=8, hidden=8))
+    run = save_run(tmp_path / "elsewhere" / "demo", model, name="slsrec", users=Vocab(["a", "b"], padding=False),
+                   items=Vocab(list("vwxyz"), padding=True), dataset="in-test")
+    frame = pd.DataFrame({"user_id": ["a", "a"], "item_id": ["v", "w"], "timestamp": [1, 2]})
+    version = publish_run(run, LongTermStore(redis_db), history=Interactions.from_frame(frame)).result.version
+    shutil.rmtree(run)
+
+    rec = open_recommender(settings)
+    assert rec.model_version == "demo"
+    assert torch.equal(rec.model.item_embeddings(), model.item_embeddings())
+    assert rec.long_term(["a", "b"])[0] == version  # the reader accepts the version of its run
+    assert rec.long_term(["a", "b"])[1][1] is None  # b had no history: cold start
