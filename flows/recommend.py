@@ -45,8 +45,8 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
-from bytewax.testing import TestingSource
 from bytewax.run import cli_main
+from bytewax.testing import TestingSource  # the source of the shard-key probe
 from pydantic import SecretStr
 
 from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
@@ -62,7 +62,7 @@ Output = Recommendation | DeadLetter | SessionClosed
 
 
 def origin_of(msg: KafkaSourceMessage) -> Origin:
-    return Origin(msg.value or b"", msg.topic or "", msg.partition or 0, msg.offset or 0)
+    return Origin(msg.value or b"", msg.topic or "", msg.partition, msg.offset)
 
 
 def is_message(item: KafkaSourceMessage | KafkaError) -> bool:
@@ -132,7 +132,7 @@ def shard_of(keys: list[str], item: Decoded) -> str:
 class ShardLogic(StatefulBatchLogic):
     """The open sessions of one shard, fed in micro-batches of up to ``batch_size`` events.
 
-    Events wait at most ``batch_timeout_ms`` for a batch to fill. A sweep every ``sweep_s`` closes
+    Events wait at most ``batch_timeout_ms`` for a batch to fill. A sweep every ``sweep`` closes
     idle sessions. The snapshot holds the sessions *and* the unprocessed events, because the input
     offsets in the same snapshot are already past them.
     """
