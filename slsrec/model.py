@@ -157,6 +157,7 @@ class LongTermEncoder(nn.Module):
         super().__init__()
         d, h = config.d, config.hidden
         self.fc, self.out = nn.Linear(4 * d, h), nn.Linear(h, 1)  # the scorer MLP
+        self.norm = nn.LayerNorm(d)  # a pooled mean of embeddings is small: put it on the short vector's scale
 
     def score(self, keys: Tensor, query: Tensor) -> Tensor:
         """keys (B,T,d), query (B,d) -> (B,T). The first layer on the concatenation, split by block:
@@ -171,7 +172,7 @@ class LongTermEncoder(nn.Module):
         # A finite fill keeps rows without keys finite (uniform); they are zeroed through `has`.
         att = self.score(keys, query).unsqueeze(1).masked_fill(~mask, -1e9)  # (B, Tq, T)
         has = mask.any(-1)  # (B, Tq)
-        return (torch.softmax(att, -1) @ keys) * has.unsqueeze(-1), has  # (B, Tq, d)
+        return self.norm(torch.softmax(att, -1) @ keys) * has.unsqueeze(-1), has  # (B, Tq, d)
 
 
 # ---- short-term encoder ---------------------------------------------------------------------------
@@ -293,6 +294,7 @@ class SLSRec(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.long_encoder = LongTermEncoder(config)
         self.short_encoder = ShortTermEncoder(config, self.item_emb)
+        self.short_norm = nn.LayerNorm(config.d)  # short vector = normed GRU state, same scale as long
         self.fusion = Fusion(config)
         nn.init.normal_(self.item_emb.weight, std=1 / math.sqrt(config.d))
         with torch.no_grad():
@@ -310,7 +312,7 @@ class SLSRec(nn.Module):
         zero = torch.zeros_like(x)
         long, has_long = (zero, torch.zeros_like(seg.real)) if cfg.fusion == "short" else \
             self.long_encoder(x, self.user_emb(batch.user), mask)  # (B, T, d), (B, T)
-        short = zero if cfg.fusion == "long" else self.short_encoder(x, batch.dts, seg)  # (B, T, d)
+        short = zero if cfg.fusion == "long" else self.short_vector(self.short_encoder(x, batch.dts, seg))  # (B, T, d)
         user, alpha = self.fusion(long, has_long.float(), short, seg.length, batch.dts)
         aux = self._contrastive(e, seg, lo, long, short, seg.real & has_long)
         return Output(user * seg.real.unsqueeze(-1), alpha * seg.real, aux)  # padding -> 0
@@ -339,7 +341,8 @@ class SLSRec(nn.Module):
         return long.squeeze(1)  # (B, d)
 
     def short_vector(self, state: Tensor) -> Tensor:
-        return state  # (B, d): the GRU state is the short-term representation
+        """The short-term representation of a GRU state (B,d) -> (B,d)."""
+        return self.short_norm(state)
 
     def fuse(self, long: Tensor | None, short: Tensor, seg_len: Tensor, dt: Tensor,
              has_long: Tensor | None = None) -> tuple[Tensor, Tensor]:
