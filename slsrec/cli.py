@@ -349,10 +349,10 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors (a ClickException of the click that typer bundles) arrive here in
+        # non-standalone mode: print them as click would.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         raise
