@@ -32,7 +32,7 @@ def inter(world):
 def slsrec_run(inter):
     """SLSRec trained briefly (shared by the tests that need a trained model)."""
     cfg = TrainConfig(dataset="synthetic-test", model="slsrec", epochs=8, patience=8,
-                      model_options={"d": 32, "max_len": 50}, **FAST)
+                      max_len=50, model_options={"d": 32}, **FAST)
     return train(cfg, inter=inter, progress=False)
 
 
@@ -64,12 +64,12 @@ def test_metrics_record_timings_and_alpha(slsrec_run):
 def test_early_stopping_stops_after_patience(inter):
     # A learning rate of 0 never improves after epoch 1: patience 2 stops at epoch 3.
     res = train(TrainConfig(dataset="synthetic-test", model="gru4rec", epochs=10, patience=2, lr=0.0,
-                            model_options={"d": 8, "max_len": 20}), inter=inter, progress=False)
+                            max_len=20, model_options={"d": 8}), inter=inter, progress=False)
     assert [h["epoch"] for h in res.history] == [1, 2, 3] and res.metrics["best_epoch"] == 1
 
 
 def test_seeded_training_is_reproducible(inter):
-    cfg = TrainConfig(dataset="synthetic-test", model="sasrec", epochs=1, model_options={"d": 8, "max_len": 20},
+    cfg = TrainConfig(dataset="synthetic-test", model="sasrec", epochs=1, max_len=20, model_options={"d": 8},
                       **FAST)
     a, b = (train(cfg, inter=inter, progress=False) for _ in range(2))
     assert a.history[0]["train_loss"] == b.history[0]["train_loss"]
@@ -79,7 +79,7 @@ def test_seeded_training_is_reproducible(inter):
 @pytest.mark.parametrize("power", [0.0, 1.0])
 def test_sampled_softmax_learns(inter, power):
     res = train(TrainConfig(dataset="synthetic-test", model="gru4rec", epochs=5, loss="sampled", negatives=64,
-                            negative_power=power, model_options={"d": 16, "max_len": 50}, **FAST),
+                            negative_power=power, max_len=50, model_options={"d": 16}, **FAST),
                 inter=inter, progress=False)
     pop = train(TrainConfig(dataset="synthetic-test", model="pop"), inter=inter, progress=False)
     assert res.metrics["test"]["NDCG@10"] > pop.metrics["test"]["NDCG@10"]
