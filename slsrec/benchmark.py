@@ -245,13 +245,12 @@ def _machine_line(device: str, threads: int | None) -> str:
             f"{'' if device != 'cuda' else ' (' + m['gpu'] + ')'}, torch threads {threads or torch.get_num_threads()}")
 
 
-def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float,
+def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float | None,
                            doc: Path = DOCS, img: Path | None = None) -> str:
     """Write the ``Model quality: <dataset>`` section of ``doc`` and the validation-curve PNG."""
     img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}.png"
     plot_curves(results, img)
     train_s = sum(r["total_s"] for r in results)
-    expected = sum(PLAN.values())
     devices = sorted({r["device"] for r in results})
     threads = sorted({r["threads"] for r in results})
     body = [
@@ -259,8 +258,8 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
         "",
         f"Machine: {_machine_line(', '.join(devices), threads[0] if len(threads) == 1 else None)}.",
         f"Wall time: {train_s / 3600:.2f} h of training and evaluation summed over the {len(results)} finished "
-        f"(model, seed) runs of {expected}; this invocation took {wall_s / 60:.1f} min "
-        f"(results saved under `{out}/results/`, a re-run skips finished ones).",
+        f"(model, seed) runs" + (f"; the last invocation took {wall_s / 60:.1f} min" if wall_s else "")
+        + f" (results are saved under `{out}/results/` as each run finishes; a re-run skips finished ones).",
         "",
         "Test metrics, full ranking over all items with the user's history masked, leave-one-out; mean ± std "
         "over seeds. s/epoch is training only; time to best is wall time from the start to the end of the best "

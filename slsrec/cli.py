@@ -188,13 +188,14 @@ def train_cmd(
     lr: float = typer.Option(None, min=0, help="AdamW learning rate"),
     patience: int = typer.Option(None, min=1, help="epochs without a better validation NDCG@10 before stopping"),
     loss: str = typer.Option(None, help="full (softmax over all items) or sampled (shared negatives, logQ)"),
+    precision: str = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32"),
     threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
 ) -> None:
     """Train one model with early stopping on validation NDCG@10; save the run and print test metrics."""
     from slsrec.train import TrainConfig, train
 
     given = dict(epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, patience=patience, loss=loss,
-                 threads=threads)
+                 precision=precision, threads=threads)
     if loss not in (None, "full", "sampled"):
         raise UserError(f"--loss {loss!r}: expected full or sampled")
     cfg = TrainConfig(dataset=dataset, model=model, seed=seed, device=device,
@@ -231,6 +232,7 @@ def benchmark_cmd(
     threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
     epochs: int = typer.Option(None, min=1, help="most epochs per run [default: the trainer's]"),
     write_docs: bool = typer.Option(True, "--docs/--no-docs", help="write docs/benchmarks.md and docs/img/"),
+    report_only: bool = typer.Option(False, "--report-only", help="train nothing; report the results saved so far"),
 ) -> None:
     """Train every model (resumable: finished (model, seed) runs are skipped) and write the results table."""
     import shlex
@@ -238,20 +240,27 @@ def benchmark_cmd(
     from dataclasses import replace
     from pathlib import Path
 
-    from slsrec.benchmark import PLAN, results_table, run_benchmark, write_benchmark_report
+    from slsrec.benchmark import PLAN, load_results, results_table, run_benchmark, write_benchmark_report
     from slsrec.train import TrainConfig
 
     t0 = time.perf_counter()
     names = [m.strip() for m in models.split(",")] if models else list(PLAN)
     base = TrainConfig(device=device, threads=threads)
     base = replace(base, epochs=epochs) if epochs else base
-    out_dir = Path(out or f"runs/bench-{dataset}")
-    results = run_benchmark(dataset, seeds=seeds, models=names, out=out_dir, base=base, log=typer.echo)
+    out_dir = Path(out or f"runs/bench-{Path(dataset).stem}")
+    if report_only:
+        results = [r for r in load_results(out_dir) if r["model"] in names]
+        if not results:
+            raise UserError(f"{out_dir}/results: no finished runs to report")
+    else:
+        results = run_benchmark(dataset, seeds=seeds, models=names, out=out_dir, base=base, log=typer.echo)
     typer.echo(results_table(results))
     if write_docs:
-        command = "slsrec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] \
-            else f"slsrec benchmark --dataset {dataset} --seeds {seeds}"
-        write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, wall_s=time.perf_counter() - t0)
+        extra = {"--models": models, "--threads": threads, "--epochs": epochs, "--out": out}
+        command = f"slsrec benchmark --dataset {shlex.quote(dataset)} --seeds {seeds}" + "".join(
+            f" {flag} {shlex.quote(str(v))}" for flag, v in extra.items() if v)
+        write_benchmark_report(results, dataset=dataset, command=command, out=out_dir,
+                               wall_s=None if report_only else time.perf_counter() - t0)
         typer.echo("wrote docs/benchmarks.md and its plot under docs/img/")
 
 
