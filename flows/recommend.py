@@ -5,7 +5,13 @@ Wiring only; the logic lives in :mod:`slsrec.serving`. Run it with ``slsrec serv
 Steps: ``clicks`` (every partition) -> decode and validate (bad input -> ``clicks.dlq``) -> key by
 a hash of the user id into shards -> one stateful step per shard holding its users' sessions, fed in
 micro-batches (one batched model call per wave, see :class:`slsrec.serving.Recommender`), with a
-sweep that closes idle sessions -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq``.
+sweep that closes idle sessions -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq``,
+and ``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, key worker id).
+
+**Versions.** Without ``--run`` the flow follows the published versions: when ``slsrec:current``
+moves to a newer version, its model loads in the background and then replaces the served one
+between two micro-batches, together with the long-term vectors; the open sessions are re-encoded by
+the new model from the item ids they hold (:meth:`slsrec.serving.Recommender.reencode`).
 
 **Delivery is at-least-once.** With recovery on (``slsrec serve`` default), Bytewax snapshots the
 input offsets and every shard's sessions to SQLite under ``settings.recovery_dir`` every
@@ -49,6 +55,7 @@ from bytewax.run import cli_main
 from bytewax.testing import TestingSource  # the source of the shard-key probe
 from pydantic import SecretStr
 
+from schemas.drift import DriftAlert
 from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
 from slsrec.errors import ServiceError
 from slsrec.serving import Origin, Recommender, SessionTable, dead_letter, open_recommender
@@ -58,7 +65,7 @@ from slsrec.telemetry import Telemetry, setup_telemetry
 log = logging.getLogger(__name__)
 
 Decoded = tuple[ClickEvent, Origin]
-Output = Recommendation | DeadLetter | SessionClosed
+Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
 
 
 def origin_of(msg: KafkaSourceMessage) -> Origin:
@@ -192,8 +199,15 @@ def is_session(item: Output) -> bool:
     return isinstance(item, SessionClosed)
 
 
-def to_kafka(item: Recommendation | SessionClosed | DeadLetter) -> KafkaSinkMessage:
-    """JSON value; keyed by user_id (a dead letter keeps no key: its user may be unreadable)."""
+def is_drift_alert(item: DeadLetter | DriftAlert) -> bool:
+    return isinstance(item, DriftAlert)
+
+
+def to_kafka(item: Recommendation | SessionClosed | DeadLetter | DriftAlert) -> KafkaSinkMessage:
+    """JSON value; keyed by user_id, a drift alert by worker id (a dead letter keeps no key: its
+    user may be unreadable)."""
+    if isinstance(item, DriftAlert):
+        return KafkaSinkMessage(item.worker_id.encode(), item.model_dump_json().encode())
     key = None if isinstance(item, DeadLetter) else item.user_id.encode()
     return KafkaSinkMessage(key, item.model_dump_json().encode())
 
@@ -205,6 +219,7 @@ def get_flow(
     sink: Sink | None = None,
     dlq_sink: Sink | None = None,
     sessions_sink: Sink | None = None,
+    drift_sink: Sink | None = None,
     sweep: timedelta = timedelta(seconds=1),
     tail: bool = True,
     workers: int = 1,
@@ -214,7 +229,7 @@ def get_flow(
 
     An injected source yields ``KafkaSourceMessage`` (or ``KafkaError``) items like Kafka's; an
     injected sink receives the pydantic records (``Recommendation``, ``DeadLetter``,
-    ``SessionClosed``) instead of serialized Kafka messages. ``tail=False`` stops at the end of
+    ``SessionClosed``, ``DriftAlert``) instead of serialized Kafka messages. ``tail=False`` stops at the end of
     the topic (a backfill, a benchmark, a bounded test) instead of waiting for new events.
     ``workers`` (of the whole cluster) sets the shards: one per worker, holding the sessions of its
     users; changing it between runs splits the sessions open at the restart (their old shards close
@@ -244,17 +259,20 @@ def get_flow(
     shards = op.stateful_batch("sessions_and_recommend", keyed, logic)
     # (shard, Recommendation | DeadLetter | SessionClosed)
     results = op.key_rm("unkey", shards)
-    # Recommendation | DeadLetter | SessionClosed
+    # Recommendation | DeadLetter | SessionClosed | DriftAlert
     recs = op.branch("recommendations", results, is_recommendation)
-    # trues: Recommendation; falses: DeadLetter | SessionClosed
+    # trues: Recommendation; falses: DeadLetter | SessionClosed | DriftAlert
     rest = op.branch("sessions", recs.falses, is_session)
-    # trues: SessionClosed; falses: DeadLetter (duplicates)
-    dlq = op.merge("dead_letters", consumer_dlq, decoded.falses, rest.falses)
+    # trues: SessionClosed; falses: DeadLetter (duplicates) | DriftAlert
+    alerts = op.branch("drift_alerts", rest.falses, is_drift_alert)
+    # trues: DriftAlert; falses: DeadLetter (duplicates)
+    dlq = op.merge("dead_letters", consumer_dlq, decoded.falses, alerts.falses)
     # DeadLetter
     for name, stream, given, topic in (
         ("recommendations_out", recs.trues, sink, settings.topic_recommendations),
         ("sessions_out", rest.trues, sessions_sink, settings.topic_sessions),
         ("dlq_out", dlq, dlq_sink, settings.topic_dlq),
+        ("drift_out", alerts.trues, drift_sink, settings.topic_drift),
     ):
         if given is not None:
             op.output(name, stream, given)
@@ -281,7 +299,7 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
         return
     recovery_config = _recovery(settings, len(addresses or [None])) if recovery else None
     telemetry = setup_telemetry(settings, "slsrec-flow")
-    flow = get_flow(settings, open_recommender(settings, run, telemetry), tail=tail,
+    flow = get_flow(settings, open_recommender(settings, run, telemetry, worker_id=str(process_id or 0)), tail=tail,
                     workers=len(addresses or [None]), telemetry=telemetry)
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x

@@ -34,7 +34,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,20 +44,34 @@ import numpy as np
 import torch
 from opentelemetry import metrics, trace
 
+from schemas.drift import DriftAlert
 from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed, SessionItem
 from slsrec.checkpoint import load_run
 from slsrec.data import Vocab
+from slsrec.drift import DriftMonitor, next_item_quality
 from slsrec.errors import CheckpointError, UserError
 from slsrec.model import score
 from slsrec.sessions import Boundary, SeqBatch, boundary, segment_starts
 from slsrec.settings import Settings
-from slsrec.store import CachedLongTerm, LongTermStore
+from slsrec.store import CachedLongTerm, LongTermStore, parse_seq
 from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
 
 log = logging.getLogger(__name__)
 
 # user ids -> (long-term version or None, one float32 (d,) vector or None per user)
 LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["np.ndarray | None"]]]
+
+
+class Published(NamedTuple):
+    """A published version's model, loaded and ready to replace the served one in one step."""
+
+    version: str
+    model: torch.nn.Module
+    items: Vocab
+
+
+# () -> a newer version whose model is loaded, or None; polled before every micro-batch
+VersionSource = Callable[[], "Published | None"]
 
 
 class Origin(NamedTuple):
@@ -95,6 +111,7 @@ class Session:
     events: list[tuple[str, int, str]] = field(default_factory=list)  # (item_id, ts, event_type), unknown items too
     seen: list[int] = field(default_factory=list)  # indices of the session's known items
     event_ids: set[str] = field(default_factory=set)
+    last_top: tuple[str, ...] = ()  # raw ids recommended at the previous event (online quality)
 
 
 @dataclass
@@ -102,6 +119,7 @@ class SessionTable:
     """The open sessions of one shard (what a Bytewax snapshot of the shard holds)."""
 
     sessions: dict[str, Session] = field(default_factory=dict)
+    model_version: str | None = None  # the model that encoded the states; another one re-encodes them
 
 
 @dataclass
@@ -136,10 +154,20 @@ class Stats:
     cold_starts: int = 0
     sessions_opened: int = 0
     sessions_closed: int = 0
+    scored: int = 0  # events scored against the previous top-K of their session
+    hits: int = 0  # ... whose item was in it (online HR@K = hits / scored)
+    drift_alerts: int = 0
+    switches: int = 0  # versions adopted after the start
+    reencoded: int = 0  # sessions re-encoded by a new model
+    reencode_ms: list[float] = field(default_factory=list)  # one pause per re-encoded table
 
     @property
     def unknown_item_rate(self) -> float:
         return self.unknown_items / self.events if self.events else 0.0
+
+    @property
+    def online_hr(self) -> float:
+        return self.hits / self.scored if self.scored else 0.0
 
 
 def session_closed(s: Session) -> SessionClosed:
@@ -174,15 +202,22 @@ class Recommender:
     device : str
     telemetry : Telemetry, optional
         Counters, latency histogram and one span per micro-batch (no-op by default).
+    versions : callable, optional
+        Polled before every micro-batch; a :class:`Published` it returns replaces the model, the item
+        table and ``model_version`` at once (the long-term lookup moves to the same version), and
+        the open sessions are re-encoded by the new model from the item ids they hold.
+    drift : DriftMonitor, optional
+        Fed every recommended event's signals; its alerts join the output after their event's
+        recommendation.
     """
 
     def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
                  gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
-                 telemetry: Telemetry | None = None):
-        self.model = model.to(device).eval()
-        self.items = items
+                 telemetry: Telemetry | None = None, versions: VersionSource | None = None,
+                 drift: DriftMonitor | None = None):
         self.long_term = long_term
-        self.model_version = model_version
+        self.versions = versions
+        self.drift = drift
         self.gap_ms = gap_ms
         self.max_segment = max_segment
         self.top_k = top_k
@@ -191,11 +226,71 @@ class Recommender:
         self.stats = Stats()
         self.clock = Clock()
         self.telemetry = telemetry or Telemetry(metrics.NoOpMeterProvider(), trace.NoOpTracerProvider())
-        self.telemetry.set_versions(model=model_version)
-        with torch.no_grad():
-            self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
-            self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
+        self._use(model, items, model_version)
+
+    @torch.no_grad()
+    def _use(self, model: torch.nn.Module, items: Vocab, model_version: str) -> None:
+        """Serve ``model`` from now on (the tables derived from it change with it)."""
+        self.model = model.to(self.device).eval()
+        self.items = items
+        self.model_version = model_version
+        self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
+        self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
         self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
+        self.telemetry.set_versions(model=model_version)
+
+    def _follow(self) -> None:
+        """Adopt a newer published version if its model is loaded (between micro-batches only)."""
+        new = self.versions() if self.versions is not None else None
+        if new is None:
+            return
+        if not hasattr(new.model, "short_encoder"):
+            log.warning("version %s holds a %s, which cannot serve the stream: staying on %s",
+                        new.version, type(new.model).__name__, self.model_version)
+            return
+        self._use(new.model, new.items, new.version)
+        self.max_segment = new.model.config.max_segment
+        self.stats.switches += 1
+
+    @torch.no_grad()
+    def reencode(self, table: SessionTable) -> None:
+        """Rebuild every open session's state with the served model from the item ids it holds.
+
+        The same rules as :meth:`process` (the boundary rule, unknown items kept but not stepped), so
+        a session continues exactly as if the new model had served it from its first event. All
+        sessions are stepped together, one batched ``step`` per position of the longest segment.
+        """
+        t0 = time.perf_counter()
+        sessions = list(table.sessions.values())
+        segments: list[list[tuple[int, float]]] = []  # per session: (item index, dt seconds) of its current segment
+        for s in sessions:
+            seg: list[tuple[int, float]] = []
+            seen, prev = [], None
+            for item_id, ts, _ in s.events:
+                if prev is not None and len(seg) >= self.max_segment:
+                    seg = []  # Boundary.SEGMENT, as process() applies it
+                idx = self.items.index(item_id)
+                if idx is not None:
+                    seg.append((idx, 0.0 if prev is None else max(0, ts - prev) / 1000.0))
+                    seen.append(idx)
+                prev = ts if prev is None else max(prev, ts)
+            s.seen, s.seg_len = seen, len(seg)
+            s.state = self._init_state.copy()
+            segments.append(seg)
+        for p in range(max((len(seg) for seg in segments), default=0)):
+            rows = [j for j, seg in enumerate(segments) if len(seg) > p]
+            state = torch.from_numpy(np.stack([sessions[j].state for j in rows])).to(self.device)  # (b, d)
+            item = torch.tensor([segments[j][p][0] for j in rows], device=self.device)  # (b,)
+            dt = torch.tensor([segments[j][p][1] for j in rows], device=self.device)  # (b,)
+            new = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
+            for n, j in enumerate(rows):
+                sessions[j].state = new[n]
+        table.model_version = self.model_version
+        ms = (time.perf_counter() - t0) * 1000
+        self.stats.reencoded += len(sessions)
+        self.stats.reencode_ms.append(ms)
+        if sessions:
+            log.info("model %s: re-encoded %d open sessions in %.1f ms", self.model_version, len(sessions), ms)
 
     @torch.no_grad()
     def process(self, table: SessionTable, clicks: Sequence[tuple[ClickEvent, Origin]],
@@ -207,6 +302,12 @@ class Recommender:
         opens a new session after the gap.
         """
         wall_ms = now_ms() if wall_ms is None else wall_ms
+        self._follow()
+        if table.model_version != self.model_version:
+            if table.model_version is None and not table.sessions:
+                table.model_version = self.model_version  # a new shard: nothing to re-encode
+            else:
+                self.reencode(table)
         out: list[list] = [[] for _ in clicks]
         per_user: dict[str, list[int]] = {}
         for i, (ev, _) in enumerate(clicks):
@@ -230,6 +331,9 @@ class Recommender:
             tel.e2e_latency.record(r.emit_ts - r.event_ts)
         if len(recs) < len(clicks):
             tel.dead_letters.add(len(clicks) - len(recs), {"reason": "duplicate"})
+        for a in results:
+            if isinstance(a, DriftAlert):
+                tel.drift_alerts.add(1, {"signal": a.signal, "detector": a.detector})
         tel.sessions_active.add((self.stats.sessions_opened - opened) - (self.stats.sessions_closed - closed))
         return results
 
@@ -283,12 +387,13 @@ class Recommender:
             ev, cold = clicks[i][0], longs[j] is None
             self.stats.recommendations += 1
             self.stats.cold_starts += cold
+            top = [{"item_id": raw[k], "score": x} for k, x in zip(top_items[j], top_scores[j])
+                   if x != -math.inf]  # fewer than K items may be left after exclusion
             # From plain dicts: pydantic validates these faster than it builds nested models.
             out[i].append(Recommendation.model_validate({
                 "user_id": ev.user_id,
                 "event_id": ev.event_id,
-                "items": [{"item_id": raw[k], "score": x} for k, x in zip(top_items[j], top_scores[j])
-                          if x != -math.inf],  # fewer than K items may be left after exclusion
+                "items": top,
                 "model_version": self.model_version,
                 "long_term_version": None if cold else version,
                 "cold_start": cold,
@@ -297,6 +402,28 @@ class Recommender:
                 "event_ts": ev.ts,
                 "emit_ts": emit,
             }))
+            out[i] += self._watch(sessions[j], ev, tuple(t["item_id"] for t in top), None if cold else alphas[j],
+                                  cold, known[j] is None)
+
+    def _watch(self, s: Session, ev: ClickEvent, top: tuple[str, ...], alpha: float | None, cold: bool,
+               unknown: bool) -> list[DriftAlert]:
+        """Online quality of the event against its session's previous top-K, and the drift signals."""
+        q = next_item_quality(ev.item_id, s.last_top) if s.last_top else None  # None: first event of a session
+        s.last_top = top
+        if q is not None:
+            self.stats.scored += 1
+            self.stats.hits += q.hit
+        if self.drift is None:
+            return []
+        signals = {"hit": None if q is None else q.hit, "ndcg": None if q is None else q.ndcg, "alpha": alpha,
+                   "cold_start": cold, "unknown_item": unknown}
+        alerts = self.drift.update({k: v for k, v in signals.items() if k in self.drift.detectors}, ts=ev.ts,
+                                   model_version=self.model_version)
+        self.stats.drift_alerts += len(alerts)
+        for a in alerts:
+            log.warning("drift: %s (%s) moved from %s to %s after %d values", a.signal, a.detector, a.mean_before,
+                        a.mean_after, a.n_seen)
+        return alerts
 
     def _fuse(self, sessions: list[Session], longs: list, dts: list[float]) -> tuple[torch.Tensor, list[float]]:
         state = torch.from_numpy(np.stack([s.state for s in sessions])).to(self.device)  # (B, d)
@@ -383,9 +510,15 @@ def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: 
 class LongTermReader:
     """The production long-term lookup: the current Redis version, read through the TTL cache.
 
-    ``slsrec:current`` is re-read at most every ``ttl_s``. A version published for another run holds
-    vectors of another model, meaningless to this one: the reader stays on the version it has and
-    logs once that a restart is needed (the old version stays readable for the publish grace period).
+    ``slsrec:current`` is re-read at most every ``ttl_s``; only a version with a higher sequence number
+    than the one in use is taken (versions only move forward). Two modes:
+
+    - ``load`` given (``slsrec serve`` without ``--run``): a new version's model is loaded in a
+      background thread (``load(version)``) while the stream goes on with the version in use;
+      :meth:`poll` then hands it to the :class:`Recommender`, and the vectors switch with the model.
+    - otherwise the served model is fixed (``--run``): new versions published for ``run`` switch the
+      vectors only; a version of another run holds vectors of another model, meaningless to this
+      one, so the reader stays on the version it has and says a restart without ``--run`` follows it.
 
     Parameters
     ----------
@@ -394,22 +527,31 @@ class LongTermReader:
         How stale a cached vector (or the current version id) may be.
     run : str, optional
         The served run directory; versions whose ``meta["run"]`` names another run are not used.
+    telemetry : Telemetry, optional
+    load : callable, optional
+        ``version -> Published``; follow every new version, model included.
+    version : str, optional
+        The version in use at the start (its model already served).
     """
 
-    def __init__(self, store: LongTermStore, ttl_s: float, run: str | None = None, telemetry: Telemetry | None = None):
+    def __init__(self, store: LongTermStore, ttl_s: float, run: str | None = None, telemetry: Telemetry | None = None,
+                 load: Callable[[str], Published] | None = None, version: str | None = None):
         self.store = store
         self.telemetry = telemetry
         self.cache = CachedLongTerm(store, ttl_s)
         self.ttl_s = ttl_s
         self.run = None if run is None else Path(run).resolve()
+        self.load = load
         self.version: str | None = None
         self._checked_at = -float("inf")
         self._refused: set[str] = set()
+        self._loading: tuple[str, Future] | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="slsrec-load") if load is not None else None
+        if version is not None:
+            self._use(version)
 
     def __call__(self, user_ids: Sequence[str]) -> tuple[str | None, list[np.ndarray | None]]:
-        if time.monotonic() - self._checked_at >= self.ttl_s:
-            self._checked_at = time.monotonic()
-            self._switch(self.store.current_version())
+        self._check()
         if self.version is None:
             return None, [None] * len(user_ids)
         hits, misses, t0 = self.cache.hits, self.cache.misses, time.perf_counter()
@@ -421,56 +563,99 @@ class LongTermReader:
                 self.telemetry.redis_latency.record((time.perf_counter() - t0) * 1000)
         return self.version, vectors
 
-    def _switch(self, current: str | None) -> None:
-        if current is None or current == self.version or current in self._refused:
+    def poll(self) -> Published | None:
+        """A newer version whose model has finished loading (the reader now reads its vectors), or None."""
+        self._check()
+        if self._loading is None or not self._loading[1].done():
+            return None
+        version, future = self._loading
+        self._loading = None
+        try:
+            published = future.result()
+        except UserError as e:  # expired, or published without model files: keep serving what we have
+            self._refused.add(version)
+            log.warning("cannot load version %s (%s): staying on %s", version, e, self.version)
+            return None
+        self._use(version)
+        return published
+
+    def _newer(self, version: str | None) -> bool:
+        if version is None or version == self.version or version in self._refused:
+            return False
+        if self.version is None:
+            return True
+        seq, ours = parse_seq(version), parse_seq(self.version)
+        return seq is not None and (ours is None or seq > ours)
+
+    def _check(self) -> None:
+        if time.monotonic() - self._checked_at < self.ttl_s:
+            return
+        self._checked_at = time.monotonic()
+        current = self.store.current_version()
+        if not self._newer(current):
+            return
+        if self._pool is not None:
+            if self._loading is None:
+                log.info("version %s published: loading its model", current)
+                self._loading = (current, self._pool.submit(self.load, current))
             return
         published = self.store.meta(current).get("run")
         if self.run is not None and published is not None and Path(published).resolve() != self.run:
             self._refused.add(current)
             log.warning("long-term version %s was published for run %s, not the served %s: staying on %s; "
-                        "restart `slsrec serve` to serve it", current, published, self.run, self.version)
+                        "serve without --run to follow every published version", current, published, self.run,
+                        self.version)
             return
-        log.info("long-term vectors: version %s", current)
-        self.version = current
+        self._use(current)
+
+    def _use(self, version: str) -> None:
+        log.info("long-term vectors: version %s", version)
+        self.version = version
         if self.telemetry is not None:
-            self.telemetry.set_versions(long_term=current)
+            self.telemetry.set_versions(long_term=version)
 
 
-def open_recommender(settings: Settings, run: str | Path | None = None,
-                     telemetry: Telemetry | None = None) -> Recommender:
-    """The recommender ``slsrec serve`` runs: a run's model plus the Redis long-term lookup.
+def load_version(store: LongTermStore, runs_dir: str | Path, version: str) -> Published:
+    """Load the model published with ``version`` (its run directory, or its model files from Redis)."""
+    from slsrec.retrain import version_run_dir  # noqa: PLC0415  (pulls in training; only serving needs it)
 
-    Without ``run``, serves the run that the current Redis version was published from; when that
-    directory is not on this machine, its model files are taken from Redis (``publish`` stores them).
+    loaded = load_run(version_run_dir(store, version, runs_dir))
+    return Published(version, loaded.model, loaded.items)
+
+
+def open_recommender(settings: Settings, run: str | Path | None = None, telemetry: Telemetry | None = None,
+                     worker_id: str = "0") -> Recommender:
+    """The recommender ``slsrec serve`` runs: a model, the Redis long-term lookup, a drift monitor.
+
+    Without ``run``, serves the current Redis version (its run directory, or the model files the
+    publisher stored in Redis when that directory is not on this machine) and follows every newer
+    version without a restart; ``model_version`` is then the version id. With ``run``, serves that
+    run (``model_version`` is its directory name) and reads the versions published for it.
     """
     store = LongTermStore(settings.redis_url)
-    version = None
+    reader: LongTermReader
     if run is None:
         version = store.current_version()
         if version is None:
             raise UserError(f"nothing is published in Redis at {store.location} yet: "
                             "run `slsrec publish --run runs/NAME` first, or pass --run")
-        run = Path(store.meta(version).get("run", version))
-    files = Path(run)
-    if not files.is_dir() and version is not None:
-        model_files = store.model_files(version)
-        if not model_files:
-            raise CheckpointError(f"version {version} names run {run}, which is not here, "
-                                  "and Redis holds no model files for it; pass --run")
-        files = settings.runs_dir / "published" / version
-        files.mkdir(parents=True, exist_ok=True)
-        for name, data in model_files.items():
-            (files / Path(name).name).write_bytes(data)
-    loaded = load_run(files)
-    model = loaded.model
+        published = load_version(store, settings.runs_dir, version)
+        model, items, model_version = published.model, published.items, version
+        reader = LongTermReader(store, settings.redis_cache_ttl_s, telemetry=telemetry,
+                                load=partial(load_version, store, settings.runs_dir), version=version)
+        source = store.meta(version).get("run", version)
+    else:
+        loaded = load_run(run)
+        model, items, model_version, source = loaded.model, loaded.items, Path(run).name, str(run)
+        reader = LongTermReader(store, settings.redis_cache_ttl_s, str(run), telemetry)
     if not hasattr(model, "short_encoder"):
-        raise CheckpointError(f"{run}: a {loaded.name} model cannot serve the stream; train an slsrec model")
+        raise CheckpointError(f"{source}: a {type(model).__name__} model cannot serve the stream; "
+                              "train an slsrec model")
+    trained_gap = getattr(model.config, "gap_ms", None)
     gap_ms = settings.session_gap_s * 1000
-    if loaded.session.get("gap_ms") not in (None, gap_ms):
-        log.warning("session gap %d ms differs from the %d ms the model was trained with",
-                    gap_ms, loaded.session["gap_ms"])
-    # The reader follows versions published for this run (named as the publisher named it).
-    reader = LongTermReader(store, settings.redis_cache_ttl_s, str(run), telemetry)
-    return Recommender(model, loaded.items, reader, model_version=Path(run).name, gap_ms=gap_ms,
+    if trained_gap not in (None, gap_ms):
+        log.warning("session gap %d ms differs from the %d ms the model was trained with", gap_ms, trained_gap)
+    return Recommender(model, items, reader, model_version=model_version, gap_ms=gap_ms,
                        max_segment=model.config.max_segment, top_k=settings.top_k,
-                       exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry)
+                       exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry,
+                       versions=reader.poll if run is None else None, drift=DriftMonitor(worker_id=worker_id))

@@ -177,3 +177,57 @@ def test_segment_boundary_resets_the_short_term_state(model, items):
     assert table.sessions["u"].seg_len == s
     rec.process(table, [click("next", "u", "i30", T0 + s * 1000)])
     assert table.sessions["u"].seg_len == 1 and len(table.sessions["u"].seen) == s + 1
+
+
+class Versioned:
+    """A long-term lookup with per-version vectors, switched as the Redis reader switches on poll()."""
+
+    def __init__(self, vectors: dict[str, dict[str, np.ndarray]], version: str):
+        self.vectors, self.version, self.next = vectors, version, None
+
+    def __call__(self, users):
+        return self.version, [self.vectors[self.version].get(u) for u in users]
+
+    def poll(self):
+        new, self.next = self.next, None
+        if new is not None:
+            self.version = new.version
+        return new
+
+
+def test_a_new_version_re_encodes_open_sessions_as_if_it_had_served_them_all_along(model, items):
+    """The switch keeps session state: after it, answers equal a recommender that ran v2 from the start,
+    also across a segment boundary and for an item only v2 knows (its vocabulary grew)."""
+    from slsrec.serving import Published
+
+    torch.manual_seed(8)
+    items2 = Vocab([f"i{k}" for k in range(1, N_ITEMS + 1)] + ["sku-new"], padding=True)
+    model2 = SLSRec(SLSRecConfig(n_users=N_USERS, n_items=N_ITEMS + 1, d=16, hidden=16, max_segment=4,
+                                 long_len=8)).eval()
+    rng = np.random.default_rng(3)
+    vectors = {v: {f"u{u}": rng.normal(size=16).astype(np.float32) for u in range(3)} for v in ("v1", "v2")}
+    stream = []
+    for n in range(7):  # 7 events per user: 4 before the switch, 3 after; v2's segments hold 4 items
+        for u in range(4):  # u3 is cold
+            item = "sku-new" if (n, u) == (1, 0) else f"i{(5 * u + n) % N_ITEMS + 1}"
+            stream.append(click(f"u{u}-{n}", f"u{u}", item, T0 + 10_000 * n + u))
+    before, after = stream[:16], stream[16:]
+
+    lookup = Versioned(vectors, "v1")
+    rec = Recommender(model, items, lookup, "v1", GAP_MS, model.config.max_segment, versions=lookup.poll)
+    table = SessionTable()
+    old = rec.process(table, before)
+    lookup.next = Published("v2", model2, items2)
+    new = rec.process(table, after)
+
+    reference = Recommender(model2, items2, Versioned(vectors, "v2"), "v2", GAP_MS, 4)
+    want = reference.process(SessionTable(), stream)[16:]
+    assert all(r.model_version == "v1" and r.long_term_version in ("v1", None) for r in old)
+    assert all(r.model_version == "v2" and r.long_term_version in ("v2", None) for r in new)
+    assert [r.long_term_version is None for r in new] == [r.user_id == "u3" for r in new]
+    for g, w in zip(new, want):
+        assert (g.event_id, rank(g)[0]) == (w.event_id, rank(w)[0])
+        np.testing.assert_allclose(rank(g)[1], rank(w)[1], atol=1e-5)
+        assert g.alpha == pytest.approx(w.alpha, abs=1e-5)
+    assert rec.stats.switches == 1 and rec.stats.reencoded == 4 and table.model_version == "v2"
+    assert "sku-new" not in rank(new[0])[0]  # seen before the switch, excluded after it
