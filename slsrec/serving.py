@@ -597,7 +597,7 @@ class LongTermReader:
         if self._pool is not None:
             if self._loading is None:
                 log.info("version %s published: loading its model", current)
-                self._loading = (current, self._pool.submit(self.load, current))
+                self._loading = (current, self._pool.submit(self._timed_load, current))
             return
         published = self.store.meta(current).get("run")
         if self.run is not None and published is not None and Path(published).resolve() != self.run:
@@ -607,6 +607,12 @@ class LongTermReader:
                         self.version)
             return
         self._use(current)
+
+    def _timed_load(self, version: str) -> Published:
+        t0 = time.perf_counter()
+        published = self.load(version)
+        log.info("version %s: model loaded in %.0f ms (in the background)", version, (time.perf_counter() - t0) * 1000)
+        return published
 
     def _use(self, version: str) -> None:
         log.info("long-term vectors: version %s", version)
