@@ -16,8 +16,10 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from flows.recommend import get_flow
+from schemas.drift import DriftAlert
 from schemas.events import DeadLetter, Recommendation, SessionClosed
 from slsrec.data import Vocab
+from slsrec.drift import DriftMonitor
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.serving import Recommender
 from slsrec.settings import Settings
@@ -61,13 +63,14 @@ class Topic:
         return self.send(json.dumps(body).encode(), partition)
 
 
-def run(model, messages, batch_size=64, recovery=None, telemetry=None) -> tuple[list, list, list]:
+def run(model, messages, batch_size=64, recovery=None, telemetry=None, drift=None, alerts=None) -> tuple[list, list, list]:
     recs, dlq, sessions = [], [], []
     settings = Settings(batch_size=batch_size, batch_timeout_ms=5)
     rec = Recommender(model, ITEMS, lookup, model_version="run-a", gap_ms=GAP_MS, max_segment=5, top_k=5,
-                      telemetry=telemetry)
+                      telemetry=telemetry, drift=drift)
     flow = get_flow(settings, rec, source=TestingSource(messages), sink=TestingSink(recs),
-                    dlq_sink=TestingSink(dlq), sessions_sink=TestingSink(sessions), telemetry=telemetry)
+                    dlq_sink=TestingSink(dlq), sessions_sink=TestingSink(sessions),
+                    drift_sink=TestingSink([] if alerts is None else alerts), telemetry=telemetry)
     run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
     return recs, dlq, sessions
 
@@ -184,6 +187,36 @@ def test_resume_after_a_crash_keeps_the_sessions(model, tmp_path):
     assert not {"i1", "i2", "i3"} & {i.item_id for i in second[-1].items}
 
 
+def new_products_stream(n_events: int, jump_at: int | None, seed: int = 0) -> Topic:
+    """Users browsing known items; from ``jump_at`` on, 40% of the clicks are products the model has
+    never seen (a catalogue change: the unknown-item rate jumps from 2%)."""
+    rng = np.random.default_rng(seed)
+    t = Topic()
+    for n in range(n_events):
+        p_new = 0.4 if jump_at is not None and n >= jump_at else 0.02
+        item = f"new-{n}" if rng.random() < p_new else f"i{rng.integers(1, N_ITEMS + 1)}"
+        t.click(f"e{n}", f"u{n % 50}", item, T0 + 1000 * n, partition=n % 4)
+    return t
+
+
+def test_drift_alerts_go_to_the_drift_sink_after_a_change_and_never_without_one(model):
+    jump_at = 600
+    alerts: list[DriftAlert] = []
+    recs, _, _ = run(model, new_products_stream(1200, jump_at).messages, drift=DriftMonitor(worker_id="w0"),
+                     alerts=alerts)
+    assert len(recs) == 1200
+    unknown = [a for a in alerts if a.signal == "unknown_item"]
+    assert unknown, [a.signal for a in alerts]
+    first = unknown[0]
+    assert T0 + 1000 * jump_at <= first.ts <= T0 + 1000 * (jump_at + 200)  # within 200 events of the jump
+    assert (first.detector, first.worker_id, first.model_version) == ("ADWIN", "w0", "run-a")
+    assert first.mean_after > 0.2 > first.mean_before
+
+    quiet: list[DriftAlert] = []
+    run(model, new_products_stream(1200, None).messages, drift=DriftMonitor(worker_id="w0"), alerts=quiet)
+    assert [a for a in quiet if a.signal == "unknown_item"] == []
+
+
 def test_telemetry_counts_what_the_flow_did(model):
     reader = InMemoryMetricReader()
     telemetry = setup_telemetry(Settings(), "test-flow", reader=reader)
@@ -193,17 +226,23 @@ def test_telemetry_counts_what_the_flow_did(model):
     t.send(b"{oops", 0)
     t.send(b" " * 70_000, 0)
     t.click("e1", "u", "i2", T0 + 1, partition=0)  # duplicate
-    run(model, t.messages, telemetry=telemetry)
+    stream = new_products_stream(1000, 500, seed=1)  # another 1,000 events, whose items change midway
+    alerts: list[DriftAlert] = []
+    recs, dlq, _ = run(model, t.messages + stream.messages, telemetry=telemetry, drift=DriftMonitor(), alerts=alerts)
     points = {}
     for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics:
         for p in m.data.data_points:
             points[(m.name, tuple(sorted(p.attributes.items())))] = getattr(p, "value", getattr(p, "count", None))
-    assert points[("slsrec.events.in", ())] == 8
-    assert points[("slsrec.recommendations.out", ())] == 5
-    assert points[("slsrec.latency.e2e", ())] == 5  # one latency per recommendation
-    assert {k[1]: v for k, v in points.items() if k[0] == "slsrec.dead_letters"} == {
-        (("reason", "not JSON"),): 1, (("reason", "payload too large"),): 1, (("reason", "duplicate"),): 1}
-    assert points[("slsrec.sessions.active", ())] == 1  # u is still in session at the end
+    dead = {k[1]: v for k, v in points.items() if k[0] == "slsrec.dead_letters"}
+    assert points[("slsrec.events.in", ())] == 1008 == points[("slsrec.recommendations.out", ())] + sum(dead.values())
+    assert points[("slsrec.recommendations.out", ())] == len(recs) == 1005
+    assert points[("slsrec.latency.e2e", ())] == 1005  # one latency per recommendation
+    assert dead == {(("reason", "not JSON"),): 1, (("reason", "payload too large"),): 1, (("reason", "duplicate"),): 1}
+    assert sum(dead.values()) == len(dlq)
+    assert points[("slsrec.batch.size", ())] >= 1005 / 64  # one batch-size record per micro-batch
+    assert points[("slsrec.sessions.active", ())] == 51  # u and the stream's 50 users: all within the gap
+    assert alerts and sum(v for k, v in points.items() if k[0] == "slsrec.drift.alerts") == len(alerts)
+    assert points[("slsrec.model.version", (("version", "run-a"),))] == 1
 
 
 @pytest.mark.parametrize("workers", [2, 3])
