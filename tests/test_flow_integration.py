@@ -139,7 +139,7 @@ def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
 
 
 def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing(redis_db, tmp_path):
-    """Without --run the flow serves the published run; on a machine without the run directory, it
+    """Without --run the flow serves the published version; on a machine without the run directory, it
     rebuilds the model from the files the publisher stored in Redis."""
     import shutil
 
@@ -156,7 +156,7 @@ def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing
     shutil.rmtree(run)
 
     rec = open_recommender(settings)
-    assert rec.model_version == "demo"
+    assert rec.model_version == version  # following the published versions, the model is named by its version
     assert torch.equal(rec.model.item_embeddings(), model.item_embeddings())
     assert rec.long_term(["a", "b"])[0] == version  # the reader accepts the version of its run
     assert rec.long_term(["a", "b"])[1][1] is None  # b had no history: cold start
