@@ -167,3 +167,56 @@ def test_a_version_published_under_live_traffic_is_adopted_without_losing_sessio
     emits = sorted(r.emit_ts for r in recs if r.event_id.startswith("f"))
     print("switch:", *re.findall(r"(version \S+: model loaded in \d+ ms|re-encoded .* ms)", logged),
           f"longest gap between recommendations {max(np.diff(emits))} ms")
+
+
+def until(poll, timeout_s: float = 20.0):
+    deadline = time.monotonic() + timeout_s
+    while (got := poll()) is None:
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return got
+
+
+def test_the_reader_adopts_a_newer_version_once_its_model_is_loaded_and_skips_a_broken_one(redis_prefix, tmp_path, caplog):
+    from functools import partial
+
+    from slsrec.serving import LongTermReader, load_version
+    from slsrec.settings import Settings
+
+    store = LongTermStore(Settings().redis_url, prefix=redis_prefix)
+    items, users = Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), Vocab(TRACKED, padding=False)
+    frame = pd.DataFrame({"user_id": ["ann", "ann"], "item_id": ["sku1", "sku2"], "timestamp": [1, 2]})
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(save_run(tmp_path / f"run{seed}", SLSRec(SLSRecConfig(**CONFIG)), name="slsrec", users=users,
+                             items=items, dataset="in-test"))
+    v1 = publish_run(runs[0], store, history=Interactions.from_frame(frame)).result.version
+    reader = LongTermReader(store, 0.0, load=partial(load_version, store, tmp_path / "runs"), version=v1)
+    assert reader.poll() is None and reader(["ann"])[0] == v1
+
+    # A version without a model (its run is not here and Redis holds no files): the stream stays on v1.
+    broken = store.publish(None, {"ann": np.ones(16, np.float32)}, meta={"run": str(tmp_path / "gone")}).version
+    assert reader.poll() is None  # starts loading it in the background
+    time.sleep(0.5)
+    with caplog.at_level("WARNING", logger="slsrec.serving"):
+        assert reader.poll() is None and reader(["ann"])[0] == v1
+    assert f"cannot load version {broken}" in caplog.text
+
+    v3 = publish_run(runs[1], store, history=Interactions.from_frame(frame)).result.version
+    published = until(reader.poll)
+    assert published.version == v3 and reader(["ann"])[0] == v3
+    assert torch.equal(published.model.item_embeddings(), load_run_model(runs[1]).item_embeddings())
+    assert parse_seq(broken) < parse_seq(v3)
+
+    # A reader pinned to a run (`serve --run`) switches the vectors of its run only.
+    pinned = LongTermReader(store, 0.0, run=str(runs[0]))
+    assert pinned(["ann"])[0] is None  # the current version belongs to run2
+    v4 = publish_run(runs[0], store, history=Interactions.from_frame(frame)).result.version
+    assert pinned(["ann"])[0] == v4
+
+
+def load_run_model(path):
+    from slsrec.checkpoint import load_run
+
+    return load_run(path).model
