@@ -176,7 +176,9 @@ class ShardLogic(StatefulBatchLogic):
 
     def _flush_and_sweep(self) -> list[Output]:
         # Pending events first: a session must not close while its next event waits here.
-        return self._flush(len(self.pending)) + self.rec.close_idle(self.table)
+        out = self._flush(len(self.pending))
+        self.rec.follow(self.table)  # a new version is adopted while the stream is quiet, too
+        return out + self.rec.close_idle(self.table)
 
     def notify_at(self) -> datetime:
         return min(self.sweep_at, self.flush_at) if self.flush_at is not None else self.sweep_at

@@ -2,14 +2,28 @@
 
 Steps: start local Kafka and Redis -> train a small SLSRec on the synthetic world if ``runs/demo`` is
 missing -> publish its long-term vectors -> start the flow -> replay the bundled clickstream ->
-collect what came out of Kafka -> print a summary. The publisher, flow and replay run as the same
-command lines that ``docker-compose.yml`` runs (:data:`slsrec.local.APP_COMMANDS`).
+collect what came out of Kafka -> print a summary. Then the long-term loop: one retrain cycle
+(``slsrec retrain --once`` on the sessions the flow recorded) publishes a new version, which the
+running flow adopts without a restart -> replay a second clickstream whose users' tastes have
+changed -> print the recommendations per version and the drift alerts read from topic ``drift``.
+The publisher, flow and replay run as the same command lines that ``docker-compose.yml`` runs
+(:data:`slsrec.local.APP_COMMANDS`).
+
+The second clickstream, ``data/clicks.drift.jsonl``, is written by::
+
+    python -m slsrec.demo --drift-sample data/clicks.drift.jsonl
+
+>>> RETRAIN[:3]
+('slsrec', 'retrain', '--once')
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,14 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from slsrec import local
+from slsrec import local, synthetic
 from slsrec.errors import ServiceError
 from slsrec.settings import Settings
 
 DEMO_EPOCHS = 8  # enough for the synthetic world's planted structure; about a minute on 2 cores
 FLOW_READY_TIMEOUT_S = 120.0
 COLLECT_TIMEOUT_S = 180.0
+SWITCH_TIMEOUT_S = 60.0
+DRIFT_CLICKS = "data/clicks.drift.jsonl"
+# One short cycle: a warm start needs few updates, and the demo must stay within minutes on 2 cores.
+# The margin is wide because one epoch on shorter sequences may cost a little NDCG; the demo shows the switch.
+RETRAIN = ("slsrec", "retrain", "--once", "--epochs", "1", "--max-len", "20", "--loss", "sampled", "--margin", "0.05")
 
 
 @dataclass
@@ -46,24 +66,48 @@ class Collected:
 
 def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bool = False) -> None:
     """Run the demo; stop the flow, and the services the demo started unless ``keep_services``."""
+    from slsrec.store import LongTermStore
+
     if keep_services:
         local.up(settings, adopt=True)
     with local.session(settings) as statuses:
         started = [s.name for s in statuses if s.started]
         _say(f"services: Kafka {settings.kafka_bootstrap} and Redis answer (started now: {', '.join(started) or 'none'})")
+        store = LongTermStore(settings.redis_url)
         flow = None
         try:
             _ensure_run(epochs)
             _run(local.APP_COMMANDS["publisher"])
+            v1 = store.current_version()
             start = _end_offsets(settings)
             flow = _start_flow()
             _run(local.APP_COMMANDS["replay"])
-            n_events = sum(1 for _ in open(local.ROOT / local.SAMPLE_CLICKS))
+            n_events = _lines(local.SAMPLE_CLICKS)
             got = _collect(settings, start, n_events)
             _summarise(n_events, got)
+
+            _say("the long-term loop: one retrain cycle on the sessions the flow recorded")
+            _run(RETRAIN)
+            v2 = store.current_version()
+            if v2 == v1:
+                _say(f"the candidate was refused (see above): {v1} stays current, so there is no switch to show")
+            else:
+                _say(f"published {v2}; waiting for the running flow to adopt it (no restart)")
+                _say(_wait_for_switch(v2))
+            second = _end_offsets(settings)
+            _run(("slsrec", "replay", DRIFT_CLICKS, "--topic", "clicks", "--as-fast-as-possible"))
+            n_drift = _lines(DRIFT_CLICKS)
+            got2 = _collect(settings, second, n_drift)
+            _summarise(n_drift, got2, title="second replay: users whose tastes changed")
+            _loop_summary(got, got2, _drift_alerts(settings, start[settings.topic_drift]))
         finally:
             if flow is not None:
                 _stop(flow)
+
+
+def _lines(path: str) -> int:
+    with open(local.ROOT / path) as f:
+        return sum(1 for _ in f)
 
 
 def _ensure_run(epochs: int) -> None:
@@ -96,6 +140,21 @@ def _start_flow() -> subprocess.Popen:
     raise ServiceError(f"the flow did not start within {FLOW_READY_TIMEOUT_S:.0f} s; log {log_path}")
 
 
+def _wait_for_switch(version: str) -> str:
+    """Wait until the flow's log says it serves ``version``; return what it logged about the switch."""
+    log_path = local.LOG / "demo-flow.log"
+    deadline = time.monotonic() + SWITCH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        if f"long-term vectors: version {version}" in text:
+            time.sleep(1.5)  # the sweep re-encodes the open sessions right after
+            text = log_path.read_text()
+            found = re.findall(rf"version {version}: model loaded in \d+ ms|model {version}: re-encoded .* ms", text)
+            return "flow: " + "; ".join(found or [f"serving {version}"])
+        time.sleep(0.5)
+    raise ServiceError(f"the flow did not adopt {version} within {SWITCH_TIMEOUT_S:.0f} s; log {log_path}")
+
+
 def _end_offsets(settings: Settings) -> dict[str, dict[int, int]]:
     """Current end offset of every partition of the topics the demo reads back."""
     from confluent_kafka import Consumer, TopicPartition
@@ -103,7 +162,7 @@ def _end_offsets(settings: Settings) -> dict[str, dict[int, int]]:
     c = Consumer(settings.kafka_config() | {"group.id": "slsrec-demo", "enable.auto.commit": False})
     try:
         out = {}
-        for topic in (settings.topic_clicks, settings.topic_recommendations, settings.topic_dlq):
+        for topic in (settings.topic_clicks, settings.topic_recommendations, settings.topic_dlq, settings.topic_drift):
             parts = c.list_topics(topic, timeout=10).topics[topic].partitions
             out[topic] = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
         return out
@@ -117,7 +176,8 @@ def _collect(settings: Settings, start: dict[str, dict[int, int]], n_events: int
     from confluent_kafka import Consumer, TopicPartition
 
     c = Consumer(settings.kafka_config() | {"group.id": "slsrec-demo", "enable.auto.commit": False})
-    c.assign([TopicPartition(t, p, o) for t, parts in start.items() for p, o in parts.items()])
+    c.assign([TopicPartition(t, p, o) for t, parts in start.items() if t != settings.topic_drift
+              for p, o in parts.items()])
     got = Collected()
     deadline = time.monotonic() + COLLECT_TIMEOUT_S
     try:
@@ -138,12 +198,46 @@ def _collect(settings: Settings, start: dict[str, dict[int, int]], n_events: int
     return got
 
 
-def _summarise(n_events: int, got: Collected) -> None:
+def _drift_alerts(settings: Settings, start: dict[int, int], wait_s: float = 3.0) -> list[dict]:
+    """Every alert on topic ``drift`` since ``start`` (read until it has been quiet for ``wait_s``)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(settings.kafka_config() | {"group.id": "slsrec-demo", "enable.auto.commit": False})
+    c.assign([TopicPartition(settings.topic_drift, p, o) for p, o in start.items()])
+    alerts, quiet_until = [], time.monotonic() + wait_s
+    try:
+        while time.monotonic() < quiet_until:
+            msg = c.poll(0.5)
+            if msg is not None and not msg.error():
+                alerts.append(json.loads(msg.value()))
+                quiet_until = time.monotonic() + wait_s
+    finally:
+        c.close()
+    return alerts
+
+
+def _loop_summary(first: Collected, second: Collected, alerts: list[dict]) -> None:
+    print("\n=== the long-term loop ===")
+    for name, got in (("first replay ", first), ("second replay", second)):
+        counts: dict[str, int] = {}
+        for r in got.recommendations:
+            counts[r["model_version"]] = counts.get(r["model_version"], 0) + 1
+        mixed = sum(r["long_term_version"] not in (None, r["model_version"]) for r in got.recommendations)
+        print(f"{name}  recommendations by version: "
+              + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + f"  (model and vectors differ: {mixed})")
+    print(f"drift alerts on topic drift: {len(alerts)}")
+    for a in alerts:
+        when = time.strftime("%H:%M:%S", time.gmtime(a["ts"] / 1000))
+        print(f"  {a['signal']:<12} {a['detector']:<12} mean {a['mean_before']} -> {a['mean_after']} "
+              f"after {a['n_seen']} values (event ts {when} UTC, worker {a['worker_id']}, model {a['model_version']})")
+
+
+def _summarise(n_events: int, got: Collected, title: str = "demo summary") -> None:
     lat = got.latencies_ms()
     recs = got.recommendations
     cold = sum(r["cold_start"] for r in recs)
     unknown = sum(r.get("unknown_item", False) for r in recs)
-    print("\n=== demo summary ===")
+    print(f"\n=== {title} ===")
     print(f"events in            {n_events}")
     print(f"recommendations out  {len(recs)}  (cold start {cold}, unknown item {unknown})")
     print(f"dead letters         {len(got.dead_letters)}")
@@ -190,3 +284,44 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
+
+
+# ---- the second clickstream --------------------------------------------------------------------------
+
+
+def drift_sample(max_events: int = 5000, seed: int = 1) -> pd.DataFrame:
+    """The default world's live part, but with every user's taste redrawn at the cut, for whole users
+    who are not in the first sample (so their events do not interleave with the first replay's).
+
+    Same seed, so the items, their clusters and everything before the cut are the default world's:
+    the demo model learnt the old tastes, and the sessions now come from new ones.
+    """
+    events = synthetic.default_world().events
+    cut = synthetic.default_cut_ms(events)
+    shifted = synthetic.generate(dataclasses.replace(synthetic.DEFAULT, shift_at_ms=cut)).events
+    live = shifted[shifted["timestamp"] >= cut]
+    taken = set(synthetic.live_sample()["user_id"])
+    counts = live["user_id"].value_counts()
+    chosen, total = [], 0
+    for u in np.random.default_rng(seed).permutation(np.sort(live["user_id"].unique())):
+        if u in taken:
+            continue
+        if total + counts[u] > max_events:
+            break
+        chosen.append(u)
+        total += counts[u]
+    return live[live["user_id"].isin(chosen)].reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m slsrec.demo", description="Write the demo's drifted clickstream.")
+    parser.add_argument("--drift-sample", type=Path, required=True, help="write it here (JSON Lines)")
+    args = parser.parse_args(argv)
+    sample = drift_sample()
+    args.drift_sample.parent.mkdir(parents=True, exist_ok=True)
+    args.drift_sample.write_text(synthetic.sample_jsonl(sample), encoding="utf-8")
+    print(f"wrote {args.drift_sample}: {len(sample)} events, {sample['user_id'].nunique()} users")
+
+
+if __name__ == "__main__":
+    main()

@@ -239,18 +239,22 @@ class Recommender:
         self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
         self.telemetry.set_versions(model=model_version)
 
-    def _follow(self) -> None:
-        """Adopt a newer published version if its model is loaded (between micro-batches only)."""
+    def follow(self, table: SessionTable) -> None:
+        """Adopt a newer published version if its model is loaded, and bring ``table``'s sessions to the
+        served model. Called before every micro-batch, and by the flow's sweep while the stream is quiet."""
         new = self.versions() if self.versions is not None else None
-        if new is None:
-            return
-        if not hasattr(new.model, "short_encoder"):
+        if new is not None and not hasattr(new.model, "short_encoder"):
             log.warning("version %s holds a %s, which cannot serve the stream: staying on %s",
                         new.version, type(new.model).__name__, self.model_version)
-            return
-        self._use(new.model, new.items, new.version)
-        self.max_segment = new.model.config.max_segment
-        self.stats.switches += 1
+        elif new is not None:
+            self._use(new.model, new.items, new.version)
+            self.max_segment = new.model.config.max_segment
+            self.stats.switches += 1
+        if table.model_version != self.model_version:
+            if table.model_version is None and not table.sessions:
+                table.model_version = self.model_version  # a new shard: nothing to re-encode
+            else:
+                self.reencode(table)
 
     @torch.no_grad()
     def reencode(self, table: SessionTable) -> None:
@@ -302,12 +306,7 @@ class Recommender:
         opens a new session after the gap.
         """
         wall_ms = now_ms() if wall_ms is None else wall_ms
-        self._follow()
-        if table.model_version != self.model_version:
-            if table.model_version is None and not table.sessions:
-                table.model_version = self.model_version  # a new shard: nothing to re-encode
-            else:
-                self.reencode(table)
+        self.follow(table)
         out: list[list] = [[] for _ in clicks]
         per_user: dict[str, list[int]] = {}
         for i, (ev, _) in enumerate(clicks):
