@@ -362,6 +362,9 @@ def _start_kafka(svc: Service) -> int:
                                "-t", cluster_id, "-c", str(props)], capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             raise ServiceError(f"formatting Kafka storage in {data} failed: {_tail(done.stdout + done.stderr)}")
+        # The flow's recovery snapshots hold offsets into the old storage: resuming from them would skip
+        # (or wait for) records that no longer exist, so a fresh Kafka starts a fresh flow.
+        shutil.rmtree(VAR / "recovery", ignore_errors=True)
     return _spawn(svc, [*jvm, "kafka.Kafka", str(props)])
 
 
