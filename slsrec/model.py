@@ -148,6 +148,15 @@ def window_mean(x: Tensor, real: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 # ---- long-term encoder ----------------------------------------------------------------------------
 
 
+class LongState(NamedTuple):
+    """The long-term input in pooled form, which new items extend exactly (the streaming path).
+    The query is per user, so each key's score does not depend on the others: the pooling is a
+    softmax-weighted mean, and keeping its normaliser is enough to add keys later."""
+
+    mean: Tensor  # (B, d) softmax-weighted mean of the item embeddings, before the layer norm; 0 if none
+    log_z: Tensor  # (B,) logsumexp of the keys' scores; -inf = no long-term input yet (cold)
+
+
 class LongTermEncoder(nn.Module):
     """CLSR attention pooling: each key is scored by an MLP over [key, query, key-query, key*query]
     with the user embedding as query. The query does not depend on the position, so each key is
@@ -173,6 +182,21 @@ class LongTermEncoder(nn.Module):
         att = self.score(keys, query).unsqueeze(1).masked_fill(~mask, -1e9)  # (B, Tq, T)
         has = mask.any(-1)  # (B, Tq)
         return self.norm(torch.softmax(att, -1) @ keys) * has.unsqueeze(-1), has  # (B, Tq, d)
+
+    def extend(self, state: LongState, keys: Tensor, query: Tensor, real: Tensor) -> LongState:
+        """Fold keys (B,K,d) (``real`` (B,K) marks the present ones) into a pooled state, exactly: a
+        softmax-weighted mean extends like one more key whose score is the log-normaliser."""
+        scores = self.score(keys, query).masked_fill(~real, float("-inf"))  # (B, K)
+        scores = torch.cat([state.log_z.unsqueeze(1), scores], 1)  # (B, 1+K)
+        log_z = torch.logsumexp(scores, 1)  # (B,), -inf while there is no key at all
+        w = torch.exp(scores - log_z.nan_to_num(neginf=0.0).unsqueeze(1))  # (B, 1+K), all 0 without keys
+        mean = (w.unsqueeze(1) @ torch.cat([state.mean.unsqueeze(1), keys], 1)).squeeze(1)  # (B, d)
+        return LongState(mean, log_z)
+
+    def vector(self, state: LongState) -> tuple[Tensor, Tensor]:
+        """What ``forward`` returns for the same keys: normed mean (B,d) (zero if empty), has (B,)."""
+        has = torch.isfinite(state.log_z)  # (B,)
+        return self.norm(state.mean) * has.unsqueeze(-1), has  # (B, d)
 
 
 # ---- short-term encoder ---------------------------------------------------------------------------
@@ -331,14 +355,30 @@ class SLSRec(nn.Module):
 
     # ---- streaming API: the flow keeps one short-term state per user and fuses it per event ----
 
+    def empty_long(self, batch_size: int) -> LongState:
+        """The long-term state of users with no long-term input yet (cold start)."""
+        w = self.item_emb.weight
+        return LongState(w.new_zeros(batch_size, self.config.d), w.new_full((batch_size,), float("-inf")))
+
+    def long_state(self, batch) -> LongState:
+        """Long-term state of each user's whole history in the batch (its latest long_len items): what
+        a new session starts from, published to Redis."""
+        T = batch.items.shape[1]
+        recent = torch.arange(T, device=batch.items.device) >= T - self.config.long_len  # (T,)
+        return self.extend_long(self.empty_long(len(batch.user)), batch.items * recent, batch.user)
+
+    def extend_long(self, state: LongState, items: Tensor, user: Tensor) -> LongState:
+        """Fold items (B,K) (0 = padding) into the users' (B,) long-term state: in the stream, the
+        segment a SEGMENT boundary closes. Unlike forward, nothing drops out past long_len."""
+        return self.long_encoder.extend(state, self.item_emb(items), self.user_emb(user), items > 0)
+
+    def long_vector(self, state: LongState) -> tuple[Tensor, Tensor]:
+        """The long-term representation fuse takes: long (B,d), has_long (B,) (False = cold)."""
+        return self.long_encoder.vector(state)
+
     def long_term(self, batch) -> Tensor:
-        """Long-term vector of each user's whole history in the batch (B,d): what a new session
-        starts from, published to Redis. Zero for an empty history."""
-        real = batch.items > 0  # (B, T)
-        recent = torch.arange(real.shape[1], device=real.device) >= real.shape[1] - self.config.long_len  # (T,)
-        mask = (real & recent).unsqueeze(1)  # (B, 1, T)
-        long, _ = self.long_encoder(self.item_emb(batch.items), self.user_emb(batch.user), mask)
-        return long.squeeze(1)  # (B, d)
+        """Long-term vector (B,d) of each user's whole history in the batch, zero for an empty one."""
+        return self.long_vector(self.long_state(batch))[0]
 
     def short_vector(self, state: Tensor) -> Tensor:
         """The short-term representation of a GRU state (B,d) -> (B,d)."""

@@ -121,6 +121,12 @@ def leave_one_out(inter: Interactions) -> Split:
                  np.where(has_eval, end - 1, -1))
 
 
+def _seconds_since_previous(ts: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """float32 seconds since the previous event, 0 where a session starts (a user's first event
+    included): the stream forgets a user when the session closes, so training must not use the gap."""
+    return np.where(codes == Boundary.SESSION, 0.0, np.diff(ts, prepend=0) / 1000.0).astype(np.float32)
+
+
 @dataclass
 class SeqBatch:
     """A batch of left-padded sequences (padding item 0). Shapes: B users, T positions.
@@ -143,6 +149,32 @@ class SeqBatch:
         return len(self.user)
 
 
+def batch_from(seqs, users=None, *, T: int | None = None, gap_ms: int | None = DEFAULT_GAP_MS,
+               max_segment: int = 20) -> SeqBatch:
+    """A SeqBatch from a few ``(items, ts_ms)`` sequences, one per user (oldest first), cut by
+    :func:`boundary` and left-padded to ``T`` (default: the longest) as the training batches are.
+    ``users`` defaults to 0..B-1; ``targets`` are all 0.
+
+    >>> b = batch_from([([3, 4, 5], [0, 1_000, 2_000]), ([7], [0])], max_segment=2)
+    >>> b.items.tolist(), b.seg_start.tolist(), b.dts.tolist()[0]
+    ([[3, 4, 5], [0, 0, 7]], [[True, False, True], [False, False, True]], [0.0, 1.0, 1.0])
+    """
+    T = T or max(len(items) for items, _ in seqs)
+    items = np.zeros((len(seqs), T), dtype=np.int64)
+    dts = np.zeros((len(seqs), T), dtype=np.float32)
+    seg_start = np.zeros((len(seqs), T), dtype=bool)
+    for row, (its, ts) in enumerate(seqs):
+        if len(its):
+            ts = np.asarray(ts, dtype=np.int64)
+            codes = segment_starts(ts, gap_ms, max_segment)
+            items[row, T - len(its):] = its
+            dts[row, T - len(its):] = _seconds_since_previous(ts, codes)
+            seg_start[row, T - len(its):] = codes != Boundary.NONE
+    users = torch.as_tensor(range(len(seqs)) if users is None else users, dtype=torch.long)
+    return SeqBatch(users, torch.from_numpy(items), torch.from_numpy(dts), torch.from_numpy(seg_start),
+                    torch.zeros(len(seqs), T, dtype=torch.long))
+
+
 def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segment: int) -> dict[str, np.ndarray]:
     """Left-padded (n_rows, max_len) arrays for ``kind`` in {train, valid, test}, computed once per split."""
     key = (kind, max_len, gap_ms, max_segment)
@@ -153,9 +185,7 @@ def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segme
     if codes_key not in split._cache:
         split._cache[codes_key] = _all_starts(inter, gap_ms, max_segment)
     codes = split._cache[codes_key]
-    # Seconds since the previous event, 0 where a session starts (a user's first event included): the
-    # stream forgets a user when the session closes, so training must not use the gap either.
-    dts = np.where(codes == Boundary.SESSION, 0.0, np.diff(inter.ts, prepend=0) / 1000.0).astype(np.float32)
+    dts = _seconds_since_previous(inter.ts, codes)
 
     start = inter.offsets[:-1]
     if kind == "train":

@@ -3,33 +3,21 @@ and the contrastive loss."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
 from slsrec.errors import UserError
 from slsrec.model import SLSRec, SLSRecConfig, contrastive_loss, long_window, segments, window_mean
-from slsrec.sessions import Boundary, SeqBatch, segment_starts
+from slsrec.sessions import Boundary, batch_from, segment_starts
 
 N_USERS, N_ITEMS = 6, 30
 MIN = 60_000  # ms
+GAP, S = 30 * MIN, 4  # the session rule of these tests: S = max_segment
 
-
-def make_batch(seqs, users=None, T=None, gap_ms=30 * MIN, max_segment=4) -> SeqBatch:
-    """Left-padded SeqBatch from (items, ts_ms) per user, cut by the real session rule."""
-    T = T or max(len(items) for items, _ in seqs)
-    rows = {k: [] for k in ("items", "dts", "seg_start")}
-    for items, ts in seqs:
-        codes = segment_starts(np.asarray(ts), gap_ms, max_segment)
-        dts = np.where(codes == Boundary.SESSION, 0.0, np.diff(ts, prepend=0) / 1000)
-        pad = T - len(items)
-        rows["items"].append([0] * pad + list(items))
-        rows["dts"].append([0.0] * pad + list(dts))
-        rows["seg_start"].append([False] * pad + list(codes != Boundary.NONE))
-    items = torch.tensor(rows["items"])
-    users = torch.tensor(users if users is not None else range(len(seqs)))
-    return SeqBatch(users, items, torch.tensor(rows["dts"], dtype=torch.float32), torch.tensor(rows["seg_start"]),
-                    torch.zeros_like(items))
+make_batch = partial(batch_from, gap_ms=GAP, max_segment=S)  # (items, ts_ms) per user -> SeqBatch
 
 
 def sessions(*lengths, start=0):
@@ -93,23 +81,86 @@ def test_step_by_step_equals_batch_encoding():
             assert (state[real] - batch[real, t]).abs().max() < 1e-5, t
 
 
-def test_streaming_path_reproduces_forward():
-    """What the flow computes (published long-term vector of the history before the segment, GRU
-    steps over the segment, fuse) equals forward's user vector at the last position."""
-    m = model(long_len=3)
-    for i, (items, ts) in enumerate(SEQS):
+def streamed(m: SLSRec, user: int, items: list[int], ts: list[int]) -> list[tuple]:
+    """The flow's path, event by event: at a SESSION boundary the state published for the history
+    so far (none for a new user); at a SEGMENT boundary the closed segment is folded into it; GRU
+    steps inside the segment; fuse. Returns (user vector, alpha, long, has_long) per position."""
+    codes = segment_starts(ts, GAP, S)
+    u, out = torch.tensor([user]), []
+    with torch.no_grad():
+        for p, (item, code) in enumerate(zip(items, codes)):
+            if code == Boundary.SESSION:
+                long = m.long_state(make_batch([(items[:p], ts[:p])], users=[user])) if p else m.empty_long(1)
+            elif code == Boundary.SEGMENT:
+                long = m.extend_long(long, torch.tensor([segment]), u)
+            if code != Boundary.NONE:
+                segment, state = [], m.short_encoder.init_state(1)
+            dt = torch.tensor([0.0 if code == Boundary.SESSION else (ts[p] - ts[p - 1]) / 1000])
+            state = m.short_encoder.step(state, torch.tensor([item]), dt)
+            segment.append(item)
+            vec, has = m.long_vector(long)
+            user_vec, alpha = m.fuse(vec, m.short_vector(state), torch.tensor([len(segment)]), dt, has_long=has)
+            out.append((user_vec[0], alpha[0], vec[0], has[0]))
+    return out
+
+
+# Sessions longer than S: 2, 3 and 4 segments, after history or from a cold start.
+LONG_SESSIONS = [([3, 4, 5, 6, 7, 8, 9, 10, 11], sessions(2, 5, 2)),
+                 ([1, 2, 3] + list(range(10, 20)), sessions(3, 10)),
+                 ([20, 21, 22, 23, 24, 25, 26], sessions(7)),  # cold start overflows: warm in-session
+                 (list(range(5, 19)) + [2, 3], sessions(14, 2))]
+
+
+@pytest.mark.parametrize("fusion", ["gate", "long"])
+def test_streaming_path_reproduces_forward(fusion):
+    """Published state + folded overflow segments + GRU steps + fuse = forward, at every position,
+    while the long-term input stays within long_len (the long-term part itself is checked too)."""
+    m = model(long_len=20, fusion=fusion, contrastive="none")
+    for i, (items, ts) in enumerate(LONG_SESSIONS):
         b = make_batch([(items, ts)], users=[i])
-        seg = segments(b.items, b.seg_start)
-        first = int(seg.first[0, -1])
         with torch.no_grad():
             expected = m(b)
-            long = m.long_term(make_batch([(items[:first], ts[:first])], users=[i])) if first else None
-            state = m.short_encoder.init_state(1)
-            for t in range(first, len(items)):
-                state = m.short_encoder.step(state, b.items[:, t], b.dts[:, t])
-            user, alpha = m.fuse(long, m.short_vector(state), seg.length[:, -1], b.dts[:, -1])
-        torch.testing.assert_close(user, expected.user[:, -1], atol=1e-5, rtol=0)
-        torch.testing.assert_close(alpha, expected.alpha[:, -1], atol=1e-6, rtol=0)
+        got = streamed(m, i, items, ts)
+        seg = segments(b.items, b.seg_start)
+        assert (seg.first[0] > 0).any(), "the test must reach a position with long-term input"
+        for p, (user_vec, alpha, long, has) in enumerate(got):
+            torch.testing.assert_close(user_vec, expected.user[0, p], atol=1e-5, rtol=0)
+            torch.testing.assert_close(alpha, expected.alpha[0, p], atol=1e-6, rtol=0)
+            assert bool(has) == bool(seg.first[0, p] > 0)  # cold exactly in the first segment
+            if fusion == "long":  # user vector = the long-term part forward uses
+                torch.testing.assert_close(long, expected.user[0, p], atol=1e-5, rtol=0)
+
+
+def test_folding_keeps_what_the_long_len_cap_drops():
+    """Past long_len, forward drops the oldest items while the stream's folded state keeps them:
+    the folded state equals attention over the published (capped) history plus every folded item."""
+    m = model(long_len=3, fusion="long", contrastive="none")
+    items, ts = LONG_SESSIONS[1]  # history [1 2 3], then segments [10..13] [14..17] [18 19]
+    got = streamed(m, 1, items, ts)[11][2]  # in segment [14..17]: long input [1 2 3 10 11 12 13]
+    with torch.no_grad():
+        capped = m(make_batch([(items, ts)], users=[1])).user[0, 11]  # forward: [11 12 13] only
+        m.config.long_len = 20
+        uncapped = m.long_term(make_batch([(items[:11], ts[:11])], users=[1]))[0]
+    torch.testing.assert_close(got, uncapped, atol=1e-5, rtol=0)
+    assert (got - capped).abs().max() > 1e-3
+
+
+def test_extend_long_is_exact_and_order_free():
+    """Folding in pieces = pooling all at once (in any split, padding ignored); nothing folded = cold."""
+    m = model()
+    u = torch.tensor([0, 3])
+    items = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 1, 2, 3]])  # row 1 left-padded
+    with torch.no_grad():
+        whole = m.extend_long(m.empty_long(2), items, u)
+        parts = m.extend_long(m.extend_long(m.empty_long(2), items[:, :2], u), items[:, 2:], u)
+        reversed_ = m.extend_long(m.empty_long(2), items.flip(1), u)
+        empty = m.extend_long(m.empty_long(2), torch.zeros(2, 3, dtype=torch.long), u)
+        torch.testing.assert_close(m.long_vector(parts)[0], m.long_vector(whole)[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(m.long_vector(reversed_)[0], m.long_vector(whole)[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(m.long_vector(whole)[0], m.long_term(make_batch(
+            [(items[0].tolist(), sessions(5)), ([1, 2, 3], sessions(3))], users=[0, 3])), atol=1e-6, rtol=0)
+    assert torch.isneginf(empty.log_z).all() and (empty.mean == 0).all() and not m.long_vector(empty)[1].any()
+    assert torch.isfinite(whole.log_z).all()
 
 
 def test_long_term_ignores_the_current_segment_and_is_zero_when_cold():
