@@ -103,14 +103,21 @@ def data_stats(
 
 @app.command("serve")
 def serve_cmd(
-    run: str = typer.Option(None, help="run directory to serve [default: the run of the published version]"),
+    run: str = typer.Option(None, help="run directory to serve [default: the published version, then each newer one]"),
     processes: int = typer.Option(1, min=1, help="worker processes on this machine (cluster mode)"),
     process_id: int = typer.Option(None, "--process-id", min=0, help="this process's index in --addresses"),
     addresses: str = typer.Option(None, help="host:port of every process of the cluster, ';'-separated"),
     recovery: bool = typer.Option(True, help="snapshot state and offsets to the recovery directory"),
     exit_at_end: bool = typer.Option(False, "--exit-at-end", help="stop at the end of the topic"),
+    otel_endpoint: str = typer.Option(None, help="OTLP/HTTP collector URL for traces and metrics, e.g. "
+                                      "http://127.0.0.1:4318 [default: SLSREC_OTEL_ENDPOINT, else none]"),
+    otel_console: bool = typer.Option(None, "--otel-console/--no-otel-console",
+                                      help="print spans and metrics to stdout [default: SLSREC_OTEL_CONSOLE]"),
 ) -> None:
-    """Run the streaming flow: clicks -> sessions + model -> recommendations (Ctrl-C stops)."""
+    """Run the streaming flow: clicks -> sessions + model -> recommendations (Ctrl-C stops).
+
+    Without --run it serves the published version and follows every newer one without a restart.
+    """
     import logging
 
     from flows.recommend import serve
@@ -121,7 +128,9 @@ def serve_cmd(
     if process_id is not None and process_id >= len(addresses.split(";")):
         raise UserError(f"--process-id {process_id} is not an index into the {len(addresses.split(';'))} addresses")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(Settings(), run, processes=processes, process_id=process_id,
+    overrides = {"otel_endpoint": otel_endpoint, "otel_console": otel_console}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    serve(settings, run, processes=processes, process_id=process_id,
           addresses=addresses.split(";") if addresses else None, recovery=recovery, tail=not exit_at_end)
 
 

@@ -220,3 +220,29 @@ def load_run_model(path):
     from slsrec.checkpoint import load_run
 
     return load_run(path).model
+
+
+def test_serve_exports_spans_and_metrics_to_the_console_when_asked(live_settings, tmp_path):
+    """`slsrec serve --otel-console`: one span per micro-batch naming its events, and the flow's counters."""
+    settings = live_settings.model_copy(update={"runs_dir": tmp_path / "runs"})
+    torch.manual_seed(1)
+    run = save_run(tmp_path / "tiny", SLSRec(SLSRecConfig(**CONFIG)), name="slsrec", users=Vocab(TRACKED, padding=False),
+                   items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
+    store = LongTermStore(settings.redis_url)
+    version = store.publish(None, {"ann": np.ones(16, np.float32)}, meta={"run": str(run)}).version
+    producer, now = Producer(settings.kafka_config()), int(time.time() * 1000)
+    for n in range(5):
+        event = {"event_id": f"e{n}", "user_id": "ann", "item_id": f"sku{n + 1}", "ts": now - 1000 + n, "event_type": "view"}
+        producer.produce(settings.topic_clicks, json.dumps(event).encode(), key=b"ann")
+    producer.produce(settings.topic_clicks, b"not json", key=b"ann")
+    producer.flush(30)
+    env = {**os.environ, **settings_env(settings)}
+    done = subprocess.run([sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--no-recovery",
+                           "--exit-at-end", "--otel-console"], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spans = re.findall(r'"name": "slsrec.batch"', done.stdout)
+    assert spans and '"e0"' in done.stdout  # the causing event ids are on the span
+    for name in ("slsrec.events.in", "slsrec.recommendations.out", "slsrec.dead_letters", "slsrec.latency.e2e",
+                 "slsrec.batch.size", "slsrec.model.version", "slsrec.longterm.version", "slsrec.sessions.active"):
+        assert f'"name": "{name}"' in done.stdout, name
+    assert f'"version": "{version}"' in done.stdout
