@@ -1,8 +1,10 @@
-"""``slsrec publish``: every known user's long-term vector (and the model files) into Redis.
+"""``slsrec publish``: every known user's long-term state (and the model files) into Redis.
 
-The long-term vector of a user is ``model.long_term`` over the user's whole history, i.e. what a
-new session starts from in the stream. Users the model has no embedding for, or whose history holds
-no item the model knows, get no vector: the flow serves them as cold start.
+The long-term state of a user is ``model.long_state`` over the user's whole history, i.e. what a
+new session starts from in the stream: the pooled vector and its log-normaliser, so that the
+stream can fold a long session's overflow into it (``model.extend_long``). Users the model has no
+embedding for, or whose history holds no item the model knows, get no entry: the flow serves them
+as cold start.
 
 >>> import torch
 >>> from slsrec.data import Interactions, Vocab
@@ -11,9 +13,9 @@ no item the model knows, get no vector: the flow serves them as cold start.
 >>> model = SLSRec(SLSRecConfig(n_users=2, n_items=3, d=4))
 >>> history = Interactions([0, 0, 1, 2], [1, 2, 3, 1], [1, 2, 3, 4], Vocab(["u1", "u2", "new-user"], padding=False),
 ...                        Vocab(["a", "b", "new-item"], padding=True))
->>> vectors = long_term_vectors(model, Vocab(["u1", "u2"], padding=False), Vocab(["a", "b", "c"], padding=True),
-...                             history)
->>> sorted(vectors), vectors["u1"].shape, vectors["u1"].dtype  # u2 only saw an unknown item
+>>> states = long_term_states(model, Vocab(["u1", "u2"], padding=False), Vocab(["a", "b", "c"], padding=True),
+...                           history)
+>>> sorted(states), states["u1"].vector.shape, states["u1"].vector.dtype  # u2 only saw an unknown item
 (['u1'], (4,), dtype('float32'))
 """
 
@@ -31,7 +33,7 @@ from slsrec.checkpoint import CONFIG, IDS, METRICS, WEIGHTS, load_run
 from slsrec.data import Interactions, Vocab, load_dataset
 from slsrec.errors import CheckpointError
 from slsrec.sessions import SeqBatch
-from slsrec.store import LongTermStore, PublishResult
+from slsrec.store import LongTerm, LongTermStore, PublishResult
 from slsrec.telemetry import ATTR_VERSION, Telemetry
 
 # Run files that serve with the vectors: the flow rebuilds the model of a version from these.
@@ -39,21 +41,21 @@ MODEL_FILES = (WEIGHTS, CONFIG, IDS, METRICS)
 
 
 @torch.no_grad()
-def long_term_vectors(model: torch.nn.Module, users: Vocab, items: Vocab, history: Interactions, *,
-                      batch_size: int = 1024, device: str = "cpu") -> dict[str, np.ndarray]:
-    """user_id -> float32 long-term vector, for every user of ``users`` with known items in ``history``.
+def long_term_states(model: torch.nn.Module, users: Vocab, items: Vocab, history: Interactions, *,
+                     batch_size: int = 1024, device: str = "cpu") -> dict[str, LongTerm]:
+    """user_id -> long-term state, for every user of ``users`` with known items in ``history``.
 
     Parameters
     ----------
     model
-        A model with ``long_term(batch) -> (B, d)`` and ``config.long_len`` (SLSRec).
+        A model with ``long_state(batch) -> LongState`` and ``config.long_len`` (SLSRec).
     users, items
         The model's vocabularies (its ``ids.json``); ``history`` may use other indices.
     history
         The interactions to summarise; only each user's ``long_len`` most recent known items count.
     """
-    if not hasattr(model, "long_term"):
-        raise CheckpointError(f"{type(model).__name__} has no long-term vector to publish; use an SLSRec model")
+    if not hasattr(model, "long_state"):
+        raise CheckpointError(f"{type(model).__name__} has no long-term state to publish; use an SLSRec model")
     long_len = model.config.long_len
     # History indices -> model indices; 0 (padding) marks what the model does not know.
     item_map = np.array([0] + [items.index(r) or 0 for r in history.items.raw], dtype=np.int64)
@@ -68,7 +70,7 @@ def long_term_vectors(model: torch.nn.Module, users: Vocab, items: Vocab, histor
             user_ids.append(history.users.raw_of(u))
 
     model = model.eval().to(device)
-    out = np.empty((len(rows), model.config.d), dtype=np.float32)
+    out = np.empty((len(rows), model.config.d + 1), dtype=np.float32)  # vector, log-normaliser
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(r) for r in chunk)
@@ -78,12 +80,13 @@ def long_term_vectors(model: torch.nn.Module, users: Vocab, items: Vocab, histor
         batch = SeqBatch(
             user=torch.tensor(user_idx[start:start + batch_size]),  # (B,)
             items=torch.from_numpy(items_np),  # (B, T)
-            dts=torch.zeros(items_np.shape),  # (B, T): long_term reads only users and items
+            dts=torch.zeros(items_np.shape),  # (B, T): long_state reads only users and items
             seg_start=torch.zeros(items_np.shape, dtype=torch.bool),  # (B, T)
             targets=torch.zeros(items_np.shape, dtype=torch.long),  # (B, T)
         ).to(device)
-        out[start:start + len(chunk)] = model.long_term(batch).float().cpu().numpy()  # (B, d)
-    return dict(zip(user_ids, out))
+        state = model.long_state(batch)
+        out[start:start + len(chunk)] = torch.cat([state.mean, state.log_z.unsqueeze(1)], 1).float().cpu().numpy()  # (B, d+1)
+    return {u: LongTerm(row[:-1], float(row[-1])) for u, row in zip(user_ids, out)}
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class PublishReport:
 def publish_run(run_dir: str | Path, store: LongTermStore, *, version: str | None = None,
                 history: Interactions | None = None, grace_s: float = 3600.0, batch_size: int = 1024,
                 device: str = "cpu", telemetry: Telemetry | None = None) -> PublishReport:
-    """Publish a run: its users' long-term vectors and its model files, as one new version.
+    """Publish a run: its users' long-term states and its model files, as one new version.
 
     ``history`` defaults to the dataset the run was trained on. With ``telemetry``, the work is one
     ``slsrec.publish`` span carrying the version, the users written and the write throughput.
@@ -108,7 +111,7 @@ def publish_run(run_dir: str | Path, store: LongTermStore, *, version: str | Non
     span_cm = telemetry.publish_span(version or "", run=str(run_dir)) if telemetry else contextlib.nullcontext()
     with span_cm as span:
         t0 = time.perf_counter()
-        vectors = long_term_vectors(run.model, run.users, run.items, history, batch_size=batch_size, device=device)
+        vectors = long_term_states(run.model, run.users, run.items, history, batch_size=batch_size, device=device)
         encode_s = time.perf_counter() - t0
         files = {name: (run_dir / name).read_bytes() for name in MODEL_FILES if (run_dir / name).exists()}
         meta = {"run": str(run_dir), "model": run.name, "dataset": run.dataset}

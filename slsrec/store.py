@@ -4,9 +4,14 @@ Key layout (``prefix`` defaults to ``slsrec``)::
 
     {prefix}:current               string  the current version id
     {prefix}:version_seq           string  counter behind version ids (only moves forward)
-    {prefix}:v:{version}:lt        hash    user_id -> float32 little-endian bytes of the vector
-    {prefix}:v:{version}:meta      hash    seq, created_at, dim, n_users, plus the publisher's fields
+    {prefix}:v:{version}:lt        hash    user_id -> (dim+1) float32 little-endian: vector, then log_norm
+    {prefix}:v:{version}:meta      hash    seq, created_at, dim, n_users, format, plus the publisher's fields
     {prefix}:v:{version}:model     hash    file name -> bytes (model.safetensors, config.json, ...)
+
+A user's entry is a :class:`LongTerm`: the model's long-term state of the user's history (for
+SLSRec, the attention-weighted mean of the item embeddings, before the layer norm, and the
+attention's log-normaliser), so the stream can fold a long session's overflow into it exactly. The
+``format`` meta field names this layout (:data:`LT_FORMAT`); there is no other.
 
 A version id is ``v{seq:06d}-{UTC time}`` (e.g. ``v000042-20261129T103000Z``); its ``seq`` orders
 versions. :meth:`LongTermStore.publish` writes a whole version with pipelined writes while its keys
@@ -30,6 +35,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import cachetools
@@ -43,6 +49,7 @@ log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^v(\d{1,18})(-[A-Za-z0-9._]{1,64})*$")
 _VECTOR_DTYPE = np.dtype("<f4")
+LT_FORMAT = "2"  # meta "format": lt values are the vector then its log-normaliser (1 was the vector alone)
 _PENDING_TTL_MS = 24 * 3600 * 1000  # an aborted publish vanishes after a day
 _CHUNK = 1000  # users per HSET
 _CHUNKS_PER_ROUND_TRIP = 8  # bounds client memory for huge versions
@@ -95,18 +102,26 @@ def redis_location(url: SecretStr | str) -> str:
     return f"{parts.hostname}:{parts.port or 6379}"
 
 
-def encode_vector(v: np.ndarray) -> bytes:
-    """float32 little-endian bytes, the format of the ``lt`` hash values.
+class LongTerm(NamedTuple):
+    """One user's published long-term state (``SLSRec.long_state`` of one user, as numpy)."""
 
-    >>> decode_vector(encode_vector(np.array([1.5, -2.0])))
-    array([ 1.5, -2. ], dtype=float32)
+    vector: np.ndarray  # (dim,) float32; for SLSRec the pooled mean before the layer norm
+    log_norm: float  # the pooling's log-normaliser, what folding more items into the vector needs
+
+
+def encode_long_term(entry: LongTerm) -> bytes:
+    """(dim+1) float32 little-endian: the vector, then the log-normaliser (an ``lt`` hash value).
+
+    >>> decode_long_term(encode_long_term(LongTerm(np.array([1.5, -2.0]), 0.25)))
+    LongTerm(vector=array([ 1.5, -2. ], dtype=float32), log_norm=0.25)
     """
-    return np.ascontiguousarray(v, dtype=_VECTOR_DTYPE).tobytes()
+    return np.append(np.asarray(entry.vector, dtype=_VECTOR_DTYPE), entry.log_norm).astype(_VECTOR_DTYPE).tobytes()
 
 
-def decode_vector(b: bytes) -> np.ndarray:
-    """A read-only float32 view of the bytes (no copy)."""
-    return np.frombuffer(b, dtype=_VECTOR_DTYPE)
+def decode_long_term(b: bytes) -> LongTerm:
+    """The entry of an ``lt`` hash value; the vector is a read-only float32 view (no copy)."""
+    v = np.frombuffer(b, dtype=_VECTOR_DTYPE)
+    return LongTerm(v[:-1], float(v[-1]))
 
 
 class VersionError(UserError):
@@ -175,13 +190,13 @@ class LongTermStore:
             v = self._r.get(f"{self.prefix}:current")
         return v.decode() if v is not None else None
 
-    def get_many(self, version: str, user_ids: Sequence[str]) -> list[np.ndarray | None]:
-        """Long-term vectors of ``user_ids`` in ``version`` in one round trip; ``None`` = no vector."""
+    def get_many(self, version: str, user_ids: Sequence[str]) -> list[LongTerm | None]:
+        """Long-term entries of ``user_ids`` in ``version`` in one round trip; ``None`` = no entry."""
         if not user_ids:
             return []
         with self._errors():
             raw = self._r.hmget(self._key(version, "lt"), list(user_ids))
-        return [None if b is None else decode_vector(b) for b in raw]
+        return [None if b is None else decode_long_term(b) for b in raw]
 
     def meta(self, version: str) -> dict[str, str]:
         """The version's metadata (empty once it has expired)."""
@@ -231,7 +246,7 @@ class LongTermStore:
     def publish(
         self,
         version: str | None,
-        vectors: Mapping[str, np.ndarray],
+        vectors: Mapping[str, LongTerm],
         meta: Mapping[str, str | int | float] | None = None,
         model_files: Mapping[str, bytes] | None = None,
         grace_s: float = 3600.0,
@@ -244,7 +259,7 @@ class LongTermStore:
             ``None`` for a fresh id, or one from :meth:`new_version`, or an explicit
             ``v<number>[-label]``; it must be unused and newer than the current version.
         vectors
-            user_id -> 1-D vector; all of one length, finite.
+            user_id -> :class:`LongTerm`; vectors all of one length, everything finite.
         meta
             Extra fields for the ``meta`` hash (e.g. ``run``).
         model_files
@@ -262,6 +277,7 @@ class LongTermStore:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dim": str(dim),
             "n_users": str(len(vectors)),
+            "format": LT_FORMAT,
         }
         t0 = time.perf_counter()
         with self._errors():
@@ -274,7 +290,7 @@ class LongTermStore:
             users = list(vectors)
             for i, start in enumerate(range(0, len(users), _CHUNK)):
                 chunk = users[start : start + _CHUNK]
-                pipe.hset(lt, mapping={u: encode_vector(vectors[u]) for u in chunk})
+                pipe.hset(lt, mapping={u: encode_long_term(vectors[u]) for u in chunk})
                 if i == 0:
                     pipe.pexpire(lt, _PENDING_TTL_MS)
                 if (i + 1) % _CHUNKS_PER_ROUND_TRIP == 0:
@@ -306,15 +322,18 @@ class LongTermStore:
         pipe.execute()
 
 
-def _check_vectors(vectors: Mapping[str, np.ndarray]) -> int:
-    """The common dimension of the vectors; DataError names the first bad one."""
+def _check_vectors(vectors: Mapping[str, LongTerm]) -> int:
+    """The common dimension of the vectors; DataError names the first bad entry."""
     dim = None
-    for user, v in vectors.items():
-        v = np.asarray(v)
+    for user, entry in vectors.items():
+        if not isinstance(entry, LongTerm):
+            raise DataError(f"long-term entry of user {user!r} is a {type(entry).__name__}, expected "
+                            "LongTerm(vector, log_norm)")
+        v = np.asarray(entry.vector)
         if v.ndim != 1 or (dim is not None and v.shape[0] != dim):
             raise DataError(f"long-term vector of user {user!r} has shape {v.shape}, expected ({dim or 'd'},)")
-        if not np.isfinite(v).all():
-            raise DataError(f"long-term vector of user {user!r} is not finite")
+        if not (np.isfinite(v).all() and np.isfinite(entry.log_norm)):
+            raise DataError(f"long-term entry of user {user!r} is not finite")
         dim = v.shape[0]
     return dim or 0
 
@@ -326,7 +345,7 @@ class CachedLongTerm:
     """A TTL cache in front of :meth:`LongTermStore.get_many`, for the flow's hot path.
 
     Entries are keyed by (version, user_id), so a version switch never serves a stale version's
-    vector; ``ttl_s`` bounds how long a newly published user may still look cold. Misses of one call
+    entry; ``ttl_s`` bounds how long a newly published user may still look cold. Misses of one call
     are fetched in one round trip.
 
     Parameters
@@ -351,9 +370,9 @@ class CachedLongTerm:
     def hit_rate(self) -> float:
         return self.hits / max(1, self.hits + self.misses)
 
-    def get_many(self, version: str, user_ids: Sequence[str]) -> list[np.ndarray | None]:
+    def get_many(self, version: str, user_ids: Sequence[str]) -> list[LongTerm | None]:
         """Like :meth:`LongTermStore.get_many`, answering from memory where it can."""
-        out: list[np.ndarray | None] = []
+        out: list[LongTerm | None] = []
         missing: dict[str, list[int]] = {}  # user -> positions in out
         for i, u in enumerate(user_ids):
             v = self._cache.get((version, u), _MISSING)

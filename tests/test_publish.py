@@ -1,5 +1,5 @@
-"""Publishing: one batched pass equals the model's per-user long-term vector (unknown items skipped,
-unknown users cold); `publish_run` and `slsrec publish` put vectors and the model into Redis."""
+"""Publishing: one batched pass equals the model's per-user long-term state (unknown items skipped,
+unknown users cold); `publish_run` and `slsrec publish` put the states and the model into Redis."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from slsrec.cli import app
 from slsrec.data import Interactions, Vocab, load_dataset
 from slsrec.errors import CheckpointError
 from slsrec.model import SLSRec, SLSRecConfig
-from slsrec.publish import long_term_vectors, publish_run
+from slsrec.publish import long_term_states, publish_run
 from slsrec.registry import build_model
-from slsrec.sessions import SeqBatch
+from slsrec.sessions import batch_from
 from slsrec.settings import Settings
-from slsrec.store import LongTermStore, VersionError
+from slsrec.store import LongTerm, LongTermStore, VersionError
 from slsrec.telemetry import setup_telemetry
 
 torch.set_num_threads(1)
@@ -47,13 +47,18 @@ def _history(rows: list[tuple[str, str]]) -> Interactions:
                         np.arange(len(rows)) * 1000, Vocab(users, padding=False), Vocab(items, padding=True))
 
 
-def _one(model, user: str, items: list[str]) -> np.ndarray:
-    """The model's long-term vector for one user, unpadded and unbatched."""
-    idx = torch.tensor([[ITEMS.index(i) for i in items]])  # (1, T)
-    zeros = torch.zeros(idx.shape)
-    batch = SeqBatch(torch.tensor([USERS.index(user)]), idx, zeros, zeros.bool(), torch.zeros_like(idx))
+def _one(model, user: str, items: list[str]) -> LongTerm:
+    """The model's long-term state for one user, unpadded and unbatched."""
+    batch = batch_from([([ITEMS.index(i) for i in items], range(len(items)))], users=[USERS.index(user)])
     with torch.no_grad():
-        return model.long_term(batch)[0].numpy()  # (d,)
+        state = model.long_state(batch)
+    return LongTerm(state.mean[0].numpy(), float(state.log_z[0]))
+
+
+def _assert_close(got: LongTerm, expected: LongTerm) -> None:
+    assert got.vector.dtype == np.float32 and np.isfinite(got.log_norm)
+    np.testing.assert_allclose(got.vector, expected.vector, atol=1e-6)
+    np.testing.assert_allclose(got.log_norm, expected.log_norm, atol=1e-5)
 
 
 def test_batched_vectors_equal_the_per_user_answer(model):
@@ -62,25 +67,23 @@ def test_batched_vectors_equal_the_per_user_answer(model):
     rows = [(u, i) for u, items in seqs.items() for i in items]
     rng.shuffle(rows)  # interleaved users; per-user order is what counts
     per_user = {u: [i for v, i in rows if v == u] for u in seqs}
-    vectors = long_term_vectors(model, USERS, ITEMS, _history(rows), batch_size=4)  # 2 batches, mixed padding
+    states = long_term_states(model, USERS, ITEMS, _history(rows), batch_size=4)  # 2 batches, mixed padding
 
-    assert sorted(vectors) == sorted(seqs)
+    assert sorted(states) == sorted(seqs)
     for user, items in per_user.items():
-        expected = _one(model, user, items[-model.config.long_len:])  # only the L most recent count
-        np.testing.assert_allclose(vectors[user], expected, atol=1e-6)
-        assert vectors[user].dtype == np.float32
+        _assert_close(states[user], _one(model, user, items[-model.config.long_len:]))  # only the L most recent
 
 
 def test_unknown_items_are_skipped_and_unknown_users_get_no_vector(model):
     rows = [("u1", "i3"), ("u1", "brand-new"), ("u1", "i4"), ("u2", "brand-new"), ("stranger", "i3")]
-    vectors = long_term_vectors(model, USERS, ITEMS, _history(rows))
-    assert sorted(vectors) == ["u1"]  # u2 knows only an unknown item; stranger has no user embedding
-    np.testing.assert_allclose(vectors["u1"], _one(model, "u1", ["i3", "i4"]), atol=1e-6)
+    states = long_term_states(model, USERS, ITEMS, _history(rows))
+    assert sorted(states) == ["u1"]  # u2 knows only an unknown item; stranger has no user embedding
+    _assert_close(states["u1"], _one(model, "u1", ["i3", "i4"]))
 
 
-def test_models_without_long_term_vectors_are_refused():
-    with pytest.raises(CheckpointError, match="no long-term vector"):
-        long_term_vectors(build_model("sasrec", 6, 12, d=8), USERS, ITEMS, _history([("u1", "i3")]))
+def test_models_without_long_term_states_are_refused():
+    with pytest.raises(CheckpointError, match="no long-term state"):
+        long_term_states(build_model("sasrec", 6, 12, d=8), USERS, ITEMS, _history([("u1", "i3")]))
 
 
 @pytest.fixture
@@ -104,11 +107,11 @@ def test_publish_run_writes_vectors_and_a_loadable_model(run_dir, redis_prefix, 
     assert (span.name, span.attributes["slsrec.version"], span.attributes["slsrec.users"]) == \
         ("slsrec.publish", version, 5)
 
-    expected = long_term_vectors(load_run(run_dir).model, USERS, ITEMS, load_dataset(run_dir.parent / "clicks.csv"))
+    expected = long_term_states(load_run(run_dir).model, USERS, ITEMS, load_dataset(run_dir.parent / "clicks.csv"))
     got = store.get_many(version, [f"u{u}" for u in range(6)])
     assert got[5] is None  # u5 has no history: cold start
-    for u in range(5):
-        assert np.array_equal(got[u], expected[f"u{u}"])
+    for u in range(5):  # exact: the vector and the log-normaliser travel as float32
+        assert np.array_equal(got[u].vector, expected[f"u{u}"].vector) and got[u].log_norm == expected[f"u{u}"].log_norm
     assert store.meta(version)["run"] == str(run_dir)
 
     # The version carries the model: a reader rebuilds it from Redis alone.

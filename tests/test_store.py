@@ -1,4 +1,5 @@
-"""LongTermStore and CachedLongTerm against a real Redis: exact vectors, atomic version switch,
+"""LongTermStore and CachedLongTerm against a real Redis: exact entries (vector and log-normaliser),
+atomic version switch,
 expiry of old versions, versions only moving forward, no secret in errors, logs or repr."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import SecretStr
 from slsrec import local
 from slsrec.errors import DataError, ServiceError
 from slsrec.settings import Settings
-from slsrec.store import CachedLongTerm, LongTermStore, VersionError, parse_seq
+from slsrec.store import LT_FORMAT, CachedLongTerm, LongTerm, LongTermStore, VersionError, parse_seq
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +54,14 @@ def protected_redis(services, tmp_path) -> Iterator[int]:
         proc.wait(10)
 
 
-def _vectors(n: int, dim: int, seed: int) -> dict[str, np.ndarray]:
+def _vectors(n: int, dim: int, seed: int) -> dict[str, LongTerm]:
     rng = np.random.default_rng(seed)
-    return {f"user-{i}": rng.standard_normal(dim).astype(np.float32) for i in range(n)}
+    return {f"user-{i}": LongTerm(rng.standard_normal(dim).astype(np.float32), float(np.float32(rng.normal() * 5)))
+            for i in range(n)}
+
+
+def _ones(dim: int, value: float = 1.0) -> LongTerm:
+    return LongTerm(np.full(dim, value, np.float32), value)
 
 
 def test_publish_then_read_back_exact_vectors(store):
@@ -68,11 +74,12 @@ def test_publish_then_read_back_exact_vectors(store):
     users = ["user-2499", "nobody", "user-0", "user-1234"]
     got = store.get_many(result.version, users)
     assert got[1] is None
-    for u, v in zip(users, got):
+    for u, entry in zip(users, got):
         if u != "nobody":
-            assert v.dtype == np.float32 and np.array_equal(v, vectors[u])
+            assert entry.vector.dtype == np.float32 and np.array_equal(entry.vector, vectors[u].vector)
+            assert entry.log_norm == vectors[u].log_norm != 0
     meta = store.meta(result.version)
-    assert (meta["run"], meta["dim"], meta["n_users"]) == ("runs/test", "16", "2500")
+    assert (meta["run"], meta["dim"], meta["n_users"], meta["format"]) == ("runs/test", "16", "2500", LT_FORMAT)
     assert store.model_files(result.version) == files
     assert store.get_many(result.version, []) == []
 
@@ -112,10 +119,10 @@ def test_versions_only_move_forward(store):
     assert store.current_version() == second
 
     # An id in use is never written twice: the live version keeps its vectors.
-    live = store.get_many(second, ["user-0"])[0].copy()
+    live = store.get_many(second, ["user-0"])[0].vector.copy()
     with pytest.raises(VersionError, match="already exists"):
         store.publish(second, _vectors(10, 4, seed=3))
-    assert np.array_equal(store.get_many(second, ["user-0"])[0], live) and store.meta(second)["n_users"] == "10"
+    assert np.array_equal(store.get_many(second, ["user-0"])[0].vector, live) and store.meta(second)["n_users"] == "10"
 
     # An id taken with new_version() first (to name a run before publishing it) is usable once.
     reserved = store.new_version()
@@ -150,7 +157,7 @@ def test_reader_never_sees_a_half_written_version(store):
                 continue
             vs = reader.get_many(version, probe)
             marker = float(reader.meta(version)["marker"])
-            if any(v is None or v[0] != marker for v in vs):
+            if any(v is None or v.vector[0] != marker or v.log_norm != marker for v in vs):
                 problems.append(version)
             seen.append(version)
         reader.close()
@@ -159,7 +166,7 @@ def test_reader_never_sees_a_half_written_version(store):
     thread.start()
     try:
         for marker in range(1, 4):
-            store.publish(None, {u: np.full(dim, marker, np.float32) for u in users}, meta={"marker": marker})
+            store.publish(None, {u: _ones(dim, marker) for u in users}, meta={"marker": marker})
     finally:
         done.set()
         thread.join()
@@ -179,9 +186,13 @@ def test_old_versions_expire_after_grace(store):
 
 def test_bad_vectors_are_refused_before_anything_is_written(store):
     with pytest.raises(DataError, match="user-3"):
-        store.publish(None, {**_vectors(3, 4, seed=0), "user-3": np.zeros(5, np.float32)})
+        store.publish(None, {**_vectors(3, 4, seed=0), "user-3": _ones(5)})
     with pytest.raises(DataError, match="not finite"):
-        store.publish(None, {"u": np.array([1.0, np.nan])})
+        store.publish(None, {"u": LongTerm(np.array([1.0, np.nan]), 0.0)})
+    with pytest.raises(DataError, match="'u' is not finite"):  # a cold user has no entry, not -inf
+        store.publish(None, {"u": LongTerm(np.ones(2), -np.inf)})
+    with pytest.raises(DataError, match="expected LongTerm"):
+        store.publish(None, {"u": np.ones(2)})
     assert store.current_version() is None and store.versions() == []
 
 
@@ -189,14 +200,14 @@ def test_cache_counts_hits_and_refreshes_after_ttl(store):
     v = store.publish(None, _vectors(3, 4, seed=0)).version
     cache = CachedLongTerm(store, ttl_s=0.3)
     first = cache.get_many(v, ["user-0", "user-1", "ghost", "user-0"])
-    assert first[2] is None and np.array_equal(first[0], first[3])
+    assert first[2] is None and first[0] is first[3]
     assert (cache.hits, cache.misses) == (0, 4)
     again = cache.get_many(v, ["user-0", "ghost"])
-    assert np.array_equal(again[0], first[0]) and again[1] is None
+    assert again[0] is first[0] and again[1] is None
     assert (cache.hits, cache.misses) == (2, 4)
 
     # A user published later is no longer cold once the cached absence expires.
-    v2 = store.publish(None, {**_vectors(3, 4, seed=0), "ghost": np.ones(4, np.float32)}).version
+    v2 = store.publish(None, {**_vectors(3, 4, seed=0), "ghost": _ones(4)}).version
     assert cache.get_many(v2, ["ghost"])[0] is not None  # a new version is a new cache key
     time.sleep(0.4)
     assert cache.get_many(v, ["ghost"]) == [None]  # v is still there (grace period) and has no ghost
@@ -215,7 +226,7 @@ def test_secrets_stay_out_of_errors_logs_and_repr(protected_redis, caplog):
     # A password-protected Redis: the password passes through, and is never shown.
     port = protected_redis
     protected = LongTermStore(SecretStr(f"redis://:s3cret-pw@127.0.0.1:{port}/0"))
-    protected.publish(None, {"u": np.ones(3, np.float32)})
+    protected.publish(None, {"u": _ones(3)})
     assert f"127.0.0.1:{port}" in caplog.text
     wrong = LongTermStore(SecretStr(f"redis://:wrong-pw@127.0.0.1:{port}/0"))
     with pytest.raises(ServiceError, match="refused the credentials") as info:
