@@ -63,24 +63,25 @@ def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, bas
     if unknown:
         raise UserError(f"unknown model {unknown[0]!r}; valid: {', '.join(MODEL_NAMES)}")
     results = []
-    for model in models:
-        for seed in range(min(seeds, PLAN.get(model, 1))):
-            path = result_path(out, model, seed)
-            if path.exists():
-                results.append(json.loads(path.read_text()))
-                log(f"{model} seed {seed}: done earlier ({path})")
-                continue
-            log(f"{model} seed {seed}: training")
-            cfg = replace(base, dataset=dataset, model=model, seed=seed)
-            res = train(cfg, out / "runs" / f"{model}-s{seed}", progress=progress)
-            result = {**res.metrics, "history": res.history, "train": asdict(cfg)}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(path)  # a result file is complete or absent
-            results.append(result)
-            log(f"{model} seed {seed}: test {VALID_METRIC} {result['test'][VALID_METRIC]:.4f}, "
-                f"{result['seconds_per_epoch']:.1f} s/epoch, best epoch {result['best_epoch']}")
+    # Seed-major order: a run cut off early still has every model once, then the extra seeds.
+    todo = [(m, s) for s in range(seeds) for m in models if s < min(seeds, PLAN.get(m, 1))]
+    for model, seed in todo:
+        path = result_path(out, model, seed)
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+            log(f"{model} seed {seed}: done earlier ({path})")
+            continue
+        log(f"{model} seed {seed}: training")
+        cfg = replace(base, dataset=dataset, model=model, seed=seed)
+        res = train(cfg, out / "runs" / f"{model}-s{seed}", progress=progress)
+        result = {**res.metrics, "history": res.history, "train": asdict(cfg)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)  # a result file is complete or absent
+        results.append(result)
+        log(f"{model} seed {seed}: test {VALID_METRIC} {result['test'][VALID_METRIC]:.4f}, "
+            f"{result['seconds_per_epoch']:.1f} s/epoch, best epoch {result['best_epoch']}")
     return results
 
 
@@ -177,54 +178,69 @@ LEVERS = (
 )
 
 
-def time_lever(model_name: str, split, lever: Lever, *, negatives: int = TrainConfig.negatives,
-               steps: int = 5, warmup: int = 2, seed: int = 0, device: str = "auto") -> dict:
-    """Median seconds of one optimiser step under ``lever``, and the epoch time it implies."""
-    dev = resolve_device(device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(lever.threads)
-    try:
+class _Timed:
+    """One lever's model, optimiser and batches, ready to time steps on."""
+
+    def __init__(self, model_name: str, split, lever: Lever, *, negatives: int, seed: int, device: torch.device):
         torch.manual_seed(seed)
         inter = split.inter
-        model = build_model(model_name, n_users=inter.n_users, n_items=inter.n_items, max_len=lever.max_len).to(dev)
-        batches = list(train_batches(split, batch_size=lever.batch_size, rng=np.random.default_rng(seed),
-                                     **batch_rule(model)))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        sampler = NegativeSampler(split.train.item, inter.n_items, seed=seed, power=TrainConfig.negative_power,
-                                  device=dev) if lever.loss == "sampled" else None
-        step_model = torch.compile(model) if lever.compile else model
-        times = []
-        for batch in batches[:warmup + steps]:
-            batch = batch.to(dev)
+        self.lever, self.negatives, self.device, self.times = lever, negatives, device, []
+        self.model = build_model(model_name, n_users=inter.n_users, n_items=inter.n_items, max_len=lever.max_len)
+        self.model.to(device)
+        self.batches = list(train_batches(split, batch_size=lever.batch_size, rng=np.random.default_rng(seed),
+                                          **batch_rule(self.model)))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=TrainConfig.lr)
+        self.sampler = NegativeSampler(split.train.item, inter.n_items, seed=seed, power=TrainConfig.negative_power,
+                                       device=device) if lever.loss == "sampled" else None
+        self.step_model = torch.compile(self.model) if lever.compile else self.model
+        self._next = 0
+
+    def step(self) -> float:
+        batch = self.batches[self._next % len(self.batches)].to(self.device)
+        self._next += 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.lever.threads)
+        try:
             t0 = time.perf_counter()
-            train_step(step_model, batch, opt, sampler, negatives, lever.bf16)
-            if dev.type == "cuda":
+            train_step(self.step_model, batch, self.opt, self.sampler, self.negatives, self.lever.bf16)
+            if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        step_s = statistics.median(times[warmup:] or times)
-        return {"model": model_name, "lever": lever.name, "step_s": round(step_s, 4),
-                "epoch_s": round(step_s * len(batches), 1), "steps_per_epoch": len(batches),
-                "first_step_s": round(times[0], 2)}
-    finally:
-        torch.set_num_threads(threads)
+            return time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(threads)
 
 
 def bench_train(dataset: str, *, models: tuple[str, ...] = ("sasrec", "slsrec"), levers=LEVERS,
-                steps: int = 5, warmup: int = 2, device: str = "auto", log=print) -> list[dict]:
-    """Time every lever for every model on ``dataset``; rows carry the epoch-time speed-up over the baseline."""
+                steps: int = 6, warmup: int = 2, rounds: int = 3, device: str = "auto", log=print) -> list[dict]:
+    """Median seconds per training step under every lever, for every model on ``dataset``.
+
+    The levers take turns (``rounds`` rounds of ``steps // rounds`` steps each, after ``warmup`` untimed
+    steps per lever), so a change in the machine's load hits all of them alike. Rows carry the epoch
+    time (steps per epoch x median step) and its speed-up over the first lever.
+    """
     from slsrec.data import load_dataset  # noqa: PLC0415
 
     split = leave_one_out(load_dataset(dataset))
+    dev = resolve_device(device)
     rows = []
     for model in models:
+        setups = [_Timed(model, split, lever, negatives=TrainConfig.negatives, seed=0, device=dev) for lever in levers]
+        first = [[t.step() for _ in range(warmup)] for t in setups]  # torch.compile compiles here
+        for _ in range(rounds):
+            for t in setups:
+                t.times += [t.step() for _ in range(max(1, steps // rounds))]
         base = None
-        for lever in levers:
-            row = time_lever(model, split, lever, steps=steps, warmup=warmup, device=device)
-            base = base or row["epoch_s"]
-            row["speedup"] = round(base / row["epoch_s"], 2)
-            log(f"{model:<8} {lever.name:<55} {row['step_s']:8.3f} s/step {row['epoch_s']:8.1f} s/epoch "
+        for t, warm in zip(setups, first):
+            step_s = statistics.median(t.times)
+            epoch_s = step_s * len(t.batches)
+            base = base or epoch_s
+            row = {"model": model, "lever": t.lever.name, "step_s": round(step_s, 4), "epoch_s": round(epoch_s, 1),
+                   "steps_per_epoch": len(t.batches), "speedup": round(base / epoch_s, 2),
+                   "first_step_s": round(warm[0], 2) if warm else None}
+            log(f"{model:<8} {t.lever.name:<60} {row['step_s']:8.3f} s/step {row['epoch_s']:8.1f} s/epoch "
                 f"x{row['speedup']:.2f} (first step {row['first_step_s']} s)")
             rows.append(row)
+        del setups
     return rows
 
 

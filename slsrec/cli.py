@@ -277,7 +277,7 @@ def benchmark_cmd(
 def bench_train_cmd(
     dataset: str = typer.Option("ml-1m", help="dataset whose batches are timed"),
     models: str = typer.Option("sasrec,slsrec", help="comma-separated models to time"),
-    steps: int = typer.Option(5, min=1, help="timed steps per lever (after warm-up)"),
+    steps: int = typer.Option(6, min=1, help="timed steps per lever (after warm-up), spread over 3 rounds"),
     warmup: int = typer.Option(2, min=0, help="untimed steps first (torch.compile compiles here)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     write_docs: bool = typer.Option(False, "--docs/--no-docs", help="write the table into docs/benchmarks.md"),
