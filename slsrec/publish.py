@@ -85,7 +85,7 @@ def long_term_states(model: torch.nn.Module, users: Vocab, items: Vocab, history
             targets=torch.zeros(items_np.shape, dtype=torch.long),  # (B, T)
         ).to(device)
         state = model.long_state(batch)
-        out[start:start + len(chunk)] = torch.cat([state.mean, state.log_z.unsqueeze(1)], 1).float().cpu().numpy()  # (B, d+1)
+        out[start:start + len(chunk)] = torch.cat([state.mean, state.log_z[:, None]], 1).float().cpu()  # (B, d+1)
     return {u: LongTerm(row[:-1], float(row[-1])) for u, row in zip(user_ids, out)}
 
 
