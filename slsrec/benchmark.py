@@ -255,10 +255,10 @@ def levers_table(rows: list[dict]) -> str:
 # ---- reports --------------------------------------------------------------------------------------
 
 
-def _machine_line(device: str, threads: int | None) -> str:
+def _machine_line(device: str, threads: str | None) -> str:
     m = machine()
     return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}, device {device}"
-            f"{'' if device != 'cuda' else ' (' + m['gpu'] + ')'}, torch threads {threads or torch.get_num_threads()}")
+            f"{'' if device != 'cuda' else ' (' + m['gpu'] + ')'}" + (f", torch threads {threads}" if threads else ""))
 
 
 def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float | None,
@@ -272,7 +272,7 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
     body = [
         f"Command: `{command}`",
         "",
-        f"Machine: {_machine_line(', '.join(devices), threads[0] if len(threads) == 1 else None)}.",
+        f"Machine: {_machine_line(', '.join(devices), ', '.join(map(str, threads)))}.",
         f"Wall time: {train_s / 3600:.2f} h of training and evaluation summed over the {len(results)} finished "
         f"(model, seed) runs" + (f"; the last invocation took {wall_s / 60:.1f} min" if wall_s else "")
         + f" (results are saved under `{out}/results/` as each run finishes; a re-run skips finished ones).",

@@ -124,8 +124,6 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
     if warm_start is not None:
         warm_start(model)
     model = model.to(device)
-    if warm_start is not None:
-        warm_start(model)
     rule = batch_rule(model)
     history: list[dict] = []
     t_start = time.perf_counter()
