@@ -149,12 +149,13 @@ def window_mean(x: Tensor, real: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 
 class LongState(NamedTuple):
-    """The long-term input in pooled form, which new items extend exactly (the streaming path).
-    The query is per user, so each key's score does not depend on the others: the pooling is a
-    softmax-weighted mean, and keeping its normaliser is enough to add keys later."""
+    """The long-term input in pooled form, which new items extend (the streaming path). The query
+    is per user, so each key's score does not depend on the others: the pooling is a softmax-weighted
+    mean, and keeping its normaliser is enough to add keys later, exactly up to long_len items."""
 
     mean: Tensor  # (B, d) softmax-weighted mean of the item embeddings, before the layer norm; 0 if none
     log_z: Tensor  # (B,) logsumexp of the keys' scores; -inf = no long-term input yet (cold)
+    n: Tensor  # (B,) float, items pooled (at most long_len)
 
 
 class LongTermEncoder(nn.Module):
@@ -167,6 +168,7 @@ class LongTermEncoder(nn.Module):
         d, h = config.d, config.hidden
         self.fc, self.out = nn.Linear(4 * d, h), nn.Linear(h, 1)  # the scorer MLP
         self.norm = nn.LayerNorm(d)  # a pooled mean of embeddings is small: put it on the short vector's scale
+        self.long_len = config.long_len
 
     def score(self, keys: Tensor, query: Tensor) -> Tensor:
         """keys (B,T,d), query (B,d) -> (B,T). The first layer on the concatenation, split by block:
@@ -184,14 +186,21 @@ class LongTermEncoder(nn.Module):
         return self.norm(torch.softmax(att, -1) @ keys) * has.unsqueeze(-1), has  # (B, Tq, d)
 
     def extend(self, state: LongState, keys: Tensor, query: Tensor, real: Tensor) -> LongState:
-        """Fold keys (B,K,d) (``real`` (B,K) marks the present ones) into a pooled state, exactly: a
-        softmax-weighted mean extends like one more key whose score is the log-normaliser."""
-        scores = self.score(keys, query).masked_fill(~real, float("-inf"))  # (B, K)
-        scores = torch.cat([state.log_z.unsqueeze(1), scores], 1)  # (B, 1+K)
+        """Fold keys (B,K,d), oldest first (``real`` (B,K) marks the present ones), into a pooled state.
+
+        A softmax-weighted mean extends like one more key whose score is the log-normaliser: exact
+        while the state and the keys hold at most long_len items. Past that, forward keeps only the
+        latest long_len: the state's items cannot be told apart any more, so the state counts as
+        the `keep` items left (its weight scaled by keep/n), i.e. its oldest are assumed average.
+        """
+        real = real & (real.flip(1).cumsum(1).flip(1) <= self.long_len)  # (B, K) the latest long_len keys
+        keep = (self.long_len - real.sum(1)).clamp(min=0).minimum(state.n)  # (B,) state items still in the window
+        old = torch.where(keep > 0, state.log_z + keep.log() - state.n.log(), float("-inf"))  # (B,)
+        scores = torch.cat([old.unsqueeze(1), self.score(keys, query).masked_fill(~real, float("-inf"))], 1)  # (B, 1+K)
         log_z = torch.logsumexp(scores, 1)  # (B,), -inf while there is no key at all
         w = torch.exp(scores - log_z.nan_to_num(neginf=0.0).unsqueeze(1))  # (B, 1+K), all 0 without keys
         mean = (w.unsqueeze(1) @ torch.cat([state.mean.unsqueeze(1), keys], 1)).squeeze(1)  # (B, d)
-        return LongState(mean, log_z)
+        return LongState(mean, log_z, keep + real.sum(1))
 
     def vector(self, state: LongState) -> tuple[Tensor, Tensor]:
         """What ``forward`` returns for the same keys: normed mean (B,d) (zero if empty), has (B,)."""
@@ -358,18 +367,18 @@ class SLSRec(nn.Module):
     def empty_long(self, batch_size: int) -> LongState:
         """The long-term state of users with no long-term input yet (cold start)."""
         w = self.item_emb.weight
-        return LongState(w.new_zeros(batch_size, self.config.d), w.new_full((batch_size,), float("-inf")))
+        return LongState(w.new_zeros(batch_size, self.config.d), w.new_full((batch_size,), float("-inf")),
+                         w.new_zeros(batch_size))
 
     def long_state(self, batch) -> LongState:
         """Long-term state of each user's whole history in the batch (its latest long_len items): what
         a new session starts from, published to Redis."""
-        T = batch.items.shape[1]
-        recent = torch.arange(T, device=batch.items.device) >= T - self.config.long_len  # (T,)
-        return self.extend_long(self.empty_long(len(batch.user)), batch.items * recent, batch.user)
+        return self.extend_long(self.empty_long(len(batch.user)), batch.items, batch.user)
 
     def extend_long(self, state: LongState, items: Tensor, user: Tensor) -> LongState:
-        """Fold items (B,K) (0 = padding) into the users' (B,) long-term state: in the stream, the
-        segment a SEGMENT boundary closes. Unlike forward, nothing drops out past long_len."""
+        """Fold items (B,K), oldest first, 0 = padding, into the users' (B,) long-term state: in the
+        stream, the segment a SEGMENT boundary closes. Equals forward's long-term input while it
+        holds at most long_len items; past that, approximately (see ``LongTermEncoder.extend``)."""
         return self.long_encoder.extend(state, self.item_emb(items), self.user_emb(user), items > 0)
 
     def long_vector(self, state: LongState) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,10 @@
 """``slsrec publish``: every known user's long-term state (and the model files) into Redis.
 
 The long-term state of a user is ``model.long_state`` over the user's whole history, i.e. what a
-new session starts from in the stream: the pooled vector and its log-normaliser, so that the
-stream can fold a long session's overflow into it (``model.extend_long``). Users the model has no
-embedding for, or whose history holds no item the model knows, get no entry: the flow serves them
-as cold start.
+new session starts from in the stream: the pooled vector, its log-normaliser and its item count, so
+that the stream can fold a long session's overflow into it (``model.extend_long``). Users the model
+has no embedding for, or whose history holds no item the model knows, get no entry: the flow serves
+them as cold start.
 
 >>> import torch
 >>> from slsrec.data import Interactions, Vocab
@@ -70,7 +70,7 @@ def long_term_states(model: torch.nn.Module, users: Vocab, items: Vocab, history
             user_ids.append(history.users.raw_of(u))
 
     model = model.eval().to(device)
-    out = np.empty((len(rows), model.config.d + 1), dtype=np.float32)  # vector, log-normaliser
+    out = np.empty((len(rows), model.config.d + 2), dtype=np.float32)  # vector, log-normaliser, items
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(r) for r in chunk)
@@ -85,8 +85,9 @@ def long_term_states(model: torch.nn.Module, users: Vocab, items: Vocab, history
             targets=torch.zeros(items_np.shape, dtype=torch.long),  # (B, T)
         ).to(device)
         state = model.long_state(batch)
-        out[start:start + len(chunk)] = torch.cat([state.mean, state.log_z[:, None]], 1).float().cpu()  # (B, d+1)
-    return {u: LongTerm(row[:-1], float(row[-1])) for u, row in zip(user_ids, out)}
+        tail = torch.stack([state.log_z, state.n], 1)  # (B, 2)
+        out[start:start + len(chunk)] = torch.cat([state.mean, tail], 1).cpu()  # (B, d+2)
+    return {u: LongTerm(row[:-2], float(row[-2]), int(row[-1])) for u, row in zip(user_ids, out)}
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,14 @@ Key layout (``prefix`` defaults to ``slsrec``)::
 
     {prefix}:current               string  the current version id
     {prefix}:version_seq           string  counter behind version ids (only moves forward)
-    {prefix}:v:{version}:lt        hash    user_id -> (dim+1) float32 little-endian: vector, then log_norm
+    {prefix}:v:{version}:lt        hash    user_id -> (dim+2) float32 little-endian: vector, log_norm, n_items
     {prefix}:v:{version}:meta      hash    seq, created_at, dim, n_users, format, plus the publisher's fields
     {prefix}:v:{version}:model     hash    file name -> bytes (model.safetensors, config.json, ...)
 
 A user's entry is a :class:`LongTerm`: the model's long-term state of the user's history (for
 SLSRec, the attention-weighted mean of the item embeddings, before the layer norm, and the
-attention's log-normaliser), so the stream can fold a long session's overflow into it exactly. The
+attention's log-normaliser and the number of items pooled), so the stream can fold a long
+session's overflow into it. The
 ``format`` meta field names this layout (:data:`LT_FORMAT`); there is no other.
 
 A version id is ``v{seq:06d}-{UTC time}`` (e.g. ``v000042-20261129T103000Z``); its ``seq`` orders
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 VERSION_RE = re.compile(r"^v(\d{1,18})(-[A-Za-z0-9._]{1,64})*$")
 _VECTOR_DTYPE = np.dtype("<f4")
-LT_FORMAT = "2"  # meta "format": lt values are the vector then its log-normaliser (1 was the vector alone)
+LT_FORMAT = "2"  # meta "format": lt values are vector, log_norm, n_items (1 was the vector alone)
 _PENDING_TTL_MS = 24 * 3600 * 1000  # an aborted publish vanishes after a day
 _CHUNK = 1000  # users per HSET
 _CHUNKS_PER_ROUND_TRIP = 8  # bounds client memory for huge versions
@@ -107,21 +108,23 @@ class LongTerm(NamedTuple):
 
     vector: np.ndarray  # (dim,) float32; for SLSRec the pooled mean before the layer norm
     log_norm: float  # the pooling's log-normaliser, what folding more items into the vector needs
+    n_items: int  # items pooled, so a fold knows when the model's long_len window is full
 
 
 def encode_long_term(entry: LongTerm) -> bytes:
-    """(dim+1) float32 little-endian: the vector, then the log-normaliser (an ``lt`` hash value).
+    """(dim+2) float32 little-endian: the vector, the log-normaliser, the item count (an ``lt`` value).
 
-    >>> decode_long_term(encode_long_term(LongTerm(np.array([1.5, -2.0]), 0.25)))
-    LongTerm(vector=array([ 1.5, -2. ], dtype=float32), log_norm=0.25)
+    >>> decode_long_term(encode_long_term(LongTerm(np.array([1.5, -2.0]), 0.25, 7)))
+    LongTerm(vector=array([ 1.5, -2. ], dtype=float32), log_norm=0.25, n_items=7)
     """
-    return np.append(np.asarray(entry.vector, dtype=_VECTOR_DTYPE), entry.log_norm).astype(_VECTOR_DTYPE).tobytes()
+    return np.append(np.asarray(entry.vector, dtype=_VECTOR_DTYPE), [entry.log_norm, entry.n_items]).astype(
+        _VECTOR_DTYPE).tobytes()
 
 
 def decode_long_term(b: bytes) -> LongTerm:
     """The entry of an ``lt`` hash value; the vector is a read-only float32 view (no copy)."""
     v = np.frombuffer(b, dtype=_VECTOR_DTYPE)
-    return LongTerm(v[:-1], float(v[-1]))
+    return LongTerm(v[:-2], float(v[-2]), int(v[-1]))
 
 
 class VersionError(UserError):
@@ -328,12 +331,14 @@ def _check_vectors(vectors: Mapping[str, LongTerm]) -> int:
     for user, entry in vectors.items():
         if not isinstance(entry, LongTerm):
             raise DataError(f"long-term entry of user {user!r} is a {type(entry).__name__}, expected "
-                            "LongTerm(vector, log_norm)")
+                            "LongTerm(vector, log_norm, n_items)")
         v = np.asarray(entry.vector)
         if v.ndim != 1 or (dim is not None and v.shape[0] != dim):
             raise DataError(f"long-term vector of user {user!r} has shape {v.shape}, expected ({dim or 'd'},)")
         if not (np.isfinite(v).all() and np.isfinite(entry.log_norm)):
             raise DataError(f"long-term entry of user {user!r} is not finite")
+        if not 0 < entry.n_items < 2**24:  # a float32 holds the count exactly
+            raise DataError(f"long-term entry of user {user!r} pools {entry.n_items} items, expected 1 to 2**24-1")
         dim = v.shape[0]
     return dim or 0
 

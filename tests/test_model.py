@@ -131,22 +131,32 @@ def test_streaming_path_reproduces_forward(fusion):
                 torch.testing.assert_close(long, expected.user[0, p], atol=1e-5, rtol=0)
 
 
-def test_folding_keeps_what_the_long_len_cap_drops():
-    """Past long_len, forward drops the oldest items while the stream's folded state keeps them:
-    the folded state equals attention over the published (capped) history plus every folded item."""
-    m = model(long_len=3, fusion="long", contrastive="none")
-    items, ts = LONG_SESSIONS[1]  # history [1 2 3], then segments [10..13] [14..17] [18 19]
-    got = streamed(m, 1, items, ts)[11][2]  # in segment [14..17]: long input [1 2 3 10 11 12 13]
+def test_folding_past_long_len_keeps_the_latest_items():
+    """Past long_len, forward drops the oldest items, which the folded state cannot single out: it
+    is exact when the fold alone fills the window, and when the dropped items equal the kept ones
+    (what the reweighting assumes); otherwise it is closer to forward than keeping everything."""
+    m = model(long_len=6, fusion="long", contrastive="none")
+    items, ts = [7] * 5 + list(range(10, 20)), sessions(5, 10)  # segments [7 x5] [10..13] [14..17] [18 19]
+    b = make_batch([(items, ts)], users=[2])
     with torch.no_grad():
-        capped = m(make_batch([(items, ts)], users=[1])).user[0, 11]  # forward: [11 12 13] only
-        m.config.long_len = 20
-        uncapped = m.long_term(make_batch([(items[:11], ts[:11])], users=[1]))[0]
-    torch.testing.assert_close(got, uncapped, atol=1e-5, rtol=0)
-    assert (got - capped).abs().max() > 1e-3
+        expected = m(b).user[0]  # (T, d)
+        got = streamed(m, 2, items, ts)
+        for p in range(9, 13):  # long input [7 7 10 11 12 13]: two of the five 7s dropped
+            torch.testing.assert_close(got[p][2], expected[p], atol=1e-5, rtol=0)
+        u, window = torch.tensor([2]), torch.tensor([items[:13]])  # 13 items, 6 kept
+        assert (got[13][2] - expected[13]).abs().max() > 1e-4  # [7 7 10 11 12 13] reweighted, not exact
+        m.long_encoder.long_len = 100
+        everything = m.long_vector(m.extend_long(m.empty_long(1), window, u))[0][0]  # what folding without a cap gives
+        assert (got[13][2] - expected[13]).norm() < (everything - expected[13]).norm()
+        m.long_encoder.long_len = 6
+        filled = m.extend_long(m.extend_long(m.empty_long(1), window[:, :8], u), window[:, 5:], u)
+        torch.testing.assert_close(m.long_vector(filled)[0][0], expected[13], atol=1e-5, rtol=0)
+        assert filled.n.item() == 6
 
 
 def test_extend_long_is_exact_and_order_free():
-    """Folding in pieces = pooling all at once (in any split, padding ignored); nothing folded = cold."""
+    """Within long_len, folding in pieces = pooling all at once (any split or order, padding ignored);
+    nothing folded = cold."""
     m = model()
     u = torch.tensor([0, 3])
     items = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 1, 2, 3]])  # row 1 left-padded
@@ -160,7 +170,7 @@ def test_extend_long_is_exact_and_order_free():
         torch.testing.assert_close(m.long_vector(whole)[0], m.long_term(make_batch(
             [(items[0].tolist(), sessions(5)), ([1, 2, 3], sessions(3))], users=[0, 3])), atol=1e-6, rtol=0)
     assert torch.isneginf(empty.log_z).all() and (empty.mean == 0).all() and not m.long_vector(empty)[1].any()
-    assert torch.isfinite(whole.log_z).all()
+    assert torch.isfinite(whole.log_z).all() and whole.n.tolist() == [5, 3] and empty.n.tolist() == [0, 0]
 
 
 def test_long_term_ignores_the_current_segment_and_is_zero_when_cold():

@@ -52,13 +52,14 @@ def _one(model, user: str, items: list[str]) -> LongTerm:
     batch = batch_from([([ITEMS.index(i) for i in items], range(len(items)))], users=[USERS.index(user)])
     with torch.no_grad():
         state = model.long_state(batch)
-    return LongTerm(state.mean[0].numpy(), float(state.log_z[0]))
+    return LongTerm(state.mean[0].numpy(), float(state.log_z[0]), int(state.n[0]))
 
 
 def _assert_close(got: LongTerm, expected: LongTerm) -> None:
     assert got.vector.dtype == np.float32 and np.isfinite(got.log_norm)
     np.testing.assert_allclose(got.vector, expected.vector, atol=1e-6)
     np.testing.assert_allclose(got.log_norm, expected.log_norm, atol=1e-5)
+    assert got.n_items == expected.n_items
 
 
 def test_batched_vectors_equal_the_per_user_answer(model):
@@ -111,6 +112,7 @@ def test_publish_run_writes_vectors_and_a_loadable_model(run_dir, redis_prefix, 
     got = store.get_many(version, [f"u{u}" for u in range(6)])
     assert got[5] is None  # u5 has no history: cold start
     for u in range(5):  # exact: the vector and the log-normaliser travel as float32
+        assert got[u].n_items == expected[f"u{u}"].n_items == min(3 + u, 5)  # long_len=5 caps u3, u4
         assert np.array_equal(got[u].vector, expected[f"u{u}"].vector) and got[u].log_norm == expected[f"u{u}"].log_norm
     assert store.meta(version)["run"] == str(run_dir)
 

@@ -56,12 +56,12 @@ def protected_redis(services, tmp_path) -> Iterator[int]:
 
 def _vectors(n: int, dim: int, seed: int) -> dict[str, LongTerm]:
     rng = np.random.default_rng(seed)
-    return {f"user-{i}": LongTerm(rng.standard_normal(dim).astype(np.float32), float(np.float32(rng.normal() * 5)))
-            for i in range(n)}
+    return {f"user-{i}": LongTerm(rng.standard_normal(dim).astype(np.float32), float(np.float32(rng.normal() * 5)),
+                                  int(rng.integers(1, 2**24))) for i in range(n)}
 
 
 def _ones(dim: int, value: float = 1.0) -> LongTerm:
-    return LongTerm(np.full(dim, value, np.float32), value)
+    return LongTerm(np.full(dim, value, np.float32), value, 1)
 
 
 def test_publish_then_read_back_exact_vectors(store):
@@ -77,7 +77,7 @@ def test_publish_then_read_back_exact_vectors(store):
     for u, entry in zip(users, got):
         if u != "nobody":
             assert entry.vector.dtype == np.float32 and np.array_equal(entry.vector, vectors[u].vector)
-            assert entry.log_norm == vectors[u].log_norm != 0
+            assert entry.log_norm == vectors[u].log_norm != 0 and entry.n_items == vectors[u].n_items
     meta = store.meta(result.version)
     assert (meta["run"], meta["dim"], meta["n_users"], meta["format"]) == ("runs/test", "16", "2500", LT_FORMAT)
     assert store.model_files(result.version) == files
@@ -188,9 +188,11 @@ def test_bad_vectors_are_refused_before_anything_is_written(store):
     with pytest.raises(DataError, match="user-3"):
         store.publish(None, {**_vectors(3, 4, seed=0), "user-3": _ones(5)})
     with pytest.raises(DataError, match="not finite"):
-        store.publish(None, {"u": LongTerm(np.array([1.0, np.nan]), 0.0)})
+        store.publish(None, {"u": LongTerm(np.array([1.0, np.nan]), 0.0, 1)})
     with pytest.raises(DataError, match="'u' is not finite"):  # a cold user has no entry, not -inf
-        store.publish(None, {"u": LongTerm(np.ones(2), -np.inf)})
+        store.publish(None, {"u": LongTerm(np.ones(2), -np.inf, 0)})
+    with pytest.raises(DataError, match="pools 0 items"):
+        store.publish(None, {"u": LongTerm(np.ones(2), 0.0, 0)})
     with pytest.raises(DataError, match="expected LongTerm"):
         store.publish(None, {"u": np.ones(2)})
     assert store.current_version() is None and store.versions() == []
