@@ -376,9 +376,11 @@ class SLSRec(nn.Module):
         return self.extend_long(self.empty_long(len(batch.user)), batch.items, batch.user)
 
     def extend_long(self, state: LongState, items: Tensor, user: Tensor) -> LongState:
-        """Fold items (B,K), oldest first, 0 = padding, into the users' (B,) long-term state: in the
-        stream, the segment a SEGMENT boundary closes. Equals forward's long-term input while it
-        holds at most long_len items; past that, approximately (see ``LongTermEncoder.extend``)."""
+        """Fold items (B,K), oldest first, 0 = padding, into the users' (B,) long-term state. In the
+        stream, at a SEGMENT boundary: the state published for the session's start with all the
+        session's items so far. Equals forward's long-term input while that holds at most long_len
+        items; past that, approximately (see ``LongTermEncoder.extend``). Fold into the published
+        state, not segment by segment: only the published items are then approximated."""
         return self.long_encoder.extend(state, self.item_emb(items), self.user_emb(user), items > 0)
 
     def long_vector(self, state: LongState) -> tuple[Tensor, Tensor]:
