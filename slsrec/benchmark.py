@@ -12,7 +12,6 @@ softmax, threads, ``torch.compile``, bf16 autocast) and reports median seconds p
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import re
@@ -298,10 +297,10 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
     return section
 
 
-def write_levers_report(rows: list[dict], *, command: str, device: str, doc: Path = DOCS, notes: str = "") -> str:
+def write_levers_report(rows: list[dict], *, command: str, device: str, doc: Path = DOCS) -> str:
     section = "\n".join([f"Command: `{command}`", "", f"Machine: {_machine_line(device, None)}.", "",
                          "Median seconds per training step after warm-up steps, and the epoch time it implies "
                          "(steps per epoch x median step); each lever changes one thing from the baseline, the "
-                         "speed-up is in epoch time.", "", levers_table(rows), "", notes])
+                         "speed-up is in epoch time.", "", levers_table(rows)])
     replace_section(doc, "Training speed: levers", section)
     return section
