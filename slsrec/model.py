@@ -75,6 +75,9 @@ class SLSRecConfig(SeqConfig):
             raise UserError(f"fixed_alpha must be in [0, 1], got {self.fixed_alpha}")
         if min(self.long_len, self.proxy_k, self.hidden, self.negatives) < 1 or self.temperature <= 0:
             raise UserError("long_len, proxy_k, hidden and negatives must be >= 1 and temperature > 0")
+        # Training never shows more than max_len - 1 long-term items; publishing and serving must pool
+        # the window the model was trained on (a wider one measured worse on ML-100K).
+        self.long_len = max(1, min(self.long_len, self.max_len - 1))
 
 
 def config_from(cls: type[SeqConfig], **kwargs) -> SeqConfig:

@@ -277,3 +277,9 @@ def test_config_mistakes_are_clear_errors():
         SLSRecConfig(n_users=1, n_items=1, fusion="short")
     with pytest.raises(UserError, match="fixed_alpha"):
         SLSRecConfig(n_users=1, n_items=1, fusion="fixed", fixed_alpha=2)
+
+
+def test_long_window_is_the_trained_window():
+    # Training at T=50 shows at most 49 long-term items: publishing must not pool 200.
+    assert build_model("slsrec", 3, 10, max_len=50).config.long_len == 49
+    assert build_model("slsrec", 3, 10, max_len=300).config.long_len == 200
