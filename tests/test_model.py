@@ -281,5 +281,5 @@ def test_config_mistakes_are_clear_errors():
 
 def test_long_window_is_the_trained_window():
     # Training at T=50 shows at most 49 long-term items: publishing must not pool 200.
-    assert build_model("slsrec", 3, 10, max_len=50).config.long_len == 49
-    assert build_model("slsrec", 3, 10, max_len=300).config.long_len == 200
+    assert SLSRecConfig(n_users=3, n_items=10, max_len=50).long_len == 49
+    assert SLSRecConfig(n_users=3, n_items=10, max_len=300).long_len == 200
