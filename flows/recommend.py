@@ -11,7 +11,8 @@ and ``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detecto
 **Versions.** Without ``--run`` the flow follows the published versions: when ``slsrec:current``
 moves to a newer version, its model loads in the background and then replaces the served one
 between two micro-batches, together with the long-term vectors; the open sessions are re-encoded by
-the new model from the item ids they hold (:meth:`slsrec.serving.Recommender.reencode`).
+the new model from the item ids they hold, each at its user's next event
+(:meth:`slsrec.serving.Recommender.reencode`).
 
 **Delivery is at-least-once.** With recovery on (``slsrec serve`` default), Bytewax snapshots the
 input offsets and every shard's sessions to SQLite under ``settings.recovery_dir`` every
@@ -177,7 +178,7 @@ class ShardLogic(StatefulBatchLogic):
     def _flush_and_sweep(self) -> list[Output]:
         # Pending events first: a session must not close while its next event waits here.
         out = self._flush(len(self.pending))
-        self.rec.follow(self.table)  # a new version is adopted while the stream is quiet, too
+        self.rec.follow()  # a new version is adopted while the stream is quiet, too
         return out + self.rec.close_idle(self.table)
 
     def notify_at(self) -> datetime:

@@ -50,16 +50,16 @@ from slsrec.checkpoint import load_run
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, next_item_quality
 from slsrec.errors import CheckpointError, UserError
-from slsrec.model import score
+from slsrec.model import LongState, score
 from slsrec.sessions import Boundary, SeqBatch, boundary, segment_starts
 from slsrec.settings import Settings
-from slsrec.store import CachedLongTerm, LongTermStore, parse_seq
+from slsrec.store import CachedLongTerm, LongTerm, LongTermStore, parse_seq
 from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
 
 log = logging.getLogger(__name__)
 
-# user ids -> (long-term version or None, one float32 (d,) vector or None per user)
-LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["np.ndarray | None"]]]
+# user ids -> (long-term version or None, one published LongTerm state or None per user)
+LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["LongTerm | None"]]]
 
 
 class Published(NamedTuple):
@@ -68,6 +68,7 @@ class Published(NamedTuple):
     version: str
     model: torch.nn.Module
     items: Vocab
+    users: Vocab
 
 
 # () -> a newer version whose model is loaded, or None; polled before every micro-batch
@@ -112,6 +113,7 @@ class Session:
     seen: list[int] = field(default_factory=list)  # indices of the session's known items
     event_ids: set[str] = field(default_factory=set)
     last_top: tuple[str, ...] = ()  # raw ids recommended at the previous event (online quality)
+    model_version: str | None = None  # the model that encoded `state`; another one re-encodes it first
 
 
 @dataclass
@@ -119,7 +121,6 @@ class SessionTable:
     """The open sessions of one shard (what a Bytewax snapshot of the shard holds)."""
 
     sessions: dict[str, Session] = field(default_factory=dict)
-    model_version: str | None = None  # the model that encoded the states; another one re-encodes them
 
 
 @dataclass
@@ -159,7 +160,7 @@ class Stats:
     drift_alerts: int = 0
     switches: int = 0  # versions adopted after the start
     reencoded: int = 0  # sessions re-encoded by a new model
-    reencode_ms: list[float] = field(default_factory=list)  # one pause per re-encoded table
+    reencode_ms: float = 0.0  # time spent re-encoding them
 
     @property
     def unknown_item_rate(self) -> float:
@@ -190,8 +191,8 @@ class Recommender:
     items : Vocab
         The model's raw item id <-> index (0 = padding).
     long_term : callable
-        ``user_ids -> (version | None, [vector | None, ...])``, one call per micro-batch; a ``None``
-        vector is a cold start (short-term only, flagged).
+        ``user_ids -> (version | None, [LongTerm | None, ...])``, one call per micro-batch: each user's
+        published long-term state; ``None`` is a cold start (short-term only, flagged).
     model_version : str
         Named in every recommendation.
     gap_ms, max_segment : int
@@ -204,17 +205,23 @@ class Recommender:
         Counters, latency histogram and one span per micro-batch (no-op by default).
     versions : callable, optional
         Polled before every micro-batch; a :class:`Published` it returns replaces the model, the item
-        table and ``model_version`` at once (the long-term lookup moves to the same version), and
-        the open sessions are re-encoded by the new model from the item ids they hold.
+        table and ``model_version`` at once (the long-term lookup moves to the same version). Each open
+        session is re-encoded by the new model from the item ids it holds at its user's next event
+        (batched with the other users of that micro-batch), so the switch itself does not stall the
+        stream and idle sessions cost nothing.
     drift : DriftMonitor, optional
         Fed every recommended event's signals; its alerts join the output after their event's
         recommendation.
+    users : Vocab, optional
+        The model's user ids: a session longer than one segment folds its closed segments into the
+        user's long-term state with the user's embedding as the pooling query. Without it (or for a
+        user the model does not know) the published state alone is the long-term input.
     """
 
     def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
                  gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
                  telemetry: Telemetry | None = None, versions: VersionSource | None = None,
-                 drift: DriftMonitor | None = None):
+                 drift: DriftMonitor | None = None, users: Vocab | None = None):
         self.long_term = long_term
         self.versions = versions
         self.drift = drift
@@ -226,46 +233,45 @@ class Recommender:
         self.stats = Stats()
         self.clock = Clock()
         self.telemetry = telemetry or Telemetry(metrics.NoOpMeterProvider(), trace.NoOpTracerProvider())
-        self._use(model, items, model_version)
+        self._use(model, items, model_version, users)
 
     @torch.no_grad()
-    def _use(self, model: torch.nn.Module, items: Vocab, model_version: str) -> None:
+    def _use(self, model: torch.nn.Module, items: Vocab, model_version: str, users: Vocab | None) -> None:
         """Serve ``model`` from now on (the tables derived from it change with it)."""
         self.model = model.to(self.device).eval()
         self.items = items
+        self.users = users
         self.model_version = model_version
         self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
         self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
         self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
         self.telemetry.set_versions(model=model_version)
+        self._announce = True
 
-    def follow(self, table: SessionTable) -> None:
-        """Adopt a newer published version if its model is loaded, and bring ``table``'s sessions to the
-        served model. Called before every micro-batch, and by the flow's sweep while the stream is quiet."""
+    def follow(self) -> None:
+        """Adopt a newer published version if its model is loaded. Called before every micro-batch,
+        and by the flow's sweep while the stream is quiet."""
         new = self.versions() if self.versions is not None else None
         if new is not None and not hasattr(new.model, "short_encoder"):
             log.warning("version %s holds a %s, which cannot serve the stream: staying on %s",
                         new.version, type(new.model).__name__, self.model_version)
         elif new is not None:
-            self._use(new.model, new.items, new.version)
+            log.info("serving version %s (was %s); open sessions are re-encoded at their next event",
+                     new.version, self.model_version)
+            self._use(new.model, new.items, new.version, new.users)
             self.max_segment = new.model.config.max_segment
             self.stats.switches += 1
-        if table.model_version != self.model_version:
-            if table.model_version is None and not table.sessions:
-                table.model_version = self.model_version  # a new shard: nothing to re-encode
-            else:
-                self.reencode(table)
 
     @torch.no_grad()
-    def reencode(self, table: SessionTable) -> None:
-        """Rebuild every open session's state with the served model from the item ids it holds.
+    def reencode(self, sessions: Sequence[Session]) -> None:
+        """Rebuild these sessions' states with the served model from the item ids they hold.
 
         The same rules as :meth:`process` (the boundary rule, unknown items kept but not stepped), so
-        a session continues exactly as if the new model had served it from its first event. All
+        a session continues exactly as if the new model had served it from its first event. The
         sessions are stepped together, one batched ``step`` per position of the longest segment.
         """
         t0 = time.perf_counter()
-        sessions = list(table.sessions.values())
+        index = self.items.index
         segments: list[list[tuple[int, float]]] = []  # per session: (item index, dt seconds) of its current segment
         for s in sessions:
             seg: list[tuple[int, float]] = []
@@ -273,12 +279,12 @@ class Recommender:
             for item_id, ts, _ in s.events:
                 if prev is not None and len(seg) >= self.max_segment:
                     seg = []  # Boundary.SEGMENT, as process() applies it
-                idx = self.items.index(item_id)
+                idx = index(item_id)
                 if idx is not None:
                     seg.append((idx, 0.0 if prev is None else max(0, ts - prev) / 1000.0))
                     seen.append(idx)
                 prev = ts if prev is None else max(prev, ts)
-            s.seen, s.seg_len = seen, len(seg)
+            s.seen, s.seg_len, s.model_version = seen, len(seg), self.model_version
             s.state = self._init_state.copy()
             segments.append(seg)
         for p in range(max((len(seg) for seg in segments), default=0)):
@@ -289,12 +295,12 @@ class Recommender:
             new = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
             for n, j in enumerate(rows):
                 sessions[j].state = new[n]
-        table.model_version = self.model_version
-        ms = (time.perf_counter() - t0) * 1000
         self.stats.reencoded += len(sessions)
-        self.stats.reencode_ms.append(ms)
-        if sessions:
-            log.info("model %s: re-encoded %d open sessions in %.1f ms", self.model_version, len(sessions), ms)
+        self.stats.reencode_ms += (time.perf_counter() - t0) * 1000
+        if self._announce:  # once per model: later batches re-encode their own few users the same way
+            self._announce = False
+            log.info("model %s: re-encoded %d open sessions in %.1f ms", self.model_version, len(sessions),
+                     (time.perf_counter() - t0) * 1000)
 
     @torch.no_grad()
     def process(self, table: SessionTable, clicks: Sequence[tuple[ClickEvent, Origin]],
@@ -306,11 +312,14 @@ class Recommender:
         opens a new session after the gap.
         """
         wall_ms = now_ms() if wall_ms is None else wall_ms
-        self.follow(table)
+        self.follow()
         out: list[list] = [[] for _ in clicks]
         per_user: dict[str, list[int]] = {}
         for i, (ev, _) in enumerate(clicks):
             per_user.setdefault(ev.user_id, []).append(i)
+        stale = [s for u in per_user if (s := table.sessions.get(u)) is not None and s.model_version != self.model_version]
+        if stale:
+            self.reencode(stale)
         tel, opened, closed = self.telemetry, self.stats.sessions_opened, self.stats.sessions_closed
         with tel.batch_span([ev.event_id for ev, _ in clicks]) as span:
             t0 = time.perf_counter()
@@ -352,7 +361,8 @@ class Recommender:
             if b is Boundary.SESSION:
                 if s is not None:
                     out[i].append(self._close(table, s))
-                s = table.sessions[ev.user_id] = Session(ev.user_id, ev.ts, ev.ts, self._init_state.copy())
+                s = table.sessions[ev.user_id] = Session(ev.user_id, ev.ts, ev.ts, self._init_state.copy(),
+                                                         model_version=self.model_version)
                 self.stats.sessions_opened += 1
             elif b is Boundary.SEGMENT:
                 s.state, s.seg_len = self._init_state.copy(), 0
@@ -424,17 +434,35 @@ class Recommender:
                         a.mean_after, a.n_seen)
         return alerts
 
+    def _long_state(self, sessions: list[Session], longs: list[LongTerm | None]) -> LongState:
+        """Each row's long-term input: the published state, with the session's closed segments folded in
+        (the model's ``extend_long``; rows of users the model has no embedding for keep the published one)."""
+        state = self.model.empty_long(len(sessions))  # (B, d), (B,), (B,)
+        warm = [j for j, v in enumerate(longs) if v is not None]
+        if warm:
+            state.mean[warm] = torch.from_numpy(np.stack([longs[j].vector for j in warm])).to(self.device)
+            state.log_z[warm] = torch.tensor([longs[j].log_norm for j in warm], device=self.device)
+            state.n[warm] = torch.tensor([float(longs[j].n_items) for j in warm], device=self.device)
+        user_of = {} if self.users is None else {j: self.users.index(s.user_id) for j, s in enumerate(sessions)}
+        fold = [j for j, s in enumerate(sessions) if len(s.seen) > s.seg_len and user_of.get(j) is not None]
+        if not fold:
+            return state
+        closed = [sessions[j].seen[: len(sessions[j].seen) - sessions[j].seg_len] for j in fold]
+        items = torch.zeros(len(fold), max(map(len, closed)), dtype=torch.long, device=self.device)  # (b, K)
+        for r, c in enumerate(closed):
+            items[r, : len(c)] = torch.tensor(c)  # oldest first, 0-padded at the end
+        sub = self.model.extend_long(LongState(state.mean[fold], state.log_z[fold], state.n[fold]), items,
+                                     torch.tensor([user_of[j] for j in fold], device=self.device))
+        state.mean[fold], state.log_z[fold], state.n[fold] = sub.mean, sub.log_z, sub.n
+        return state
+
     def _fuse(self, sessions: list[Session], longs: list, dts: list[float]) -> tuple[torch.Tensor, list[float]]:
         state = torch.from_numpy(np.stack([s.state for s in sessions])).to(self.device)  # (B, d)
         short = self.model.short_vector(state)  # (B, d)
-        has_long = torch.tensor([v is not None for v in longs], device=self.device)  # (B,)
-        long = None
-        if has_long.any():
-            zero = np.zeros_like(self._init_state)
-            long = torch.from_numpy(np.stack([zero if v is None else v for v in longs])).to(self.device)  # (B, d)
+        long, has_long = self.model.long_vector(self._long_state(sessions, longs))  # (B, d), (B,)
         seg_len = torch.tensor([s.seg_len for s in sessions], device=self.device)  # (B,)
         dt = torch.tensor(dts, device=self.device)  # (B,)
-        users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=None if long is None else has_long)
+        users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=has_long)
         return users, alpha.clamp(0.0, 1.0).tolist()  # (B, d), B floats
 
     def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[list, list]:
@@ -625,7 +653,7 @@ def load_version(store: LongTermStore, runs_dir: str | Path, version: str) -> Pu
     from slsrec.retrain import version_run_dir  # noqa: PLC0415  (pulls in training; only serving needs it)
 
     loaded = load_run(version_run_dir(store, version, runs_dir))
-    return Published(version, loaded.model, loaded.items)
+    return Published(version, loaded.model, loaded.items, loaded.users)
 
 
 def open_recommender(settings: Settings, run: str | Path | None = None, telemetry: Telemetry | None = None,
@@ -645,13 +673,13 @@ def open_recommender(settings: Settings, run: str | Path | None = None, telemetr
             raise UserError(f"nothing is published in Redis at {store.location} yet: "
                             "run `slsrec publish --run runs/NAME` first, or pass --run")
         published = load_version(store, settings.runs_dir, version)
-        model, items, model_version = published.model, published.items, version
+        model, items, users, model_version = published.model, published.items, published.users, version
         reader = LongTermReader(store, settings.redis_cache_ttl_s, telemetry=telemetry,
                                 load=partial(load_version, store, settings.runs_dir), version=version)
         source = store.meta(version).get("run", version)
     else:
         loaded = load_run(run)
-        model, items, model_version, source = loaded.model, loaded.items, Path(run).name, str(run)
+        model, items, users, model_version, source = loaded.model, loaded.items, loaded.users, Path(run).name, str(run)
         reader = LongTermReader(store, settings.redis_cache_ttl_s, str(run), telemetry)
     if not hasattr(model, "short_encoder"):
         raise CheckpointError(f"{source}: a {type(model).__name__} model cannot serve the stream; "
@@ -663,4 +691,5 @@ def open_recommender(settings: Settings, run: str | Path | None = None, telemetr
     return Recommender(model, items, reader, model_version=model_version, gap_ms=gap_ms,
                        max_segment=model.config.max_segment, top_k=settings.top_k,
                        exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry,
-                       versions=reader.poll if run is None else None, drift=DriftMonitor(worker_id=worker_id))
+                       versions=reader.poll if run is None else None, drift=DriftMonitor(worker_id=worker_id),
+                       users=users)

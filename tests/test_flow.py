@@ -23,6 +23,7 @@ from slsrec.drift import DriftMonitor
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.serving import Recommender
 from slsrec.settings import Settings
+from slsrec.store import LongTerm
 from slsrec.telemetry import setup_telemetry
 
 GAP_MS = 30 * 60 * 1000
@@ -37,7 +38,7 @@ def model() -> SLSRec:
 
 
 ITEMS = Vocab([f"i{k}" for k in range(1, N_ITEMS + 1)], padding=True)
-VECTORS = {"warm": np.linspace(-1, 1, 16, dtype=np.float32)}
+VECTORS = {"warm": LongTerm(np.linspace(-1, 1, 16, dtype=np.float32), 0.5, 4)}
 
 
 def lookup(users):

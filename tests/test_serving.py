@@ -11,6 +11,7 @@ from slsrec.data import Vocab
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.serving import Recommender, SessionTable, click, recommend_offline
 from slsrec.sessions import SeqBatch
+from slsrec.store import LongTerm
 
 GAP_MS = 30 * 60 * 1000
 T0 = 1_700_000_000_000
@@ -30,13 +31,19 @@ def items() -> Vocab:
     return Vocab([f"i{k}" for k in range(1, N_ITEMS + 1)], padding=True)
 
 
-def long_term_vector(model: SLSRec, items: Vocab, user: int, history: list[str]) -> np.ndarray:
-    """What `slsrec publish` writes for a user: the model's long-term vector of the history."""
+def long_term_vector(model: SLSRec, items: Vocab, user: int, history: list[str]) -> LongTerm:
+    """What `slsrec publish` writes for a user: the model's long-term state of the history."""
     idx = torch.tensor([[items.index(i) for i in history]])
     batch = SeqBatch(torch.tensor([user]), idx, torch.zeros(idx.shape), torch.zeros(idx.shape, dtype=torch.bool),
                      torch.zeros_like(idx))
     with torch.no_grad():
-        return model.long_term(batch)[0].numpy().astype(np.float32)
+        state = model.long_state(batch)
+    return LongTerm(state.mean[0].numpy().astype(np.float32), float(state.log_z[0]), int(state.n[0]))
+
+
+def random_state(seed: int, d: int = 16) -> LongTerm:
+    """A published state of arbitrary items: any mean, one log-normaliser, a few items."""
+    return LongTerm(np.random.default_rng(seed).normal(size=d).astype(np.float32), 0.5, 5)
 
 
 def make(model, items, vectors: dict[str, np.ndarray], **kw) -> Recommender:
@@ -103,7 +110,7 @@ def random_stream(n_events: int, n_users: int, seed: int) -> list:
 
 def test_micro_batches_equal_event_by_event(model, items):
     stream = random_stream(300, 8, seed=1)
-    vectors = {f"u{u}": np.random.default_rng(u).normal(size=16).astype(np.float32) for u in range(0, 8, 2)}
+    vectors = {f"u{u}": random_state(u) for u in range(0, 8, 2)}
     one = make(model, items, vectors)
     t1 = SessionTable()
     expected = [o for c in stream for o in one.process(t1, [c])]
@@ -197,15 +204,16 @@ class Versioned:
 
 def test_a_new_version_re_encodes_open_sessions_as_if_it_had_served_them_all_along(model, items):
     """The switch keeps session state: after it, answers equal a recommender that ran v2 from the start,
-    also across a segment boundary and for an item only v2 knows (its vocabulary grew)."""
+    also across a segment boundary (the closed segment folds into the long-term state) and for an item
+    only v2 knows (its vocabulary grew)."""
     from slsrec.serving import Published
 
     torch.manual_seed(8)
     items2 = Vocab([f"i{k}" for k in range(1, N_ITEMS + 1)] + ["sku-new"], padding=True)
     model2 = SLSRec(SLSRecConfig(n_users=N_USERS, n_items=N_ITEMS + 1, d=16, hidden=16, max_segment=4,
                                  long_len=8)).eval()
-    rng = np.random.default_rng(3)
-    vectors = {v: {f"u{u}": rng.normal(size=16).astype(np.float32) for u in range(3)} for v in ("v1", "v2")}
+    users = Vocab([f"u{u}" for u in range(N_USERS)], padding=False)  # u3 has no published state: it folds from empty
+    vectors = {v: {f"u{u}": random_state(10 * k + u) for u in range(3)} for k, v in enumerate(("v1", "v2"))}
     stream = []
     for n in range(7):  # 7 events per user: 4 before the switch, 3 after; v2's segments hold 4 items
         for u in range(4):  # u3 is cold
@@ -214,13 +222,13 @@ def test_a_new_version_re_encodes_open_sessions_as_if_it_had_served_them_all_alo
     before, after = stream[:16], stream[16:]
 
     lookup = Versioned(vectors, "v1")
-    rec = Recommender(model, items, lookup, "v1", GAP_MS, model.config.max_segment, versions=lookup.poll)
+    rec = Recommender(model, items, lookup, "v1", GAP_MS, model.config.max_segment, versions=lookup.poll, users=users)
     table = SessionTable()
     old = rec.process(table, before)
-    lookup.next = Published("v2", model2, items2)
+    lookup.next = Published("v2", model2, items2, users)
     new = rec.process(table, after)
 
-    reference = Recommender(model2, items2, Versioned(vectors, "v2"), "v2", GAP_MS, 4)
+    reference = Recommender(model2, items2, Versioned(vectors, "v2"), "v2", GAP_MS, 4, users=users)
     want = reference.process(SessionTable(), stream)[16:]
     assert all(r.model_version == "v1" and r.long_term_version in ("v1", None) for r in old)
     assert all(r.model_version == "v2" and r.long_term_version in ("v2", None) for r in new)
@@ -229,5 +237,72 @@ def test_a_new_version_re_encodes_open_sessions_as_if_it_had_served_them_all_alo
         assert (g.event_id, rank(g)[0]) == (w.event_id, rank(w)[0])
         np.testing.assert_allclose(rank(g)[1], rank(w)[1], atol=1e-5)
         assert g.alpha == pytest.approx(w.alpha, abs=1e-5)
-    assert rec.stats.switches == 1 and rec.stats.reencoded == 4 and table.model_version == "v2"
+    assert rec.stats.switches == 1 and rec.stats.reencoded == 4
+    assert {s.model_version for s in table.sessions.values()} == {"v2"}
     assert "sku-new" not in rank(new[0])[0]  # seen before the switch, excluded after it
+
+
+# --- measurement (docs/benchmarks.md) ----------------------------------------------------------------
+
+
+def measure_switch(sessions=(6_040, 20_000), events_per_session: int = 12, repeats: int = 3) -> None:
+    """The stream's pause at a version switch: re-encoding every open session of a worker with the new
+    model (the model itself loads in the background first). SLSRec of ML-1M size, random weights.
+    Wall and CPU time: the CPU time does not depend on what else runs on the machine."""
+    import gc
+    import time
+
+    from slsrec.serving import Published
+
+    torch.set_num_threads(1)
+    config = dict(n_users=6040, n_items=3706, d=64, hidden=64, max_segment=20)
+    items = Vocab([f"i{k}" for k in range(1, 3707)], padding=True)
+    old, new = SLSRec(SLSRecConfig(**config)), SLSRec(SLSRecConfig(**config))
+    rng = np.random.default_rng(0)
+    for n in sessions:
+        pauses = []
+        for _ in range(repeats):
+            lookup = Versioned({"v1": {}, "v2": {}}, "v1")
+            rec = Recommender(old, items, lookup, "v1", GAP_MS, 20, versions=lookup.poll)
+            table = SessionTable()
+            for k in range(events_per_session):
+                rec.process(table, [click(f"u{u}-{k}", f"u{u}", f"i{rng.integers(1, 3707)}", T0 + 1000 * k + u)
+                                    for u in range(n)])
+            gc.collect()
+            gc.freeze()  # as `slsrec serve` does: the collector does not walk the long-lived sessions
+            cost = []
+            for switch in (False, True):  # the same micro-batch of 512 users' next events, then after a switch
+                lookup.next = Published("v2", new, items, None) if switch else None
+                batch = [click(f"u{u}-{k}-{switch}", f"u{u}", f"i{rng.integers(1, 3707)}", T0 + 100_000 + u)
+                         for u in range(512)]
+                c0 = time.process_time()
+                rec.process(table, batch)
+                cost.append((time.process_time() - c0) * 1000)
+            assert rec.stats.reencoded == 512
+            pauses.append(cost)
+            gc.unfreeze()
+        plain, switched = min(p[0] for p in pauses), min(p[1] for p in pauses)
+        print(f"{n:>6} open sessions x {events_per_session} events: a batch of 512 events costs {plain:.0f} ms CPU, "
+              f"{switched:.0f} ms right after a switch (re-encoding its 512 users; best of {repeats}, 1 thread)")
+
+
+if __name__ == "__main__":
+    measure_switch()
+
+
+def test_a_long_session_folds_its_closed_segment_into_the_long_term_state_as_forward_does(model, items):
+    """Past a SEGMENT boundary the long-term input is the history plus the session's closed segment
+    (within L = 8 items here, so the fold is exact)."""
+    users = Vocab([f"u{u}" for u in range(N_USERS)], padding=False)
+    hist_items = ["i3", "i17"]
+    hist = [("i3", T0), ("i17", T0 + 60_000)]
+    start = T0 + 3 * GAP_MS
+    session = [(f"i{k}", start + 5_000 * n) for n, k in enumerate([5, 9, 11, 2, 30, 21, 7, 14])]  # S = 5: 2 segments
+    rec = make(model, items, {"u2": long_term_vector(model, items, 2, hist_items)}, users=users)
+    outs = rec.process(SessionTable(), [click(f"e{n}", "u2", it, ts) for n, (it, ts) in enumerate(session)])
+    for n in (4, 5, 7):  # the last event of the first segment, the first and last of the second
+        want_items, want_scores, want_alpha = recommend_offline(
+            model, items, 2, hist, session[: n + 1], gap_ms=GAP_MS, max_segment=model.config.max_segment)
+        assert rank(outs[n])[0] == want_items, n
+        np.testing.assert_allclose(rank(outs[n])[1], want_scores, atol=1e-4)
+        assert outs[n].alpha == pytest.approx(want_alpha, abs=1e-4)
