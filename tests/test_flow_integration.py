@@ -18,7 +18,7 @@ from slsrec.data import Interactions, Vocab
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.publish import publish_run
 from slsrec.serving import recommend_offline
-from slsrec.store import LongTermStore
+from slsrec.store import LongTerm, LongTermStore
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,7 @@ def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
     model = SLSRec(SLSRecConfig(n_users=len(USERS), n_items=N_ITEMS, d=8, hidden=8))
     run = save_run(tmp_path / "tiny", model, name="slsrec", users=Vocab(USERS, padding=False),
                    items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
-    LongTermStore(settings.redis_url).publish(None, {u: np.ones(8, np.float32) for u in USERS},
+    LongTermStore(settings.redis_url).publish(None, {u: LongTerm(np.ones(8, np.float32), 0.0, 1) for u in USERS},
                                               meta={"run": str(run)})
     producer, now, sent = Producer(settings.kafka_config()), int(time.time() * 1000), []
     for n in range(200):

@@ -25,7 +25,7 @@ from slsrec.data import Interactions, Vocab
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.publish import publish_run
 from slsrec.serving import recommend_offline
-from slsrec.store import LongTermStore, parse_seq
+from slsrec.store import LongTerm, LongTermStore, parse_seq
 
 pytestmark = pytest.mark.integration
 
@@ -196,7 +196,8 @@ def test_the_reader_adopts_a_newer_version_once_its_model_is_loaded_and_skips_a_
     assert reader.poll() is None and reader(["ann"])[0] == v1
 
     # A version without a model (its run is not here and Redis holds no files): the stream stays on v1.
-    broken = store.publish(None, {"ann": np.ones(16, np.float32)}, meta={"run": str(tmp_path / "gone")}).version
+    entry = {"ann": LongTerm(np.ones(16, np.float32), 0.0, 1)}
+    broken = store.publish(None, entry, meta={"run": str(tmp_path / "gone")}).version
     assert reader.poll() is None  # starts loading it in the background
     time.sleep(0.5)
     with caplog.at_level("WARNING", logger="slsrec.serving"):
@@ -229,7 +230,8 @@ def test_serve_exports_spans_and_metrics_to_the_console_when_asked(live_settings
     run = save_run(tmp_path / "tiny", SLSRec(SLSRecConfig(**CONFIG)), name="slsrec", users=Vocab(TRACKED, padding=False),
                    items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
     store = LongTermStore(settings.redis_url)
-    version = store.publish(None, {"ann": np.ones(16, np.float32)}, meta={"run": str(run)}).version
+    version = store.publish(None, {"ann": LongTerm(np.ones(16, np.float32), 0.0, 1)}, meta={"run": str(run)})
+    version = version.version
     producer, now = Producer(settings.kafka_config()), int(time.time() * 1000)
     for n in range(5):
         event = {"event_id": f"e{n}", "user_id": "ann", "item_id": f"sku{n + 1}", "ts": now - 1000 + n, "event_type": "view"}
