@@ -16,7 +16,7 @@ an otherwise unused Redis database, so the demo's published version is never tou
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import os
 import platform
@@ -43,7 +43,7 @@ from slsrec.errors import ServiceError
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.serving import Origin, Recommender, SessionTable
 from slsrec.settings import Settings
-from slsrec.store import LongTermStore
+from slsrec.store import LongTerm, LongTermStore
 
 ML1M_USERS, ML1M_ITEMS = 6040, 3706
 UNKNOWN_ITEM_RATE = 0.01  # new products in the stream
@@ -76,7 +76,8 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
           naive_events: int = 5_000) -> BenchResult:
     torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="slsrec-bench-") as tmp, _redis_db(settings) as redis_url:
+    with (tempfile.TemporaryDirectory(prefix="slsrec-bench-") as tmp, local.scratch_redis_db() as redis_url,
+          contextlib.ExitStack() as phases):
         settings = settings.model_copy(update={"redis_url": SecretStr(redis_url), "device": "cpu"})
         run_dir = Path(run) if run else _ml1m_sized_run(Path(tmp) / "ml1m-random")
         loaded = load_run(run_dir)
@@ -84,14 +85,19 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         store = LongTermStore(settings.redis_url)
         rng = np.random.default_rng(0)
         d = loaded.model.config.d
-        vectors = {u: (rng.normal(size=d) / np.sqrt(d)).astype(np.float32) for u in users}
-        version = store.publish(None, vectors, meta={"run": str(run_dir.resolve())}).version
+        # Random long-term states with a full window: the cost of serving does not depend on values.
+        full = loaded.model.config.long_len
+        states = {u: LongTerm((rng.normal(size=d) / np.sqrt(d)).astype(np.float32), 0.0, full) for u in users}
+        version = store.publish(None, states, meta={"run": str(run_dir.resolve())}).version
 
         # 1. Throughput: drain a backlog. The flow's CPU time, less that of a run over an empty
         # topic (start-up and shutdown), gives events per CPU second, which other load cannot skew.
-        s0 = _fresh_topics(settings, "idle")
+        def fresh_topics(phase: str) -> Settings:
+            return phases.enter_context(local.scratch_topics(settings, f"bench-{phase}-{uuid.uuid4().hex[:8]}."))
+
+        s0 = fresh_topics("idle")
         idle_cpu = _child_cpu(lambda: _run_flow(s0, run_dir, Path(tmp) / "rec0", exit_at_end=True))
-        s1 = _fresh_topics(settings, "tput")
+        s1 = fresh_topics("tput")
         stream = _events(users, items, events, rng)
         _produce(s1, stream)
         busy_cpu = _child_cpu(lambda: _run_flow(s1, run_dir, Path(tmp) / "rec1", exit_at_end=True))
@@ -101,7 +107,7 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         flow_eps = events / max((last - first) / 1000.0, 1e-3)
 
         # 2. Latency at half the sustained rate.
-        s2 = _fresh_topics(settings, "lat")
+        s2 = fresh_topics("lat")
         rate = flow_eps / 2
         flow = _run_flow(s2, run_dir, Path(tmp) / "rec2", exit_at_end=False)
         try:
@@ -114,8 +120,6 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         warm = lat[len(lat) // 20:]  # the first 5% include the flow's warm-up
         # 3. The naive per-event path over the same kind of events.
         naive_eps = _naive(s1, loaded, store, version, min(naive_events, events))
-        for s in (s0, s1, s2):
-            _delete_topics(s)
     return BenchResult(
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
         model=f"{loaded.name} n_items={len(items)} n_users={len(users)} d={d} ({run_dir.name})",
@@ -151,48 +155,6 @@ def _ml1m_sized_run(path: Path) -> Path:
     users = Vocab([f"u{k}" for k in range(1, ML1M_USERS + 1)], padding=False)
     items = Vocab([str(k) for k in range(1, ML1M_ITEMS + 1)], padding=True)
     return save_run(path, model, name="slsrec", users=users, items=items, dataset="random, ML-1M sized")
-
-
-class _redis_db:
-    """An empty Redis database that nobody else uses now (the tests' lock files), emptied after."""
-
-    def __init__(self, settings: Settings):
-        self.base = settings.redis_url.get_secret_value().rsplit("/", 1)[0]
-
-    def __enter__(self) -> str:
-        import redis
-
-        local.RUN.mkdir(parents=True, exist_ok=True)
-        for db in range(15, 0, -1):  # the tests take them from 1 up
-            self._lock = open(local.RUN / f"redis-db-{db}.lock", "w")
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock.close()
-                continue
-            self.url = f"{self.base}/{db}"
-            self._client = redis.Redis.from_url(self.url)
-            self._client.flushdb()
-            return self.url
-        raise ServiceError("every Redis database 1-15 is in use by tests; try again later")
-
-    def __exit__(self, *exc) -> None:
-        self._client.flushdb()
-        self._lock.close()
-
-
-def _fresh_topics(settings: Settings, phase: str) -> Settings:
-    prefix = f"bench-{phase}-{uuid.uuid4().hex[:8]}."
-    names = {f: prefix + getattr(settings, f) for f in Settings.model_fields if f.startswith("topic_")}
-    s = settings.model_copy(update=names)
-    local.create_topics(s)
-    return s
-
-
-def _delete_topics(settings: Settings) -> None:
-    admin = local.admin_client(settings)  # held: its futures fail once the client is collected
-    for fut in admin.delete_topics(list(local.topic_specs(settings))).values():
-        fut.result(timeout=30)
 
 
 def _events(users: list[str], items: list[str], n: int, rng: np.random.Generator) -> list[tuple[str, str]]:

@@ -218,6 +218,52 @@ def _ready_partitions(admin, specs: dict[str, int]) -> dict[str, int] | None:
     return {t: len(topics[t].partitions) for t in specs} if ready else None
 
 
+@contextmanager
+def scratch_topics(settings: Settings, prefix: str) -> Iterator[Settings]:
+    """Settings whose topics are new and empty (named ``prefix`` + the usual name); deleted after.
+
+    For tests and benchmarks that share the local broker with other runs.
+    """
+    fields = [f for f in Settings.model_fields if f.startswith("topic_")]
+    scratch = settings.model_copy(update={f: prefix + getattr(settings, f) for f in fields})
+    create_topics(scratch)
+    try:
+        yield scratch
+    finally:
+        admin = admin_client(scratch)  # kept alive until the futures resolve
+        for fut in admin.delete_topics(list(topic_specs(scratch))).values():
+            fut.result(timeout=30)
+
+
+SCRATCH_REDIS_DBS = range(1, 16)  # db 0 is left to the demo and to people
+
+
+@contextmanager
+def scratch_redis_db() -> Iterator[str]:
+    """URL of a local Redis database no other test or benchmark holds now, empty at start and end.
+
+    Holders coordinate through lock files in ``var/run/``, so parallel test sessions never share one.
+    """
+    import redis
+
+    RUN.mkdir(parents=True, exist_ok=True)
+    for db in SCRATCH_REDIS_DBS:
+        with open(RUN / f"redis-db-{db}.lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            url = f"redis://{REDIS.host}:{REDIS.port}/{db}"
+            client = redis.Redis.from_url(url)
+            client.flushdb()
+            try:
+                yield url
+            finally:
+                client.flushdb()
+            return
+    raise ServiceError(f"all {len(SCRATCH_REDIS_DBS)} scratch Redis databases are in use; try again later")
+
+
 def admin_client(settings: Settings):
     """A confluent-kafka AdminClient for ``settings``, whose connection noise goes nowhere."""
     from confluent_kafka.admin import AdminClient

@@ -14,7 +14,6 @@ or anyone else are never stopped.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import uuid
 from collections.abc import Iterator
 
@@ -24,8 +23,6 @@ from pydantic import SecretStr
 from slsrec import local
 from slsrec.settings import Settings
 
-TOPIC_FIELDS = [f for f in Settings.model_fields if f.startswith("topic_")]
-REDIS_TEST_DBS = range(1, 16)  # db 0 is left to the demo and to people
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -59,34 +56,15 @@ def topic_prefix() -> str:
 @pytest.fixture
 def fresh_topics(services, topic_prefix) -> Iterator[Settings]:
     """Settings whose five topics are new and empty (clicks with 4 partitions); deleted afterwards."""
-    defaults = Settings()
-    settings = defaults.model_copy(update={f: topic_prefix + getattr(defaults, f) for f in TOPIC_FIELDS})
-    local.create_topics(settings)
-    yield settings
-    admin = local.admin_client(settings)  # kept alive until the futures resolve
-    for fut in admin.delete_topics(list(local.topic_specs(settings))).values():
-        fut.result(timeout=30)
+    with local.scratch_topics(Settings(), topic_prefix) as settings:
+        yield settings
 
 
 @pytest.fixture
 def redis_db(services) -> Iterator[str]:
     """URL of a Redis database that no other running test uses, empty at the start and at the end."""
-    import redis
-
-    local.RUN.mkdir(parents=True, exist_ok=True)
-    for db in REDIS_TEST_DBS:
-        with open(local.RUN / f"redis-db-{db}.lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            url = f"redis://{local.REDIS.host}:{local.REDIS.port}/{db}"
-            client = redis.Redis.from_url(url)
-            client.flushdb()
-            yield url
-            client.flushdb()
-            return
-    pytest.fail(f"all {len(REDIS_TEST_DBS)} Redis test databases are in use")
+    with local.scratch_redis_db() as url:
+        yield url
 
 
 @pytest.fixture
