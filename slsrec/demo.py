@@ -85,6 +85,7 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
             n_events = _lines(local.SAMPLE_CLICKS)
             got = _collect(settings, start, n_events)
             _summarise(n_events, got)
+            first_alerts = _drift_alerts(settings, start[settings.topic_drift])
 
             _say("the long-term loop: one retrain cycle on the sessions the flow recorded")
             _run(RETRAIN)
@@ -99,7 +100,7 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
             n_drift = _lines(DRIFT_CLICKS)
             got2 = _collect(settings, second, n_drift)
             _summarise(n_drift, got2, title="second replay: users whose tastes changed")
-            _loop_summary(got, got2, _drift_alerts(settings, start[settings.topic_drift]))
+            _loop_summary(got, got2, _drift_alerts(settings, start[settings.topic_drift]), first_alerts)
         finally:
             if flow is not None:
                 _stop(flow)
@@ -216,7 +217,7 @@ def _drift_alerts(settings: Settings, start: dict[int, int], wait_s: float = 3.0
     return alerts
 
 
-def _loop_summary(first: Collected, second: Collected, alerts: list[dict]) -> None:
+def _loop_summary(first: Collected, second: Collected, alerts: list[dict], first_alerts: list[dict]) -> None:
     print("\n=== the long-term loop ===")
     for name, got in (("first replay ", first), ("second replay", second)):
         counts: dict[str, int] = {}
@@ -225,11 +226,12 @@ def _loop_summary(first: Collected, second: Collected, alerts: list[dict]) -> No
         mixed = sum(r["long_term_version"] not in (None, r["model_version"]) for r in got.recommendations)
         print(f"{name}  recommendations by version: "
               + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + f"  (model and vectors differ: {mixed})")
-    print(f"drift alerts on topic drift: {len(alerts)}")
+    print(f"drift alerts on topic drift: {len(alerts)} (first replay: {sum(a in first_alerts for a in alerts)}, "
+          f"second: {len(alerts) - sum(a in first_alerts for a in alerts)})")
     for a in alerts:
-        when = time.strftime("%H:%M:%S", time.gmtime(a["ts"] / 1000))
-        print(f"  {a['signal']:<12} {a['detector']:<12} mean {a['mean_before']} -> {a['mean_after']} "
-              f"after {a['n_seen']} values (event ts {when} UTC, worker {a['worker_id']}, model {a['model_version']})")
+        when = "first replay " if a in first_alerts else "second replay"
+        print(f"  {when}  {a['signal']:<12} {a['detector']:<12} mean {a['mean_before']} -> {a['mean_after']} "
+              f"after {a['n_seen']} values (worker {a['worker_id']}, model {a['model_version']})")
 
 
 def _summarise(n_events: int, got: Collected, title: str = "demo summary") -> None:
@@ -289,17 +291,24 @@ def _say(text: str) -> None:
 # ---- the second clickstream --------------------------------------------------------------------------
 
 
-def drift_sample(max_events: int = 5000, seed: int = 1) -> pd.DataFrame:
-    """The default world's live part, but with every user's taste redrawn at the cut, for whole users
-    who are not in the first sample (so their events do not interleave with the first replay's).
+DRIFT_P_INTENT = 0.4  # after the shift, sessions follow one intent less (0.8 before)
 
-    Same seed, so the items, their clusters and everything before the cut are the default world's:
-    the demo model learnt the old tastes, and the sessions now come from new ones.
+
+def drift_sample(max_events: int = 5000, seed: int = 1) -> pd.DataFrame:
+    """The default world's live part, changed: every user's taste is redrawn at the cut and sessions
+    stray more from their intent (:data:`DRIFT_P_INTENT`); whole users who have a history before the
+    cut (so none is a cold start) and are not in the first sample (so their events do not interleave
+    with the first replay's).
+
+    Same seed and catalogue, so the items, their clusters and the users' old tastes are the default
+    world's, which the demo model learnt.
     """
     events = synthetic.default_world().events
     cut = synthetic.default_cut_ms(events)
-    shifted = synthetic.generate(dataclasses.replace(synthetic.DEFAULT, shift_at_ms=cut)).events
+    config = dataclasses.replace(synthetic.DEFAULT, shift_at_ms=cut, p_intent=DRIFT_P_INTENT)
+    shifted = synthetic.generate(config).events
     live = shifted[shifted["timestamp"] >= cut]
+    live = live[live["user_id"].isin(events.loc[events["timestamp"] < cut, "user_id"])]
     taken = set(synthetic.live_sample()["user_id"])
     counts = live["user_id"].value_counts()
     chosen, total = [], 0

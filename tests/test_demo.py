@@ -25,6 +25,8 @@ def test_drift_sample_users_have_new_tastes_and_are_not_in_the_first_sample():
     sample = drift_sample()
     assert not set(sample["user_id"]) & set(synthetic.live_sample()["user_id"])
     world = synthetic.default_world()
+    history = world.events[world.events["timestamp"] < synthetic.default_cut_ms(world.events)]
+    assert set(sample["user_id"]) <= set(history["user_id"])  # known users: the demo model has their history
     cluster = world.truth.item_cluster
     # Each user's clicks follow the new taste, not the one the demo model learnt (the default world's).
     old = world.truth.taste.to_numpy()
