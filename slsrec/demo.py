@@ -150,7 +150,7 @@ def _wait_for_switch(version: str) -> str:
         if f"long-term vectors: version {version}" in text:
             time.sleep(1.5)  # the sweep re-encodes the open sessions right after
             text = log_path.read_text()
-            found = re.findall(rf"version {version}: model loaded in \d+ ms|model {version}: re-encoded .* ms", text)
+            found = re.findall(rf"version {version}: model loaded in \d+ ms|serving version {version} \(was \S+\)", text)
             return "flow: " + "; ".join(found or [f"serving {version}"])
         time.sleep(0.5)
     raise ServiceError(f"the flow did not adopt {version} within {SWITCH_TIMEOUT_S:.0f} s; log {log_path}")
