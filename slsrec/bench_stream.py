@@ -266,7 +266,7 @@ def _naive(settings: Settings, run, store: LongTermStore, version: str, n: int) 
         return version, store.get_many(version, user_ids)
 
     rec = Recommender(run.model, run.items, one_read, model_version="naive", gap_ms=settings.session_gap_s * 1000,
-                      max_segment=run.model.config.max_segment, top_k=settings.top_k, device="cpu")
+                      max_segment=run.model.config.max_segment, top_k=settings.top_k, device="cpu", users=run.users)
     table = SessionTable()
     p = Producer({**settings.kafka_config(), "linger.ms": 0})
     c = _consumer(settings, settings.topic_clicks)

@@ -29,6 +29,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,9 +72,10 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
 
     if keep_services:
         local.up(settings, adopt=True)
-    with local.session(settings) as statuses:
+    with local.session(settings) as statuses, _isolated(settings) as settings:
         started = [s.name for s in statuses if s.started]
-        _say(f"services: Kafka {settings.kafka_bootstrap} and Redis answer (started now: {', '.join(started) or 'none'})")
+        _say(f"services: Kafka {settings.kafka_bootstrap} and Redis answer (started now: {', '.join(started) or 'none'});"
+             f" this run's topics: {settings.topic_clicks}, {settings.topic_recommendations}, ...")
         store = LongTermStore(settings.redis_url)
         flow = None
         try:
@@ -96,7 +99,7 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
                 _say(f"published {v2}; waiting for the running flow to adopt it (no restart)")
                 _say(_wait_for_switch(v2))
             second = _end_offsets(settings)
-            _run(("slsrec", "replay", DRIFT_CLICKS, "--topic", "clicks", "--as-fast-as-possible"))
+            _run(("slsrec", "replay", DRIFT_CLICKS, "--as-fast-as-possible"))
             n_drift = _lines(DRIFT_CLICKS)
             got2 = _collect(settings, second, n_drift)
             _summarise(n_drift, got2, title="second replay: users whose tastes changed")
@@ -104,6 +107,30 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
         finally:
             if flow is not None:
                 _stop(flow)
+
+
+@contextmanager
+def _isolated(settings: Settings) -> Iterator[Settings]:
+    """This run's own topics, recovery and history directories, so one demo run never resumes or
+    de-duplicates against the state of an earlier one. The child commands get them through the
+    environment (``SLSREC_*``), so their command lines stay those of docker-compose.yml."""
+    tag = time.strftime("demo-%Y%m%dT%H%M%S")
+    with local.scratch_topics(settings, f"{tag}.") as scratch:
+        scratch = scratch.model_copy(update={"recovery_dir": local.VAR / tag / "recovery",
+                                             "history_dir": local.VAR / tag / "history"})
+        env = {f"SLSREC_{f.upper()}": str(getattr(scratch, f)) for f in Settings.model_fields
+               if f.startswith("topic_") or f in ("recovery_dir", "history_dir")}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield scratch
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            shutil.rmtree(local.VAR / tag, ignore_errors=True)
 
 
 def _lines(path: str) -> int:

@@ -54,7 +54,7 @@ APP_COMMANDS: dict[str, tuple[str, ...]] = {
     "topics": ("slsrec", "local", "topics"),
     "publisher": ("slsrec", "publish", "--run", DEMO_RUN),
     "flow": ("slsrec", "serve"),
-    "replay": ("slsrec", "replay", SAMPLE_CLICKS, "--topic", "clicks", "--as-fast-as-possible"),
+    "replay": ("slsrec", "replay", SAMPLE_CLICKS, "--as-fast-as-possible"),  # topic from settings
 }
 
 

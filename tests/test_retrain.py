@@ -76,7 +76,7 @@ def test_a_cycle_publishes_a_newer_version_with_readable_vectors_and_model(env, 
     assert result.ingest["sessions"] > 0 and result.warm_start == str(base_run)
     # Vectors of every user with history, the new user included.
     vectors = store.get_many(result.version, ["brand-new-user", "u01"])
-    assert all(v is not None and v.shape == (8,) for v in vectors)
+    assert all(v is not None and v.vector.shape == (8,) for v in vectors)
     assert int(store.meta(result.version)["n_users"]) == result.vectors == world["user_id"].nunique() + 1
     # The flow's model is in Redis: rebuilt from the model files alone, it knows the new ids.
     files = store.model_files(result.version)
