@@ -11,7 +11,7 @@ The publisher, flow and replay run as the same command lines that ``docker-compo
 
 The second clickstream, ``data/clicks.drift.jsonl``, is written by::
 
-    python -m slsrec.demo --drift-sample data/clicks.drift.jsonl
+    python -m slsrec.synthetic --drift-sample data/clicks.drift.jsonl
 
 >>> RETRAIN[:3]
 ('slsrec', 'retrain', '--once')
@@ -19,8 +19,6 @@ The second clickstream, ``data/clicks.drift.jsonl``, is written by::
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import re
@@ -35,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from slsrec import local, synthetic
+from slsrec import local
 from slsrec.errors import ServiceError
 from slsrec.settings import Settings
 
@@ -316,48 +313,3 @@ def _say(text: str) -> None:
 
 
 # ---- the second clickstream --------------------------------------------------------------------------
-
-
-DRIFT_P_INTENT = 0.4  # after the shift, sessions follow one intent less (0.8 before)
-
-
-def drift_sample(max_events: int = 5000, seed: int = 1) -> pd.DataFrame:
-    """The default world's live part, changed: every user's taste is redrawn at the cut and sessions
-    stray more from their intent (:data:`DRIFT_P_INTENT`); whole users who have a history before the
-    cut (so none is a cold start) and are not in the first sample (so their events do not interleave
-    with the first replay's).
-
-    Same seed and catalogue, so the items, their clusters and the users' old tastes are the default
-    world's, which the demo model learnt.
-    """
-    events = synthetic.default_world().events
-    cut = synthetic.default_cut_ms(events)
-    config = dataclasses.replace(synthetic.DEFAULT, shift_at_ms=cut, p_intent=DRIFT_P_INTENT)
-    shifted = synthetic.generate(config).events
-    live = shifted[shifted["timestamp"] >= cut]
-    live = live[live["user_id"].isin(events.loc[events["timestamp"] < cut, "user_id"])]
-    taken = set(synthetic.live_sample()["user_id"])
-    counts = live["user_id"].value_counts()
-    chosen, total = [], 0
-    for u in np.random.default_rng(seed).permutation(np.sort(live["user_id"].unique())):
-        if u in taken:
-            continue
-        if total + counts[u] > max_events:
-            break
-        chosen.append(u)
-        total += counts[u]
-    return live[live["user_id"].isin(chosen)].reset_index(drop=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m slsrec.demo", description="Write the demo's drifted clickstream.")
-    parser.add_argument("--drift-sample", type=Path, required=True, help="write it here (JSON Lines)")
-    args = parser.parse_args(argv)
-    sample = drift_sample()
-    args.drift_sample.parent.mkdir(parents=True, exist_ok=True)
-    args.drift_sample.write_text(synthetic.sample_jsonl(sample), encoding="utf-8")
-    print(f"wrote {args.drift_sample}: {len(sample)} events, {sample['user_id'].nunique()} users")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -214,11 +214,35 @@ def default_split() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def live_sample(max_users: int = 300, max_events: int = 5000, seed: int = 0) -> pd.DataFrame:
     """A small slice of the default world's live part: whole users, picked in seeded random order."""
-    live = default_split()[1]
-    users = live["user_id"].unique()
+    return _whole_users(default_split()[1], max_events, seed, max_users=max_users)
+
+
+DRIFT_P_INTENT = 0.4  # after the shift, sessions follow one intent less (0.8 before)
+
+
+def drift_sample(max_events: int = 5000, seed: int = 1) -> pd.DataFrame:
+    """The default world's live part, changed: every user's taste is redrawn at the cut and sessions
+    stray more from their intent (:data:`DRIFT_P_INTENT`); whole users who have a history before the
+    cut (so none is a cold start) and are not in :func:`live_sample` (so the two replays do not
+    interleave). Same seed and catalogue, so items, clusters and the users' old tastes are the
+    default world's, which a model trained on ``load_dataset("synthetic")`` learnt.
+    """
+    events = default_world().events
+    cut = default_cut_ms(events)
+    shifted = generate(replace(DEFAULT, shift_at_ms=cut, p_intent=DRIFT_P_INTENT)).events
+    live = shifted[shifted["timestamp"] >= cut]
+    live = live[live["user_id"].isin(events.loc[events["timestamp"] < cut, "user_id"])]
+    return _whole_users(live, max_events, seed, exclude=set(live_sample()["user_id"]))
+
+
+def _whole_users(live: pd.DataFrame, max_events: int, seed: int, max_users: int | None = None,
+                 exclude: set = frozenset()) -> pd.DataFrame:
+    """Whole users of ``live`` in seeded random order until ``max_events`` (or ``max_users``) is reached."""
     counts = live["user_id"].value_counts()
     chosen, total = [], 0
-    for u in np.random.default_rng(seed).permutation(users):
+    for u in np.random.default_rng(seed).permutation(np.sort(live["user_id"].unique())):
+        if u in exclude:
+            continue
         if len(chosen) == max_users or total + counts[u] > max_events:
             break
         chosen.append(u)
@@ -234,12 +258,17 @@ def sample_jsonl(events: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slsrec.synthetic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sample", type=Path, required=True, help="write the live sample (JSON Lines) here")
+    parser.add_argument("--sample", type=Path, help="write the live sample (JSON Lines) here")
+    parser.add_argument("--drift-sample", type=Path, help="write the drifted live sample (JSON Lines) here")
     args = parser.parse_args(argv)
-    sample = live_sample()
-    args.sample.parent.mkdir(parents=True, exist_ok=True)
-    args.sample.write_text(sample_jsonl(sample), encoding="utf-8")
-    print(f"wrote {args.sample}: {len(sample)} events, {sample['user_id'].nunique()} users")
+    if not (args.sample or args.drift_sample):
+        parser.error("give --sample PATH and/or --drift-sample PATH")
+    for path, make in ((args.sample, live_sample), (args.drift_sample, drift_sample)):
+        if path:
+            sample = make()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(sample_jsonl(sample), encoding="utf-8")
+            print(f"wrote {path}: {len(sample)} events, {sample['user_id'].nunique()} users")
 
 
 if __name__ == "__main__":

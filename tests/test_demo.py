@@ -8,7 +8,8 @@ import pandas as pd
 
 from slsrec import synthetic
 from slsrec.data import read_clickstream
-from slsrec.demo import DRIFT_CLICKS, drift_sample
+from slsrec.demo import DRIFT_CLICKS
+from slsrec.synthetic import drift_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_drift_sample_is_what_the_generator_produces_now():
     sample = drift_sample()
     assert (ROOT / DRIFT_CLICKS).read_text(encoding="utf-8") == synthetic.sample_jsonl(sample), (
-        f"regenerate with: python -m slsrec.demo --drift-sample {DRIFT_CLICKS}")
+        f"regenerate with: python -m slsrec.synthetic --drift-sample {DRIFT_CLICKS}")
     pd.testing.assert_frame_equal(read_clickstream(ROOT / DRIFT_CLICKS), sample)
     assert 4000 <= len(sample) <= 5000 and sample["user_id"].nunique() >= 100
 
