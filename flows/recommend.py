@@ -47,6 +47,7 @@ from pathlib import Path
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
+from bytewax.inputs import StatefulSourcePartition
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
@@ -71,6 +72,34 @@ Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
 
 def origin_of(msg: KafkaSourceMessage) -> Origin:
     return Origin(msg.value or b"", msg.topic or "", msg.partition, msg.offset)
+
+
+class _NoWait:
+    """A consumer whose ``consume`` returns what is already fetched instead of blocking.
+
+    librdkafka's ``consume(n, timeout)`` waits out the whole timeout unless ``n`` messages are
+    ready, and Bytewax's Kafka partition asks for 1,000 with a 1 ms timeout: under a live stream
+    every poll blocked 1-2 ms and the worker polled several times before each micro-batch
+    (bench-stream: about 15 ms of every 40 ms cycle). Bytewax itself waits 1 ms after an empty batch.
+    """
+
+    def __init__(self, consumer):
+        self._consumer = consumer
+
+    def consume(self, num_messages: int, timeout: float):
+        return self._consumer.consume(num_messages, 0)
+
+    def __getattr__(self, name: str):
+        return getattr(self._consumer, name)
+
+
+class NoWaitKafkaSource(KafkaSource):
+    """Bytewax's ``KafkaSource`` whose partitions poll without blocking (see :class:`_NoWait`)."""
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> StatefulSourcePartition:
+        part = super().build_part(step_id, for_part, resume_state)
+        part._consumer = _NoWait(part._consumer)  # bytewax 0.21's partition keeps its consumer here
+        return part
 
 
 def is_message(item: KafkaSourceMessage | KafkaError) -> bool:
@@ -140,7 +169,10 @@ def shard_of(keys: list[str], item: Decoded) -> str:
 class ShardLogic(StatefulBatchLogic):
     """The open sessions of one shard, fed in micro-batches of up to ``batch_size`` events.
 
-    Events wait at most ``batch_timeout_ms`` for a batch to fill. A sweep every ``sweep`` closes
+    A batch starts at least ``batch_timeout_ms`` after the previous one ended, so that a batch
+    gathers what arrived meanwhile; events that arrived while the shard was busy have already waited,
+    and events after a quiet spell go at once (timing the wait from an event's arrival instead added
+    the whole timeout to every cycle: p50 20-25 -> 12 ms at 5,000 events/s). A sweep every ``sweep`` closes
     idle sessions. The snapshot holds the sessions *and* the unprocessed events, because the input
     offsets in the same snapshot are already past them.
     """
@@ -149,18 +181,22 @@ class ShardLogic(StatefulBatchLogic):
         self.rec, self.batch_size, self.timeout, self.sweep = rec, batch_size, timeout, sweep
         self.table, self.pending = pickle.loads(resume) if resume is not None else (SessionTable(), [])
         now = datetime.now(timezone.utc)
-        self.flush_at = now + timeout if self.pending else None
+        self.flushed_at = now - timeout  # when the last batch ended
+        self.flush_at = now if self.pending else None
         self.sweep_at = now + sweep
 
     def on_batch(self, values: list[Decoded]) -> tuple[list[Output], bool]:
+        now = datetime.now(timezone.utc)
         if not self.pending:
-            self.flush_at = datetime.now(timezone.utc) + self.timeout
+            self.flush_at = max(now, self.flushed_at + self.timeout)
         if values:
             self.rec.observe([ev for ev, _ in values])  # time moves on arrival, for every shard
         self.pending.extend(values)
         out: list[Output] = []
         while len(self.pending) >= self.batch_size:
             out += self._flush(self.batch_size)
+        if self.pending and now >= self.flush_at:
+            out += self._flush(len(self.pending))
         return out, self.RETAIN
 
     def on_notify(self) -> tuple[list[Output], bool]:
@@ -190,8 +226,10 @@ class ShardLogic(StatefulBatchLogic):
 
     def _flush(self, n: int) -> list[Output]:
         batch, self.pending = self.pending[:n], self.pending[n:]
-        self.flush_at = datetime.now(timezone.utc) + self.timeout if self.pending else None
-        return self.rec.process(self.table, batch) if batch else []
+        out = self.rec.process(self.table, batch) if batch else []
+        self.flushed_at = datetime.now(timezone.utc)
+        self.flush_at = self.flushed_at + self.timeout if self.pending else None
+        return out
 
 
 def is_recommendation(item: Output) -> bool:
@@ -240,8 +278,8 @@ def get_flow(
     """
     brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
-    source = source or KafkaSource(brokers, [settings.topic_clicks], tail=tail, add_config=conf,
-                                   raise_on_errors=False)
+    source = source or NoWaitKafkaSource(brokers, [settings.topic_clicks], tail=tail, add_config=conf,
+                                         raise_on_errors=False)
     raw = op.input("clicks_in", flow, source)
     # KafkaSourceMessage | KafkaError
     split = op.branch("split_consumer_errors", raw, is_message)
