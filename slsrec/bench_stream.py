@@ -112,8 +112,9 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         flow = _run_flow(s2, run_dir, Path(tmp) / "rec2", exit_at_end=False)
         try:
             _wait_until_serving(s2, users[0], items[0])
+            start_ms = int(time.time() * 1000)
             sent = _paced(s2, _events(users, items, int(rate * latency_s), rng), rate)
-            lat = _latencies(s2, sent + 1)
+            lat = _latencies(s2, sent + 1, start_ms)
         finally:
             flow.terminate()
             flow.wait(60)
@@ -251,13 +252,15 @@ def _wait_until_serving(settings: Settings, user: str, item: str, timeout_s: flo
         raise ServiceError(f"the flow gave no recommendation within {timeout_s:.0f} s")
 
 
-def _latencies(settings: Settings, n: int) -> np.ndarray:
-    """Recommendation produce time minus event produce time (ms), warm-up event excluded."""
-    out = [m.timestamp()[1] - json.loads(m.value())["event_ts"]
+def _latencies(settings: Settings, n: int, since_ms: int) -> np.ndarray:
+    """Recommendation produce time minus event produce time (ms), in event order, of the events
+    produced from ``since_ms`` on: the warm-up event is left out by its time, since the
+    recommendations' partitions are read in no particular order."""
+    got = [(json.loads(m.value())["event_ts"], m.timestamp()[1])
            for m in _drain(settings, settings.topic_recommendations, n)]
-    if len(out) < n:
-        raise ServiceError(f"only {len(out)} of {n} recommendations arrived")
-    return np.array(out[1:], dtype=np.float64)
+    if len(got) < n:
+        raise ServiceError(f"only {len(got)} of {n} recommendations arrived")
+    return np.array([rec_ts - ev_ts for ev_ts, rec_ts in sorted(got) if ev_ts >= since_ms], dtype=np.float64)
 
 
 def _naive(settings: Settings, run, store: LongTermStore, version: str, n: int) -> float:
