@@ -55,6 +55,15 @@ def result_path(out: Path, model: str, seed: int) -> Path:
     return out / "results" / f"{model}-s{seed}.json"
 
 
+def planned_runs(models: list[str], seeds: int) -> list[tuple[str, int]]:
+    """The (model, seed) runs of a benchmark, seed-major: a run cut off early has every model once.
+
+    >>> planned_runs(["pop", "slsrec"], seeds=3)
+    [('pop', 0), ('slsrec', 0), ('slsrec', 1), ('slsrec', 2)]
+    """
+    return [(m, s) for s in range(seeds) for m in models if s < min(seeds, PLAN.get(m, 1))]
+
+
 def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, base: TrainConfig,
                   progress: bool = True, log=print) -> list[dict]:
     """Train every (model, seed) not finished yet under ``out``; return all results (old and new)."""
@@ -62,9 +71,7 @@ def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, bas
     if unknown:
         raise UserError(f"unknown model {unknown[0]!r}; valid: {', '.join(MODEL_NAMES)}")
     results = []
-    # Seed-major order: a run cut off early still has every model once, then the extra seeds.
-    todo = [(m, s) for s in range(seeds) for m in models if s < min(seeds, PLAN.get(m, 1))]
-    for model, seed in todo:
+    for model, seed in planned_runs(models, seeds):
         path = result_path(out, model, seed)
         if path.exists():
             results.append(json.loads(path.read_text()))
@@ -261,7 +268,7 @@ def _machine_line(device: str, threads: str | None) -> str:
 
 
 def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float | None,
-                           doc: Path = DOCS, img: Path | None = None) -> str:
+                           planned: int, doc: Path = DOCS, img: Path | None = None) -> str:
     """Write the ``Model quality: <dataset>`` section of ``doc`` and the validation-curve PNG."""
     img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}.png"
     plot_curves(results, img)
@@ -271,6 +278,8 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
     body = [
         f"Command: `{command}`",
         "",
+        *([f"**Partial**: {len(results)} of {planned} planned (model, seed) runs have finished; re-run the "
+           "command to continue where it stopped.", ""] if len(results) < planned else []),
         f"Machine: {_machine_line(', '.join(devices), ', '.join(map(str, threads)))}.",
         f"Wall time: {train_s / 3600:.2f} h of training and evaluation summed over the {len(results)} finished "
         f"(model, seed) runs" + (f"; the last invocation took {wall_s / 60:.1f} min" if wall_s else "")

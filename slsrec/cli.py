@@ -249,7 +249,8 @@ def benchmark_cmd(
     from dataclasses import replace
     from pathlib import Path
 
-    from slsrec.benchmark import PLAN, load_results, results_table, run_benchmark, write_benchmark_report
+    from slsrec.benchmark import (PLAN, load_results, planned_runs, results_table, run_benchmark,
+                                  write_benchmark_report)
     from slsrec.train import TrainConfig
 
     t0 = time.perf_counter()
@@ -269,7 +270,8 @@ def benchmark_cmd(
         command = f"slsrec benchmark --dataset {shlex.quote(dataset)} --seeds {seeds}" + "".join(
             f" {flag} {shlex.quote(str(v))}" for flag, v in extra.items() if v)
         write_benchmark_report(results, dataset=dataset, command=command, out=out_dir,
-                               wall_s=None if report_only else time.perf_counter() - t0)
+                               wall_s=None if report_only else time.perf_counter() - t0,
+                               planned=len(planned_runs(names, seeds)))
         typer.echo("wrote docs/benchmarks.md and its plot under docs/img/")
 
 

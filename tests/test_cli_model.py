@@ -115,10 +115,12 @@ def test_benchmark_is_resumable_and_writes_its_report(clicks, tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n## Streaming\n\nkept as is\n")
     replace_section(doc, "Training speed: levers", "old table")
-    write_benchmark_report(load_results(out), dataset="clicks.csv", command="slsrec benchmark ...", out=out, wall_s=1.0, doc=doc,
-                           img=tmp_path / "img" / "curves.png")
-    write_benchmark_report(load_results(out), dataset="clicks.csv", command="slsrec benchmark ...", out=out, wall_s=1.0, doc=doc,
-                           img=tmp_path / "img" / "curves.png")
+    report = dict(dataset="clicks.csv", command="slsrec benchmark ...", out=out, wall_s=1.0, doc=doc,
+                  img=tmp_path / "img" / "curves.png")
+    write_benchmark_report(load_results(out), planned=3, **report)
+    assert "**Partial**: 2 of 3 planned" in doc.read_text()
+    write_benchmark_report(load_results(out), planned=2, **report)
     text = doc.read_text()
+    assert "Partial" not in text
     assert text.count("## Model quality: clicks.csv") == 1 and "kept as is" in text and "old table" in text
     assert "| pop | 1 |" in text and (tmp_path / "img" / "curves.png").stat().st_size > 1000
