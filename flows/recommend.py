@@ -55,7 +55,6 @@ from bytewax.outputs import Sink
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from bytewax.testing import TestingSource  # the source of the shard-key probe
-from pydantic import SecretStr
 
 from schemas.drift import DriftAlert
 from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
@@ -380,7 +379,7 @@ def _run_local_cluster(settings: Settings, run, addresses: list[str], recovery: 
     base = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--addresses", ";".join(addresses)]
     base += (["--run", str(run)] if run else []) + ([] if recovery else ["--no-recovery"])
     base += [] if tail else ["--exit-at-end"]
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings.to_env()}
     children = [subprocess.Popen(base + ["--process-id", str(i)], env=env) for i in range(len(addresses))]
     try:
         codes = [c.wait() for c in children]
@@ -391,13 +390,3 @@ def _run_local_cluster(settings: Settings, run, addresses: list[str], recovery: 
                 c.wait(30)
     if any(codes):
         raise ServiceError(f"flow processes exited with {codes}")
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``SLSREC_*`` variables that recreate ``settings`` in a child process (secrets included)."""
-    env = {}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"SLSREC_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-    return env

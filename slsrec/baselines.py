@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slsrec.errors import UserError
-from slsrec.model import Output, SeqConfig
+from slsrec.model import Output, SeqConfig, init_items
 
 
 def clsr_overrides(k: int = 10) -> dict:
@@ -107,9 +107,7 @@ class GRU4Rec(nn.Module):
         self.item_emb = nn.Embedding(config.n_items + 1, config.d, padding_idx=0)
         self.drop = nn.Dropout(config.dropout)
         self.gru = nn.GRU(config.d, config.d, batch_first=True)
-        nn.init.normal_(self.item_emb.weight, std=1 / math.sqrt(config.d))
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        init_items(self.item_emb)
 
     def item_embeddings(self) -> Tensor:
         return self.item_emb.weight  # (n_items+1, d)
@@ -184,9 +182,7 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        nn.init.normal_(self.item_emb.weight, std=1 / math.sqrt(d))
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        init_items(self.item_emb)
 
     def item_embeddings(self) -> Tensor:
         return self.item_emb.weight  # (n_items+1, d)

@@ -34,7 +34,6 @@ import torch
 from confluent_kafka import Consumer, Producer
 from pydantic import SecretStr
 
-from flows.recommend import settings_env
 from schemas.events import InvalidEvent, decode_click
 from slsrec import local
 from slsrec.checkpoint import load_run, save_run
@@ -197,7 +196,7 @@ def _paced(settings: Settings, stream: list[tuple[str, str]], rate: float) -> in
 
 def _run_flow(settings: Settings, run_dir: Path, recovery_dir: Path, exit_at_end: bool) -> subprocess.Popen:
     """`slsrec serve` in a child process on the bench's topics; waits for it when ``exit_at_end``."""
-    env = {**os.environ, **settings_env(settings.model_copy(update={"recovery_dir": recovery_dir})),
+    env = {**os.environ, **settings.model_copy(update={"recovery_dir": recovery_dir}).to_env(),
            "OMP_NUM_THREADS": "1"}  # one worker on one core
     cmd = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--run", str(run_dir)]
     child = subprocess.Popen(cmd + (["--exit-at-end"] if exit_at_end else []), env=env,

@@ -103,7 +103,7 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
             _loop_summary(got, got2, _drift_alerts(settings, start[settings.topic_drift]), first_alerts)
         finally:
             if flow is not None:
-                _stop(flow)
+                stop_flow(flow)
 
 
 @contextmanager
@@ -115,8 +115,7 @@ def _isolated(settings: Settings) -> Iterator[Settings]:
     with local.scratch_topics(settings, f"{tag}.") as scratch:
         scratch = scratch.model_copy(update={"recovery_dir": local.VAR / tag / "recovery",
                                              "history_dir": local.VAR / tag / "history"})
-        env = {f"SLSREC_{f.upper()}": str(getattr(scratch, f)) for f in Settings.model_fields
-               if f.startswith("topic_") or f in ("recovery_dir", "history_dir")}
+        env = scratch.to_env()
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
@@ -161,7 +160,7 @@ def _start_flow() -> subprocess.Popen:
             time.sleep(2.0)  # the Kafka source assigns its partitions right after
             return proc
         time.sleep(0.5)
-    _stop(proc)
+    stop_flow(proc)
     raise ServiceError(f"the flow did not start within {FLOW_READY_TIMEOUT_S:.0f} s; log {log_path}")
 
 
@@ -293,7 +292,7 @@ def _run(command: tuple[str, ...]) -> None:
         raise ServiceError(f"`{' '.join(command)}` exited with {code}")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_flow(proc: subprocess.Popen) -> None:
     """SIGINT lets Bytewax finish its epoch and snapshot; SIGKILL only if it hangs."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)

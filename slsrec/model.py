@@ -318,6 +318,14 @@ class Fusion(nn.Module):
 # ---- the model ------------------------------------------------------------------------------------
 
 
+def init_items(emb: nn.Embedding) -> None:
+    """Item table init shared by every model: N(0, 1/d), so dot-product scores start near unit scale;
+    the padding row stays zero."""
+    nn.init.normal_(emb.weight, std=1 / math.sqrt(emb.embedding_dim))
+    with torch.no_grad():
+        emb.weight[0].zero_()
+
+
 class SLSRec(nn.Module):
     """Long-term encoder + short-term encoder + fusion gate over a shared item table; the
     contrastive loss keeps the two representations apart (``Output.aux_loss``)."""
@@ -332,9 +340,7 @@ class SLSRec(nn.Module):
         self.short_encoder = ShortTermEncoder(config, self.item_emb)
         self.short_norm = nn.LayerNorm(config.d)  # short vector = normed GRU state, same scale as long
         self.fusion = Fusion(config)
-        nn.init.normal_(self.item_emb.weight, std=1 / math.sqrt(config.d))
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        init_items(self.item_emb)
 
     def item_embeddings(self) -> Tensor:
         return self.item_emb.weight  # (n_items+1, d)

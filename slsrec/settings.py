@@ -70,6 +70,16 @@ class Settings(BaseSettings):
             conf["ssl.ca.location"] = self.kafka_ssl_ca_location
         return conf
 
+    def to_env(self) -> dict[str, str]:
+        """``SLSREC_*`` variables that recreate these settings in a child process (secrets included,
+        so pass them only to processes you start, never to logs)."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is not None:
+                env[f"SLSREC_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        return env
+
     def torch_device(self) -> str:
         """Resolve ``auto`` to ``cuda`` when a GPU is present, else ``cpu``."""
         if self.device != "auto":

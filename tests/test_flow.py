@@ -17,7 +17,6 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from flows.recommend import get_flow
 from schemas.drift import DriftAlert
-from schemas.events import DeadLetter, Recommendation, SessionClosed
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor
 from slsrec.model import SLSRec, SLSRecConfig

@@ -12,7 +12,7 @@ import torch
 from confluent_kafka import Consumer, Producer
 
 from flows.recommend import serve
-from schemas.events import DeadLetter, Recommendation, SessionClosed
+from schemas.events import DeadLetter, Recommendation
 from slsrec.checkpoint import save_run
 from slsrec.data import Interactions, Vocab
 from slsrec.model import SLSRec, SLSRecConfig

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -18,10 +17,10 @@ import pytest
 import torch
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from flows.recommend import settings_env
 from schemas.events import Recommendation
 from slsrec.checkpoint import save_run
 from slsrec.data import Interactions, Vocab
+from slsrec.demo import stop_flow
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.publish import publish_run
 from slsrec.serving import recommend_offline
@@ -98,7 +97,7 @@ def test_a_version_published_under_live_traffic_is_adopted_without_losing_sessio
     producer.flush(30)
 
     log_path = tmp_path / "flow.log"
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings.to_env()}
     flow = subprocess.Popen([sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--no-recovery"],
                             env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     reader = Reader(settings, settings.topic_recommendations)
@@ -130,12 +129,7 @@ def test_a_version_published_under_live_traffic_is_adopted_without_losing_sessio
         reader.wait(lambda rs: len({r.event_id for r in rs}) >= len(sent), 60, "every event's recommendation")
     finally:
         stop_filler.set()
-        os.killpg(flow.pid, signal.SIGINT)
-        try:
-            flow.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(flow.pid, signal.SIGKILL)
-            flow.wait()
+        stop_flow(flow)
         reader.close()
 
     recs = [r for _, r in reader.got]
@@ -238,7 +232,7 @@ def test_serve_exports_spans_and_metrics_to_the_console_when_asked(live_settings
         producer.produce(settings.topic_clicks, json.dumps(event).encode(), key=b"ann")
     producer.produce(settings.topic_clicks, b"not json", key=b"ann")
     producer.flush(30)
-    env = {**os.environ, **settings_env(settings)}
+    env = {**os.environ, **settings.to_env()}
     done = subprocess.run([sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--no-recovery",
                            "--exit-at-end", "--otel-console"], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,7 +12,6 @@ import pytest
 from schemas import JSON_DIR, WIRE_MODELS, json_schemas
 from schemas.events import (
     MAX_PAYLOAD_BYTES,
-    ClickEvent,
     DeadLetter,
     InvalidEvent,
     Recommendation,
