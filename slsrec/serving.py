@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,75 +103,93 @@ def click(event_id: str, user_id: str, item_id: str, ts: int, event_type: str = 
 
 @dataclass
 class Session:
-    """One user's open session. Bytewax pickles it in snapshots, so plain Python and numpy only."""
+    """One user's open session, stored so that a snapshot copies a few buffers per session.
+
+    The events live in ``log``, one line per event (event_id, item_id, ts, event_type), appended by
+    :meth:`record`; ``seen`` is a packed integer array. Nothing per event is a Python object that
+    pickle would visit (see :class:`SessionTable`).
+
+    >>> s = Session("u1", 5, 5, np.zeros(2))
+    >>> s.record("e1", "a", 5, "view"); s.record("e2", "new", 9, "click")
+    >>> s.events, sorted(s.event_ids)
+    ([('a', 5, 'view'), ('new', 9, 'click')], ['e1', 'e2'])
+    """
 
     user_id: str
     start_ts: int
     last_ts: int
     state: np.ndarray  # (d,) short-term encoder state of the current segment
     seg_len: int = 0  # known items stepped into `state` since the last boundary
-    events: list[tuple[str, int, str]] = field(default_factory=list)  # (item_id, ts, event_type), unknown items too
-    seen: list[int] = field(default_factory=list)  # indices of the session's known items
-    event_ids: set[str] = field(default_factory=set)
-    last_top: tuple[str, ...] = ()  # raw ids recommended at the previous event (online quality)
+    log: bytearray = field(default_factory=bytearray)  # every event, unknown items too (see `record`)
+    seen: array = field(default_factory=lambda: array("q"))  # indices of the session's known items
+    last_top: str = ""  # raw ids recommended at the previous event, _SEP-joined (online quality)
     model_version: str | None = None  # the model that encoded `state`; another one re-encodes it first
+    event_ids: set[str] = field(init=False, repr=False)  # for duplicates; rebuilt from `log`
+
+    def __post_init__(self) -> None:
+        self.event_ids = {line[0] for line in self._lines()}
+
+    def record(self, event_id: str, item_id: str, ts: int, event_type: str) -> None:
+        self.log += f"{event_id}{_SEP}{item_id}{_SEP}{ts}{_SEP}{event_type}{_END}".encode()
+        self.event_ids.add(event_id)
+
+    @property
+    def events(self) -> list[tuple[str, int, str]]:
+        """(item_id, ts, event_type) in arrival order."""
+        return [(item, int(ts), kind) for _, item, ts, kind in self._lines()]
+
+    def _lines(self) -> list[list[str]]:
+        return [line.split(_SEP) for line in self.log.decode().split(_END)[:-1]]
+
+
+# Ids never hold control characters (schemas.events.Id), so these can delimit them.
+_SEP, _END = "\x1f", "\x1e"
 
 
 @dataclass
 class SessionTable:
     """The open sessions of one shard (what a Bytewax snapshot of the shard holds).
 
-    It pickles as columns, not as one object per session: pickling 6,040 sessions one by one took
-    about 100 ms, a stall of the stream at every snapshot (the p99 of ``slsrec bench-stream``).
+    It pickles as columns: one joined buffer for all logs, one for all ``seen`` arrays, one matrix of
+    states. Pickling 6,040 sessions one by one took about 100 ms, and packing per-event objects into
+    columns still 120 ms for 200k events: a stall of the stream at every snapshot (the p99 of
+    ``slsrec bench-stream``).
 
     >>> import pickle
-    >>> t = SessionTable({"u1": Session("u1", 5, 9, np.ones(2, np.float32), 1, [("a", 5, "view"), ("new", 9, "view")],
-    ...                                [3], {"e1", "e2"}, ("b", "c"), "v1"), "u2": Session("u2", 7, 7, np.zeros(2))})
-    >>> back = pickle.loads(pickle.dumps(t))
-    >>> back.sessions["u1"].events, back.sessions["u1"].seen, sorted(back.sessions["u1"].event_ids)
-    ([('a', 5, 'view'), ('new', 9, 'view')], [3], ['e1', 'e2'])
-    >>> back.sessions["u1"].state, back.sessions["u1"].last_top, back.sessions["u2"].state
-    (array([1., 1.], dtype=float32), ('b', 'c'), array([0., 0.]))
+    >>> u1 = Session("u1", 5, 9, np.ones(2, np.float32), 1, seen=array("q", [3]), last_top="b\x1fc", model_version="v1")
+    >>> u1.record("e1", "a", 5, "view"); u1.record("e2", "new", 9, "view")
+    >>> back = pickle.loads(pickle.dumps(SessionTable({"u1": u1, "u2": Session("u2", 7, 7, np.zeros(2))})))
+    >>> b1 = back.sessions["u1"]
+    >>> b1.events, sorted(b1.event_ids), b1.seen, b1.last_top.split("\x1f"), b1.model_version, b1.seg_len
+    ([('a', 5, 'view'), ('new', 9, 'view')], ['e1', 'e2'], array('q', [3]), ['b', 'c'], 'v1', 1)
+    >>> b1.state, back.sessions["u2"].state, back.sessions["u2"].seen
+    (array([1., 1.], dtype=float32), array([0., 0.]), array('q'))
     """
 
     sessions: dict[str, Session] = field(default_factory=dict)
 
     def __getstate__(self) -> dict:
         ss = list(self.sessions.values())
-        events = [e for s in ss for e in s.events]
+        states = [s.state for s in ss]
         return {
             "user_id": [s.user_id for s in ss], "model_version": [s.model_version for s in ss],
-            "ints": [(s.start_ts, s.last_ts, s.seg_len, len(s.events), len(s.seen), len(s.event_ids), len(s.last_top))
-                     for s in ss],
-            "state": [s.state for s in ss] if len({(s.state.shape, s.state.dtype) for s in ss}) > 1
-            else np.stack([s.state for s in ss]) if ss else [],  # (n, d): one array, not n
-            "item": _pack([e[0] for e in events]), "ts": np.array([e[1] for e in events], dtype=np.int64),
-            "type": _pack([e[2] for e in events]), "seen": np.array([k for s in ss for k in s.seen], dtype=np.int64),
-            "event_ids": _pack([i for s in ss for i in s.event_ids]),
-            "last_top": _pack([t for s in ss for t in s.last_top]),
+            "last_top": [s.last_top for s in ss],
+            "ints": np.array([(s.start_ts, s.last_ts, s.seg_len, len(s.log), len(s.seen)) for s in ss],
+                             dtype=np.int64).reshape(-1, 5),
+            "state": states if len({(x.shape, x.dtype) for x in states}) > 1
+            else np.stack(states) if ss else [],  # (n, d): one array, not n
+            "log": b"".join(s.log for s in ss), "seen": b"".join(s.seen for s in ss),  # memcpy
         }
 
     def __setstate__(self, c: dict) -> None:
-        ts, seen = c["ts"].tolist(), c["seen"].tolist()
-        item, kind, ids, top = (_unpack(c[k]) for k in ("item", "type", "event_ids", "last_top"))
-        self.sessions, e, k, i, t = {}, 0, 0, 0, 0
-        for j, (user, (start, last, seg_len, n_ev, n_seen, n_ids, n_top)) in enumerate(zip(c["user_id"], c["ints"])):
+        log, seen, size = c["log"], c["seen"], array("q").itemsize
+        self.sessions, at_log, at_seen = {}, 0, 0
+        for j, (start, last, seg_len, n_log, n_seen) in enumerate(c["ints"].tolist()):
+            user = c["user_id"][j]
             self.sessions[user] = Session(
-                user, start, last, c["state"][j].copy(), seg_len,
-                list(zip(item[e:e + n_ev], ts[e:e + n_ev], kind[e:e + n_ev])), seen[k:k + n_seen],
-                set(ids[i:i + n_ids]), tuple(top[t:t + n_top]), c["model_version"][j])
-            e, k, i, t = e + n_ev, k + n_seen, i + n_ids, t + n_top
-
-
-def _pack(strings: list[str]) -> tuple[str, np.ndarray]:
-    """Strings as one string and their lengths: pickle pays per object, ~100k ids per snapshot."""
-    return "".join(strings), np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
-
-
-def _unpack(packed: tuple[str, np.ndarray]) -> list[str]:
-    joined, lengths = packed
-    ends = np.cumsum(lengths).tolist()
-    return [joined[a:b] for a, b in zip([0] + ends[:-1], ends)]
+                user, start, last, c["state"][j].copy(), seg_len, bytearray(log[at_log:at_log + n_log]),
+                array("q", seen[at_seen * size:(at_seen + n_seen) * size]), c["last_top"][j], c["model_version"][j])
+            at_log, at_seen = at_log + n_log, at_seen + n_seen
 
 
 @dataclass
@@ -334,7 +353,7 @@ class Recommender:
                     seg.append((idx, 0.0 if prev is None else max(0, ts - prev) / 1000.0))
                     seen.append(idx)
                 prev = ts if prev is None else max(prev, ts)
-            s.seen, s.seg_len, s.model_version = seen, len(seg), self.model_version
+            s.seen, s.seg_len, s.model_version = array("q", seen), len(seg), self.model_version
             s.state = self._init_state.copy()
             segments.append(seg)
         for p in range(max((len(seg) for seg in segments), default=0)):
@@ -418,8 +437,7 @@ class Recommender:
                 s.state, s.seg_len = self._init_state.copy(), 0
             dts.append(max(0, ev.ts - s.last_ts) / 1000.0)  # seconds; 0 at a session's first event
             s.last_ts = max(s.last_ts, ev.ts)
-            s.event_ids.add(ev.event_id)
-            s.events.append((ev.item_id, ev.ts, ev.event_type))
+            s.record(ev.event_id, ev.item_id, ev.ts, ev.event_type)
             idx = self.items.index(ev.item_id)
             if idx is None:  # a new product: kept in the session for retraining, not stepped
                 self.stats.unknown_items += 1
@@ -467,8 +485,9 @@ class Recommender:
     def _watch(self, s: Session, ev: ClickEvent, top: tuple[str, ...], alpha: float | None, cold: bool,
                unknown: bool) -> list[DriftAlert]:
         """Online quality of the event against its session's previous top-K, and the drift signals."""
-        q = next_item_quality(ev.item_id, s.last_top) if s.last_top else None  # None: first event of a session
-        s.last_top = top
+        # None: the first event of a session
+        q = next_item_quality(ev.item_id, s.last_top.split(_SEP)) if s.last_top else None
+        s.last_top = _SEP.join(top)
         if q is not None:
             self.stats.scored += 1
             self.stats.hits += q.hit

@@ -167,7 +167,7 @@ def test_gap_closes_the_session_and_drops_its_state(model, items):
     assert isinstance(closed, SessionClosed) and closed.reason == "gap"
     assert (closed.user_id, [i.item_id for i in closed.items], closed.start_ts, closed.end_ts) == (
         "a", ["i1", "i2"], T0, T0 + 1000)
-    assert isinstance(r, Recommendation) and table.sessions["a"].seen == [items.index("i7")]
+    assert isinstance(r, Recommendation) and list(table.sessions["a"].seen) == [items.index("i7")]
     # `b` idles: the clock (newest event + wall time since) passes its gap and the sweep drops it.
     assert rec.close_idle(table, wall_ms=rec.clock.wall_at_max_ms) == []
     assert set(table.sessions) == {"a", "b"}
