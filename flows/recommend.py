@@ -16,8 +16,8 @@ the new model from the item ids they hold, each at its user's next event
 
 **Delivery is at-least-once.** With recovery on (``slsrec serve`` default), Bytewax snapshots the
 input offsets and every shard's sessions to SQLite under ``settings.recovery_dir`` every
-``SNAPSHOT_INTERVAL``. A restart resumes from the last snapshot, so the events after it are processed
-again: their recommendations (and a session closed in that window) may be produced twice. Every
+``settings.snapshot_interval_s``. A restart resumes from the last snapshot, so the events after it
+are processed again: their recommendations (and a session closed in that window) may be produced twice. Every
 recommendation names its causing ``event_id``; consumers de-duplicate on it.
 
 **Scaling.** Kafka partitions of ``clicks`` are the unit of parallelism; workers split them. On one
@@ -322,9 +322,6 @@ def get_flow(
     return flow
 
 
-SNAPSHOT_INTERVAL = timedelta(seconds=10)  # also the most a resume replays
-
-
 def serve(settings: Settings, run: str | Path | None = None, *, processes: int = 1, process_id: int | None = None,
           addresses: list[str] | None = None, recovery: bool = True, tail: bool = True) -> None:
     """Run the flow until stopped: ``processes`` local workers, or one process of a wider cluster.
@@ -350,8 +347,8 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
     log.info("serving %s: %s -> %s (process %s of %s)", run or "the published version", settings.topic_clicks,
              settings.topic_recommendations, process_id or 0, len(addresses or [None]))
     try:
-        cli_main(flow, process_id=process_id, addresses=addresses, epoch_interval=SNAPSHOT_INTERVAL,
-                 recovery_config=recovery_config)
+        cli_main(flow, process_id=process_id, addresses=addresses, recovery_config=recovery_config,
+                 epoch_interval=timedelta(seconds=settings.snapshot_interval_s))
     finally:
         telemetry.shutdown()
         gc.unfreeze()  # serve() may run inside a longer-lived process (tests, the demo)

@@ -100,15 +100,16 @@ def results_table(results: list[dict]) -> str:
     by_model: dict[str, list[dict]] = {}
     for r in results:
         by_model.setdefault(r["model"], []).append(r)
-    head = "| model | seeds | " + " | ".join(HEADLINE) + " | s/epoch | epochs (best) | time to best (s) |"
+    head = "| model | seeds | " + " | ".join(HEADLINE) + " | s/epoch (median) | epochs (best) | time to best (s) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model in [m for m in MODEL_NAMES if m in by_model]:
         rs = by_model[model]
         cells = [_mean_std([r["test"][k] for r in rs]) for k in HEADLINE]
-        spe = statistics.mean(r["seconds_per_epoch"] for r in rs)
+        # Median epoch from the history: a run paused for a while (another benchmark) keeps its figure.
+        spe = statistics.median([h["train_s"] for r in rs for h in r["history"] if h["train_s"]] or [0.0])
         epochs = f"{statistics.mean(r['epochs_run'] for r in rs):.0f} ({statistics.mean(r['best_epoch'] for r in rs):.0f})"
         ttc = statistics.mean(r["time_to_convergence_s"] for r in rs)
-        lines.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + f" | {spe:.1f} | {epochs} | {ttc:.0f} |")
+        lines.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + f" | {f'{spe:.1f}' if spe else '–'} | {epochs} | {ttc:.0f} |")
     return "\n".join(lines)
 
 
@@ -268,9 +269,11 @@ def _machine_line(device: str, threads: str | None) -> str:
 
 
 def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float | None,
-                           planned: int, doc: Path = DOCS, img: Path | None = None) -> str:
-    """Write the ``Model quality: <dataset>`` section of ``doc`` and the validation-curve PNG."""
-    img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}.png"
+                           planned: int, max_len: int | None = None, doc: Path = DOCS, img: Path | None = None) -> str:
+    """Write the ``Model quality: <dataset>`` section of ``doc`` (``<dataset>, T=<max_len>`` for a
+    benchmark at another sequence length) and the validation-curve PNG."""
+    suffix = f"-t{max_len}" if max_len else ""
+    img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}{suffix}.png"
     plot_curves(results, img)
     train_s = sum(r["total_s"] for r in results)
     devices = sorted({r["device"] for r in results})
@@ -302,7 +305,7 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
                      f"over users with a long-term input ({a['cold_fraction']:.1%} have none, alpha = 0); "
                      f"mean alpha by current segment length: {buckets}."]
     section = "\n".join(body)
-    replace_section(doc, f"Model quality: {dataset}", section)
+    replace_section(doc, f"Model quality: {dataset}" + (f", T={max_len}" if max_len else ""), section)
     return section
 
 

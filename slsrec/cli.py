@@ -240,6 +240,7 @@ def benchmark_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
     epochs: int = typer.Option(None, min=1, help="most epochs per run [default: the trainer's]"),
+    max_len: int = typer.Option(None, min=2, help="T for every model [default: the trainer's]; its own table"),
     write_docs: bool = typer.Option(True, "--docs/--no-docs", help="write docs/benchmarks.md and docs/img/"),
     report_only: bool = typer.Option(False, "--report-only", help="train nothing; report the results saved so far"),
 ) -> None:
@@ -257,7 +258,8 @@ def benchmark_cmd(
     names = [m.strip() for m in models.split(",")] if models else list(PLAN)
     base = TrainConfig(device=device, threads=threads)
     base = replace(base, epochs=epochs) if epochs else base
-    out_dir = Path(out or f"runs/bench-{Path(dataset).stem}")
+    base = replace(base, max_len=max_len) if max_len else base
+    out_dir = Path(out or f"runs/bench-{Path(dataset).stem}" + (f"-t{max_len}" if max_len else ""))
     if report_only:
         results = [r for r in load_results(out_dir) if r["model"] in names]
         if not results:
@@ -266,10 +268,10 @@ def benchmark_cmd(
         results = run_benchmark(dataset, seeds=seeds, models=names, out=out_dir, base=base, log=typer.echo)
     typer.echo(results_table(results))
     if write_docs:
-        extra = {"--models": models, "--threads": threads, "--epochs": epochs, "--out": out}
+        extra = {"--models": models, "--threads": threads, "--epochs": epochs, "--max-len": max_len, "--out": out}
         command = f"slsrec benchmark --dataset {shlex.quote(dataset)} --seeds {seeds}" + "".join(
             f" {flag} {shlex.quote(str(v))}" for flag, v in extra.items() if v)
-        write_benchmark_report(results, dataset=dataset, command=command, out=out_dir,
+        write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, max_len=max_len,
                                wall_s=None if report_only else time.perf_counter() - t0,
                                planned=len(planned_runs(names, seeds)))
         typer.echo("wrote docs/benchmarks.md and its plot under docs/img/")

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Local state.
     runs_dir: Path = Path("runs")
     recovery_dir: Path = Path("var/recovery")
+    # How often the flow snapshots offsets and sessions: the most a restart replays, and a pause of the
+    # stream while the snapshot is written (about 10 ms per MB of sessions, docs/benchmarks.md).
+    snapshot_interval_s: float = Field(10.0, gt=0)
     history_dir: Path = Path("var/history")
 
     # Telemetry: OTLP when an endpoint is set; `console` prints spans and metrics instead.

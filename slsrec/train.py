@@ -184,7 +184,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
     metrics = {
         "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
         "test": test, "valid": best_valid, "best_epoch": best_epoch, "epochs_run": len(history),
-        "seconds_per_epoch": round(float(np.mean([h["train_s"] for h in epochs])), 3) if epochs else 0.0,
+        "seconds_per_epoch": round(float(np.median([h["train_s"] for h in epochs])), 3) if epochs else 0.0,
         "time_to_convergence_s": round(time_to_best, 3),
         "total_s": round(time.perf_counter() - t_start, 3),
         "device": str(device), "threads": torch.get_num_threads(),
