@@ -65,6 +65,7 @@ class BenchResult:
     naive_events_per_s: float
     load_average: tuple[float, float]  # 1-min load average of the machine at start and end
     latency_s: float
+    snapshot_interval_s: float  # the flow's recovery snapshots: each one pauses the stream
 
     @property
     def ratio(self) -> float:
@@ -128,6 +129,7 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         p50_ms=float(np.percentile(warm, 50)), p99_ms=float(np.percentile(warm, 99)), max_ms=float(warm.max()),
         naive_events=min(naive_events, events), naive_events_per_s=naive_eps,
         load_average=(load_start, os.getloadavg()[0]), latency_s=latency_s,
+        snapshot_interval_s=settings.snapshot_interval_s,
     )
 
 
@@ -138,11 +140,14 @@ def report(r: BenchResult) -> str:
         f"throughput  {r.flow_events_per_s:,.0f} events/s (backlog of {r.events:,} events, 1 worker, CPU); "
         f"{r.flow_events_per_cpu_s:,.0f} events per CPU second of the flow process",
         f"latency     p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, max {r.max_ms:.0f} ms "
-        f"at {r.load_events_per_s:,.0f} events/s ({r.latency_events:,} events)",
+        f"at {r.load_events_per_s:,.0f} events/s ({r.latency_events:,} events, a snapshot every "
+        f"{r.snapshot_interval_s:g} s)",
         f"naive       {r.naive_events_per_s:,.0f} events/s (per event: 1 Redis read, 1 model call; "
         f"{r.naive_events:,} events)",
         f"ratio       {r.ratio:.1f}x",
-        f"command     slsrec bench-stream --events {r.events} --latency-s {r.latency_s:g} --naive-events {r.naive_events}",
+        "command     " + ("" if r.snapshot_interval_s == Settings.model_fields["snapshot_interval_s"].default
+                             else f"SLSREC_SNAPSHOT_INTERVAL_S={r.snapshot_interval_s:g} ")
+        + f"slsrec bench-stream --events {r.events} --latency-s {r.latency_s:g} --naive-events {r.naive_events}",
     ])
 
 
