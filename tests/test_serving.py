@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -143,6 +145,22 @@ def test_duplicate_is_dead_lettered_and_never_applied_twice(model, items):
     assert with_dup[2].raw == b[1].raw and with_dup[2].topic == "clicks"
     assert rank(with_dup[3])[0] == rank(without[2])[0]
     np.testing.assert_allclose(rank(with_dup[3])[1], rank(without[2])[1], atol=1e-6)
+
+
+def test_a_restored_snapshot_continues_the_sessions_exactly(model, items):
+    """A restart resumes from a pickled table: same recommendations, duplicates still caught."""
+    rec = make(model, items, {})
+    first = [click(f"e{k}", u, f"i{k}", T0 + k * 1000) for k, u in enumerate("ababa", 1)]
+    rest = [click("e3", "a", "i3", T0 + 9000), click("e6", "a", "i6", T0 + 10_000)]  # a duplicate, a new event
+    live = SessionTable()
+    rec.process(live, first)
+    restored = pickle.loads(pickle.dumps(live))
+    out_live, out_restored = rec.process(live, rest), rec.process(restored, rest)
+    assert [type(o) for o in out_restored] == [DeadLetter, Recommendation]
+    assert out_restored[0].reason == "duplicate"
+    assert rank(out_restored[1])[0] == rank(out_live[1])[0]
+    np.testing.assert_allclose(rank(out_restored[1])[1], rank(out_live[1])[1], atol=1e-6)
+    assert restored.sessions["a"].events == live.sessions["a"].events
 
 
 def test_unknown_item_is_kept_flagged_and_not_stepped(model, items):
