@@ -269,11 +269,14 @@ def _machine_line(device: str, threads: str | None) -> str:
 
 
 def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float | None,
-                           planned: int, max_len: int | None = None, doc: Path = DOCS, img: Path | None = None) -> str:
-    """Write the ``Model quality: <dataset>`` section of ``doc`` (``<dataset>, T=<max_len>`` for a
-    benchmark at another sequence length) and the validation-curve PNG."""
-    suffix = f"-t{max_len}" if max_len else ""
-    img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}{suffix}.png"
+                           planned: int, label: str = "", slug: str = "", doc: Path = DOCS,
+                           img: Path | None = None) -> str:
+    """Write the ``Model quality: <dataset>`` section of ``doc`` and the validation-curve PNG.
+
+    A benchmark with other training options (``label`` "T=200", ``slug`` "-t200") gets its own
+    section ``Model quality: <dataset>, <label>`` and plot.
+    """
+    img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}{slug}.png"
     plot_curves(results, img)
     train_s = sum(r["total_s"] for r in results)
     devices = sorted({r["device"] for r in results})
@@ -305,7 +308,7 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
                      f"over users with a long-term input ({a['cold_fraction']:.1%} have none, alpha = 0); "
                      f"mean alpha by current segment length: {buckets}."]
     section = "\n".join(body)
-    replace_section(doc, f"Model quality: {dataset}" + (f", T={max_len}" if max_len else ""), section)
+    replace_section(doc, f"Model quality: {dataset}" + (f", {label}" if label else ""), section)
     return section
 
 

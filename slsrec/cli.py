@@ -199,14 +199,18 @@ def train_cmd(
     loss: str = typer.Option(None, help="full (softmax over all items) or sampled (shared negatives, logQ)"),
     precision: str = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32"),
     threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
+    window: str = typer.Option(None, help="each user's T training positions: last (the latest) or random "
+                                          "(a random span, drawn anew every epoch)"),
 ) -> None:
     """Train one model with early stopping on validation NDCG@10; save the run and print test metrics."""
     from slsrec.train import TrainConfig, train
 
     given = dict(epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, patience=patience, loss=loss,
-                 precision=precision, threads=threads)
+                 precision=precision, threads=threads, window=window)
     if loss not in (None, "full", "sampled"):
         raise UserError(f"--loss {loss!r}: expected full or sampled")
+    if window not in (None, "last", "random"):
+        raise UserError(f"--window {window!r}: expected last or random")
     cfg = TrainConfig(dataset=dataset, model=model, seed=seed, device=device,
                       **{k: v for k, v in given.items() if v is not None})
     res = train(cfg, out)
@@ -241,6 +245,7 @@ def benchmark_cmd(
     threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
     epochs: int = typer.Option(None, min=1, help="most epochs per run [default: the trainer's]"),
     max_len: int = typer.Option(None, min=2, help="T for every model [default: the trainer's]; its own table"),
+    window: str = typer.Option(None, help="training windows: last or random [default: last]; random: own table"),
     write_docs: bool = typer.Option(True, "--docs/--no-docs", help="write docs/benchmarks.md and docs/img/"),
     report_only: bool = typer.Option(False, "--report-only", help="train nothing; report the results saved so far"),
 ) -> None:
@@ -258,8 +263,12 @@ def benchmark_cmd(
     names = [m.strip() for m in models.split(",")] if models else list(PLAN)
     base = TrainConfig(device=device, threads=threads)
     base = replace(base, epochs=epochs) if epochs else base
-    base = replace(base, max_len=max_len) if max_len else base
-    out_dir = Path(out or f"runs/bench-{Path(dataset).stem}" + (f"-t{max_len}" if max_len else ""))
+    if window not in (None, "last", "random"):
+        raise UserError(f"--window {window!r}: expected last or random")
+    base = replace(base, max_len=max_len or base.max_len, window=window or base.window)
+    label = ", ".join(([f"T={max_len}"] if max_len else []) + (["random windows"] if window == "random" else []))
+    slug = "".join(([f"-t{max_len}"] if max_len else []) + (["-random"] if window == "random" else []))
+    out_dir = Path(out or f"runs/bench-{Path(dataset).stem}{slug}")
     if report_only:
         results = [r for r in load_results(out_dir) if r["model"] in names]
         if not results:
@@ -268,10 +277,11 @@ def benchmark_cmd(
         results = run_benchmark(dataset, seeds=seeds, models=names, out=out_dir, base=base, log=typer.echo)
     typer.echo(results_table(results))
     if write_docs:
-        extra = {"--models": models, "--threads": threads, "--epochs": epochs, "--max-len": max_len, "--out": out}
+        extra = {"--models": models, "--threads": threads, "--epochs": epochs, "--max-len": max_len, "--window": window,
+                 "--out": out}
         command = f"slsrec benchmark --dataset {shlex.quote(dataset)} --seeds {seeds}" + "".join(
             f" {flag} {shlex.quote(str(v))}" for flag, v in extra.items() if v)
-        write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, max_len=max_len,
+        write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, label=label, slug=slug,
                                wall_s=None if report_only else time.perf_counter() - t0,
                                planned=len(planned_runs(names, seeds)))
         typer.echo("wrote docs/benchmarks.md and its plot under docs/img/")

@@ -175,10 +175,15 @@ def batch_from(seqs, users=None, *, T: int | None = None, gap_ms: int | None = D
                     torch.zeros(len(seqs), T, dtype=torch.long))
 
 
-def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segment: int) -> dict[str, np.ndarray]:
-    """Left-padded (n_rows, max_len) arrays for ``kind`` in {train, valid, test}, computed once per split."""
+def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segment: int,
+            rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Left-padded (n_rows, max_len) arrays for ``kind`` in {train, valid, test}, computed once per split.
+
+    With ``rng`` (training only) each user's window ends at a random position of the training
+    sequence instead of its end, so that epochs cover histories longer than ``max_len``; not cached.
+    """
     key = (kind, max_len, gap_ms, max_segment)
-    if key in split._cache:
+    if rng is None and key in split._cache:
         return split._cache[key]
     inter = split.inter
     codes_key = ("codes", gap_ms, max_segment)
@@ -194,6 +199,9 @@ def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segme
         stop = getattr(split, kind)
     users = np.flatnonzero(stop > start)  # users with at least one input position
     start, stop = start[users], stop[users]
+    if rng is not None:  # a window end in [start + max_len, stop] where the sequence is longer than max_len
+        shortest = np.minimum(start + max_len, stop)
+        stop = shortest + (rng.random(len(stop)) * (stop - shortest + 1)).astype(np.int64)
     pos = stop[:, None] - max_len + np.arange(max_len)  # (N, T) event index of each column
     real = pos >= start[:, None]
     pos = np.where(real, pos, 0)
@@ -209,7 +217,8 @@ def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segme
     else:
         out["targets"] = np.zeros_like(out["items"])
         out["targets"][:, -1] = inter.item[stop]
-    split._cache[key] = out
+    if rng is None:
+        split._cache[key] = out
     return out
 
 
@@ -220,13 +229,15 @@ def _batches(arrays: dict[str, np.ndarray], order: np.ndarray, batch_size: int) 
 
 
 def train_batches(split: Split, *, batch_size: int, max_len: int, gap_ms: int | None, max_segment: int,
-                  rng: np.random.Generator) -> Iterator[SeqBatch]:
+                  rng: np.random.Generator, window: Literal["last", "random"] = "last") -> Iterator[SeqBatch]:
     """One epoch of training batches, users shuffled by ``rng``.
 
     Per user the training sequence gives inputs ``seq[:-1]`` and targets ``seq[1:]``, truncated to
-    the most recent ``max_len`` positions. The padded arrays are built on the first call and reused.
+    ``max_len`` positions: the most recent ones (``window="last"``; the padded arrays are built on the
+    first call and reused), or a window ending at a random position, drawn anew every epoch
+    (``"random"``).
     """
-    arrays = _padded(split, "train", max_len, gap_ms, max_segment)
+    arrays = _padded(split, "train", max_len, gap_ms, max_segment, rng if window == "random" else None)
     yield from _batches(arrays, rng.permutation(len(arrays["user"])), batch_size)
 
 

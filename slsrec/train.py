@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 5e-3  # AdamW; with batch 32 it reaches in 2 epochs what 1e-3 reaches in many
     weight_decay: float = 0.0  # dropout regularises already; decay on embeddings hurts rare items
     max_len: int | None = 50  # T, overriding the model's; 50 is ~5x faster than 200 per epoch. None = model's
+    window: Literal["last", "random"] = "last"  # each user's T training positions: the latest, or a random span
     loss: Literal["full", "sampled"] = "full"  # full softmax over all items, or sampled softmax
     negatives: int = 256  # sampled softmax: negatives per step, shared by the whole batch
     negative_power: float = 0.0  # negatives ~ count**power: 0 = uniform, 1 = popularity (logQ-corrected)
@@ -152,7 +153,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
             model.train()
             t0 = time.perf_counter()
             losses = []
-            batches = list(train_batches(split, batch_size=cfg.batch_size, rng=rng, **rule))  # a few MB
+            batches = list(train_batches(split, batch_size=cfg.batch_size, rng=rng, window=cfg.window,
+                                         **rule))  # a few MB
             for batch in tqdm(batches, desc=f"{cfg.model} epoch {epoch}", disable=not progress, leave=False):
                 loss = train_step(step_model, batch.to(device), opt, sampler, cfg.negatives, bf16)
                 losses.append(loss)

@@ -149,6 +149,27 @@ def test_train_batches_cover_each_user_once_in_a_seeded_order():
     assert ((batch.items == 0) == (batch.targets == 0)).all()  # every real input has a target
 
 
+def test_random_windows_reach_older_history_and_never_a_held_out_target():
+    split = leave_one_out(load_dataset("ml-100k"))
+    inter, T = split.inter, 20
+    kw = dict(batch_size=10_000, max_len=T, gap_ms=GAP, max_segment=20)
+
+    def one_epoch(seed: int, window: str) -> torch.Tensor:  # (users, T) inputs, rows in user order
+        batch = next(train_batches(split, rng=np.random.default_rng(seed), window=window, **kw))
+        order = batch.user.argsort()
+        for u, items, targets in zip(batch.user[order].tolist(), batch.items[order], batch.targets[order]):
+            # A contiguous span of the user's TRAINING events, each input followed by its target.
+            real, seq = items[items != 0].numpy(), inter.item[inter.offsets[u]:split.train_end[u]]
+            at = next(k for k in range(len(seq) - len(real) + 1) if (seq[k:k + len(real)] == real).all())
+            np.testing.assert_array_equal(targets[items != 0].numpy(), seq[at + 1:at + 1 + len(real)])
+        return batch.items[order]
+
+    last, first, second = one_epoch(1, "last"), one_epoch(1, "random"), one_epoch(2, "random")
+    long_history = torch.from_numpy(split.train_end - inter.offsets[:-1] > 2 * T)
+    assert (first[long_history] != last[long_history]).any(dim=1).float().mean() > 0.9  # older spans too
+    assert not torch.equal(first, second)  # drawn anew every epoch
+
+
 def test_split_report_hand_example():
     # One user, S=2: events at 0, 1, 2 min (session 1: segments [0,1],[2]), then 2 h later 2 events.
     h = 60 * MIN
