@@ -40,6 +40,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 import zlib
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -221,7 +222,11 @@ class ShardLogic(StatefulBatchLogic):
 
     def snapshot(self) -> bytes:
         # A frozen copy of the live (mutable) sessions; pickling is much faster than deepcopy.
-        return pickle.dumps((self.table, self.pending), protocol=pickle.HIGHEST_PROTOCOL)
+        t0 = time.perf_counter()
+        frozen = pickle.dumps((self.table, self.pending), protocol=pickle.HIGHEST_PROTOCOL)
+        self.rec.telemetry.snapshot_duration.record((time.perf_counter() - t0) * 1000)
+        self.rec.telemetry.snapshot_size.record(len(frozen))
+        return frozen
 
     def _flush(self, n: int) -> list[Output]:
         batch, self.pending = self.pending[:n], self.pending[n:]

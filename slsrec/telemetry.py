@@ -22,6 +22,9 @@ slsrec.model.version        observable gauge  1            1 for the serving mod
 slsrec.longterm.version     observable gauge  1            1 for the long-term vectors read [version]
 slsrec.drift.alerts         counter           {alert}      drift alerts raised [signal, detector]
 slsrec.sessions.active      up-down counter   {session}    sessions open now (+1 open, -1 close)
+slsrec.snapshot.duration    histogram         ms           pickling a shard for a recovery snapshot (the
+                                                           stream waits; Bytewax's SQLite write comes on top)
+slsrec.snapshot.size        histogram         By           bytes of one shard's snapshot
 slsrec.retrain.runs         counter           {run}        retrain cycles [outcome: published, refused]
 ==========================  ================  ===========  ==============================================
 
@@ -100,6 +103,11 @@ class Telemetry:
         self.cache_misses = m.create_counter("slsrec.cache.misses", "{lookup}", "long-term vectors fetched from Redis")
         self.drift_alerts = m.create_counter("slsrec.drift.alerts", "{alert}", "drift alerts raised")
         self.sessions_active = m.create_up_down_counter("slsrec.sessions.active", "{session}", "sessions open now")
+        self.snapshot_duration = m.create_histogram(
+            "slsrec.snapshot.duration", "ms", "pickling a shard for a recovery snapshot",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.snapshot_size = m.create_histogram("slsrec.snapshot.size", "By", "bytes of one shard's snapshot")
         self.retrain_runs = m.create_counter("slsrec.retrain.runs", "{run}", "retrain cycles by outcome")
         # Versions are strings, so they are reported as "info" gauges: value 1, the version an attribute.
         self._versions: dict[str, str | None] = {"model": None, "longterm": None}

@@ -187,6 +187,19 @@ def test_resume_after_a_crash_keeps_the_sessions(model, tmp_path):
     assert not {"i1", "i2", "i3"} & {i.item_id for i in second[-1].items}
 
 
+def test_snapshots_are_measured(model, tmp_path):
+    init_db_dir(tmp_path, 1)
+    reader = InMemoryMetricReader()
+    t = Topic()
+    for n in range(6):
+        t.click(f"e{n}", f"u{n % 2}", f"i{n + 1}", T0 + n * 1000, partition=0)
+    run(model, t.messages, batch_size=2, recovery=RecoveryConfig(str(tmp_path)),
+        telemetry=setup_telemetry(Settings(), "test-flow", reader=reader))
+    points = {m.name: m.data.data_points[0] for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics}
+    assert points["slsrec.snapshot.duration"].count == points["slsrec.snapshot.size"].count >= 1
+    assert points["slsrec.snapshot.size"].min > 100  # two sessions with their events, not an empty table
+
+
 def new_products_stream(n_events: int, jump_at: int | None, seed: int = 0) -> Topic:
     """Users browsing known items; from ``jump_at`` on, 40% of the clicks are products the model has
     never seen (a catalogue change: the unknown-item rate jumps from 2%)."""
