@@ -66,6 +66,7 @@ class BenchResult:
     load_average: tuple[float, float]  # 1-min load average of the machine at start and end
     latency_s: float
     snapshot_interval_s: float  # the flow's recovery snapshots: each one pauses the stream
+    worst_seconds: list[tuple[int, float]]  # (second of the load, its p99 ms): where the tail comes from
 
     @property
     def ratio(self) -> float:
@@ -114,11 +115,11 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
             _wait_until_serving(s2, users[0], items[0])
             start_ms = int(time.time() * 1000)
             sent = _paced(s2, _events(users, items, int(rate * latency_s), rng), rate)
-            lat = _latencies(s2, sent + 1, start_ms)
+            at, lat = _latencies(s2, sent + 1, start_ms)
         finally:
             flow.terminate()
             flow.wait(60)
-        warm = lat[len(lat) // 20:]  # the first 5% include the flow's warm-up
+        at, warm = at[len(lat) // 20:], lat[len(lat) // 20:]  # the first 5% include the flow's warm-up
         # 3. The naive per-event path over the same kind of events.
         naive_eps = _naive(s1, loaded, store, version, min(naive_events, events))
     return BenchResult(
@@ -127,6 +128,7 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         events=events, flow_events_per_s=flow_eps, flow_events_per_cpu_s=events / max(busy_cpu - idle_cpu, 1e-3),
         load_events_per_s=rate, latency_events=len(warm),
         p50_ms=float(np.percentile(warm, 50)), p99_ms=float(np.percentile(warm, 99)), max_ms=float(warm.max()),
+        worst_seconds=worst_seconds(at, warm),
         naive_events=min(naive_events, events), naive_events_per_s=naive_eps,
         load_average=(load_start, os.getloadavg()[0]), latency_s=latency_s,
         snapshot_interval_s=settings.snapshot_interval_s,
@@ -142,6 +144,8 @@ def report(r: BenchResult) -> str:
         f"latency     p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, max {r.max_ms:.0f} ms "
         f"at {r.load_events_per_s:,.0f} events/s ({r.latency_events:,} events, a snapshot every "
         f"{r.snapshot_interval_s:g} s)",
+        "worst       " + ", ".join(f"{p99:.0f} ms at {t} s" for t, p99 in r.worst_seconds)
+        + " (p99 of the slowest seconds of the load; stalls show as one slow second)",
         f"naive       {r.naive_events_per_s:,.0f} events/s (per event: 1 Redis read, 1 model call; "
         f"{r.naive_events:,} events)",
         f"ratio       {r.ratio:.1f}x",
@@ -256,15 +260,28 @@ def _wait_until_serving(settings: Settings, user: str, item: str, timeout_s: flo
         raise ServiceError(f"the flow gave no recommendation within {timeout_s:.0f} s")
 
 
-def _latencies(settings: Settings, n: int, since_ms: int) -> np.ndarray:
-    """Recommendation produce time minus event produce time (ms), in event order, of the events
-    produced from ``since_ms`` on: the warm-up event is left out by its time, since the
-    recommendations' partitions are read in no particular order."""
+def _latencies(settings: Settings, n: int, since_ms: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ms since ``since_ms``, latency ms) in event order of the events produced from ``since_ms`` on;
+    latency is recommendation produce time minus event produce time. The warm-up event is left out
+    by its time, since the recommendations' partitions are read in no particular order."""
     got = [(json.loads(m.value())["event_ts"], m.timestamp()[1])
            for m in _drain(settings, settings.topic_recommendations, n)]
     if len(got) < n:
         raise ServiceError(f"only {len(got)} of {n} recommendations arrived")
-    return np.array([rec_ts - ev_ts for ev_ts, rec_ts in sorted(got) if ev_ts >= since_ms], dtype=np.float64)
+    kept = np.array([(ev_ts - since_ms, rec_ts - ev_ts) for ev_ts, rec_ts in sorted(got) if ev_ts >= since_ms],
+                    dtype=np.float64).reshape(-1, 2)
+    return kept[:, 0], kept[:, 1]
+
+
+def worst_seconds(at_ms: np.ndarray, latency_ms: np.ndarray, n: int = 3) -> list[tuple[int, float]]:
+    """The ``n`` seconds with the highest p99 latency, as (second, p99 ms), slowest first.
+
+    >>> worst_seconds(np.array([0, 500, 1000, 1500, 2100]), np.array([5, 6, 90, 7, 8]), n=2)
+    [(1, 89.17), (2, 8.0)]
+    """
+    second = (at_ms // 1000).astype(np.int64)
+    p99 = [(int(t), round(float(np.percentile(latency_ms[second == t], 99)), 2)) for t in np.unique(second)]
+    return sorted(p99, key=lambda x: -x[1])[:n]
 
 
 def _naive(settings: Settings, run, store: LongTermStore, version: str, n: int) -> float:
