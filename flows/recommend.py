@@ -59,7 +59,7 @@ from bytewax.testing import TestingSource  # the source of the shard-key probe
 
 from schemas.drift import DriftAlert
 from schemas.events import ClickEvent, DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
-from slsrec.errors import ServiceError
+from slsrec.errors import CheckpointError, ServiceError
 from slsrec.serving import Origin, Recommender, SessionTable, dead_letter, open_recommender
 from slsrec.settings import Settings
 from slsrec.telemetry import Telemetry, setup_telemetry
@@ -367,10 +367,18 @@ def _recovery(settings: Settings, processes: int) -> RecoveryConfig:
     """The recovery config; its SQLite partitions (one per process) are created on the first start.
 
     The directory belongs to one flow on one set of topics: Bytewax refuses to resume from another.
+    A marker file names the session format of its snapshots; snapshots of another format (an older
+    slsrec) are refused with a clear error instead of failing inside the flow.
     """
+    marker = settings.recovery_dir / "session-format"
     if not any(settings.recovery_dir.glob("*.sqlite3")):
         settings.recovery_dir.mkdir(parents=True, exist_ok=True)
         init_db_dir(settings.recovery_dir, processes)
+        marker.write_text(f"{SessionTable.FORMAT}\n")
+    found = marker.read_text().strip() if marker.exists() else "1 (no marker)"
+    if found != str(SessionTable.FORMAT):
+        raise CheckpointError(f"{settings.recovery_dir} holds snapshots of session format {found}; this slsrec "
+                              f"reads format {SessionTable.FORMAT}. Move the directory away to start without them.")
     return RecoveryConfig(str(settings.recovery_dir))
 
 

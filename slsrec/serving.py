@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from hashlib import blake2b
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -163,9 +163,10 @@ class SessionTable:
     """The open sessions of one shard (what a Bytewax snapshot of the shard holds).
 
     It pickles as columns: one joined buffer each for all logs, event id hashes and ``seen`` arrays,
-    one matrix of states. Pickling 6,040 sessions one by one took about 100 ms, and packing per-event objects into
-    columns still 120 ms for 200k events: a stall of the stream at every snapshot (the p99 of
-    ``slsrec bench-stream``).
+    one matrix of states. Pickling 6,040 sessions one by one took about 100 ms, and packing per-event
+    objects into columns still 120 ms for 200k events: a stall of the stream at every snapshot (the
+    p99 of ``slsrec bench-stream``). ``FORMAT`` names this layout; a change of it bumps the number, so
+    that a flow never resumes from snapshots it cannot read (``flows.recommend``).
 
     >>> import pickle
     >>> u1 = Session("u1", 5, 9, np.ones(2, np.float32), 1, seen=array("q", [3]), last_top="b\x1fc", model_version="v1")
@@ -178,6 +179,7 @@ class SessionTable:
     (array([1., 1.], dtype=float32), array([0., 0.]), array('q'))
     """
 
+    FORMAT: ClassVar[int] = 2
     sessions: dict[str, Session] = field(default_factory=dict)
 
     def __getstate__(self) -> dict:

@@ -15,10 +15,11 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from flows.recommend import get_flow
+from flows.recommend import _recovery, get_flow
 from schemas.drift import DriftAlert
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor
+from slsrec.errors import CheckpointError
 from slsrec.model import SLSRec, SLSRecConfig
 from slsrec.serving import Recommender
 from slsrec.settings import Settings
@@ -198,6 +199,15 @@ def test_snapshots_are_measured(model, tmp_path):
     points = {m.name: m.data.data_points[0] for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics}
     assert points["slsrec.snapshot.duration"].count == points["slsrec.snapshot.size"].count >= 1
     assert points["slsrec.snapshot.size"].min > 100  # two sessions with their events, not an empty table
+
+
+def test_snapshots_of_another_session_format_are_refused_before_the_flow_starts(tmp_path):
+    settings = Settings(recovery_dir=tmp_path / "recovery")
+    _recovery(settings, 1)  # a fresh directory: partitions and the format marker
+    _recovery(settings, 1)  # the same format resumes
+    (settings.recovery_dir / "session-format").unlink()  # as an older slsrec left it
+    with pytest.raises(CheckpointError, match="session format 1 .*reads format 2"):
+        _recovery(settings, 1)
 
 
 def new_products_stream(n_events: int, jump_at: int | None, seed: int = 0) -> Topic:
