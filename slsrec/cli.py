@@ -195,6 +195,7 @@ def train_cmd(
     batch_size: int = typer.Option(None, min=1, help="sequences per step"),
     max_len: int = typer.Option(None, min=2, help="T: most recent events per sequence [default: the model's]"),
     lr: float = typer.Option(None, min=0, help="AdamW learning rate"),
+    lr_decay: float = typer.Option(None, min=0, max=1, help="lr factor after an epoch without a better validation"),
     patience: int = typer.Option(None, min=1, help="epochs without a better validation NDCG@10 before stopping"),
     loss: str = typer.Option(None, help="full (softmax over all items) or sampled (shared negatives, logQ)"),
     precision: str = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32"),
@@ -205,8 +206,8 @@ def train_cmd(
     """Train one model with early stopping on validation NDCG@10; save the run and print test metrics."""
     from slsrec.train import TrainConfig, train
 
-    given = dict(epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, patience=patience, loss=loss,
-                 precision=precision, threads=threads, window=window)
+    given = dict(epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, lr_decay=lr_decay, patience=patience,
+                 loss=loss, precision=precision, threads=threads, window=window)
     if loss not in (None, "full", "sampled"):
         raise UserError(f"--loss {loss!r}: expected full or sampled")
     if window not in (None, "last", "random"):
@@ -246,6 +247,8 @@ def benchmark_cmd(
     epochs: int = typer.Option(None, min=1, help="most epochs per run [default: the trainer's]"),
     max_len: int = typer.Option(None, min=2, help="T for every model [default: the trainer's]; its own table"),
     window: str = typer.Option(None, help="training windows: last or random [default: last]; random: own table"),
+    lr_decay: float = typer.Option(None, min=0, max=1, help="lr factor after an epoch without a better validation; "
+                                                            "its own table"),
     write_docs: bool = typer.Option(True, "--docs/--no-docs", help="write docs/benchmarks.md and docs/img/"),
     report_only: bool = typer.Option(False, "--report-only", help="train nothing; report the results saved so far"),
 ) -> None:
@@ -265,9 +268,12 @@ def benchmark_cmd(
     base = replace(base, epochs=epochs) if epochs else base
     if window not in (None, "last", "random"):
         raise UserError(f"--window {window!r}: expected last or random")
-    base = replace(base, max_len=max_len or base.max_len, window=window or base.window)
-    label = ", ".join(([f"T={max_len}"] if max_len else []) + (["random windows"] if window == "random" else []))
-    slug = "".join(([f"-t{max_len}"] if max_len else []) + (["-random"] if window == "random" else []))
+    base = replace(base, max_len=max_len or base.max_len, window=window or base.window,
+                   lr_decay=lr_decay or base.lr_decay)
+    label = ", ".join(([f"T={max_len}"] if max_len else []) + (["random windows"] if window == "random" else [])
+                      + ([f"lr decay {lr_decay:g}"] if lr_decay else []))
+    slug = "".join(([f"-t{max_len}"] if max_len else []) + (["-random"] if window == "random" else [])
+                   + ([f"-decay{lr_decay:g}"] if lr_decay else []))
     out_dir = Path(out or f"runs/bench-{Path(dataset).stem}{slug}")
     if report_only:
         results = [r for r in load_results(out_dir) if r["model"] in names]
@@ -278,7 +284,7 @@ def benchmark_cmd(
     typer.echo(results_table(results))
     if write_docs:
         extra = {"--models": models, "--threads": threads, "--epochs": epochs, "--max-len": max_len, "--window": window,
-                 "--out": out}
+                 "--lr-decay": lr_decay, "--out": out}
         command = f"slsrec benchmark --dataset {shlex.quote(dataset)} --seeds {seeds}" + "".join(
             f" {flag} {shlex.quote(str(v))}" for flag, v in extra.items() if v)
         write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, label=label, slug=slug,

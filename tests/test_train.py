@@ -68,6 +68,18 @@ def test_early_stopping_stops_after_patience(inter):
     assert [h["epoch"] for h in res.history] == [1, 2, 3] and res.metrics["best_epoch"] == 1
 
 
+def test_lr_decays_after_each_epoch_without_improvement(inter):
+    # Halved after exactly the epochs that did not beat the best validation so far (lr 0.5 is too
+    # large to improve steadily, so the run plateaus).
+    res = train(TrainConfig(dataset="synthetic-test", model="gru4rec", epochs=6, patience=6, lr=0.5, lr_decay=0.5,
+                            max_len=20, threads=1, model_options={"d": 8}), inter=inter, progress=False)
+    ndcg, lr = [h["valid"]["NDCG@10"] for h in res.history], [h["lr"] for h in res.history]
+    for e in range(1, len(lr)):
+        improved = ndcg[e - 1] > max(ndcg[:e - 1], default=-1.0)
+        assert lr[e] == pytest.approx(lr[e - 1] * (1.0 if improved else 0.5))
+    assert lr[-1] < lr[0]  # this run did hit a plateau, so the check above saw a decay
+
+
 def test_seeded_training_is_reproducible(inter):
     cfg = TrainConfig(dataset="synthetic-test", model="sasrec", epochs=1, max_len=20, model_options={"d": 8},
                       **FAST)
