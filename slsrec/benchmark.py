@@ -64,6 +64,23 @@ def planned_runs(models: list[str], seeds: int) -> list[tuple[str, int]]:
     return [(m, s) for s in range(seeds) for m in models if s < min(seeds, PLAN.get(m, 1))]
 
 
+def variant(cfg: TrainConfig) -> tuple[str, str]:
+    """The label and directory suffix of a benchmark whose training recipe differs from the defaults
+    (each variant keeps its own results and its own section of the docs).
+
+    >>> variant(TrainConfig(max_len=200, lr_decay=0.3))
+    ('T=200, lr decay 0.3', '-t200-decay0.3')
+    >>> variant(TrainConfig(max_len=50))  # the defaults: the main table
+    ('', '')
+    """
+    default = TrainConfig()
+    parts = [(f"T={cfg.max_len}", f"-t{cfg.max_len}") if cfg.max_len != default.max_len else None,
+             (f"{cfg.window} windows", f"-{cfg.window}") if cfg.window != default.window else None,
+             (f"lr decay {cfg.lr_decay:g}", f"-decay{cfg.lr_decay:g}") if cfg.lr_decay != default.lr_decay else None]
+    parts = [p for p in parts if p]
+    return ", ".join(label for label, _ in parts), "".join(slug for _, slug in parts)
+
+
 def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, base: TrainConfig,
                   progress: bool = True, log=print) -> list[dict]:
     """Train every (model, seed) not finished yet under ``out``; return all results (old and new)."""

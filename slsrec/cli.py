@@ -208,10 +208,6 @@ def train_cmd(
 
     given = dict(epochs=epochs, batch_size=batch_size, max_len=max_len, lr=lr, lr_decay=lr_decay, patience=patience,
                  loss=loss, precision=precision, threads=threads, window=window)
-    if loss not in (None, "full", "sampled"):
-        raise UserError(f"--loss {loss!r}: expected full or sampled")
-    if window not in (None, "last", "random"):
-        raise UserError(f"--window {window!r}: expected last or random")
     cfg = TrainConfig(dataset=dataset, model=model, seed=seed, device=device,
                       **{k: v for k, v in given.items() if v is not None})
     res = train(cfg, out)
@@ -258,22 +254,18 @@ def benchmark_cmd(
     from dataclasses import replace
     from pathlib import Path
 
-    from slsrec.benchmark import (PLAN, load_results, planned_runs, results_table, run_benchmark,
+    from slsrec.benchmark import (PLAN, load_results, planned_runs, results_table, run_benchmark, variant,
                                   write_benchmark_report)
-    from slsrec.train import TrainConfig
+    from slsrec.train import TrainConfig, check_options
 
     t0 = time.perf_counter()
     names = [m.strip() for m in models.split(",")] if models else list(PLAN)
     base = TrainConfig(device=device, threads=threads)
     base = replace(base, epochs=epochs) if epochs else base
-    if window not in (None, "last", "random"):
-        raise UserError(f"--window {window!r}: expected last or random")
-    base = replace(base, max_len=max_len or base.max_len, window=window or base.window,
-                   lr_decay=lr_decay or base.lr_decay)
-    label = ", ".join(([f"T={max_len}"] if max_len else []) + (["random windows"] if window == "random" else [])
-                      + ([f"lr decay {lr_decay:g}"] if lr_decay else []))
-    slug = "".join(([f"-t{max_len}"] if max_len else []) + (["-random"] if window == "random" else [])
-                   + ([f"-decay{lr_decay:g}"] if lr_decay else []))
+    recipe = dict(max_len=max_len, window=window, lr_decay=lr_decay)
+    base = replace(base, **{k: v for k, v in recipe.items() if v is not None})
+    check_options(base)
+    label, slug = variant(base)
     out_dir = Path(out or f"runs/bench-{Path(dataset).stem}{slug}")
     if report_only:
         results = [r for r in load_results(out_dir) if r["model"] in names]

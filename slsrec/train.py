@@ -99,6 +99,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_options(cfg: TrainConfig) -> None:
+    """Reject option values that the dataclass's types do not enforce, naming the flag."""
+    if cfg.model not in MODEL_NAMES:
+        raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(MODEL_NAMES)}")
+    for flag, value, valid in (("--loss", cfg.loss, ("full", "sampled")), ("--window", cfg.window, ("last", "random"))):
+        if value not in valid:
+            raise UserError(f"{flag} {value!r}: expected {' or '.join(valid)}")
+    if not 0 < cfg.lr_decay <= 1:
+        raise UserError(f"--lr-decay {cfg.lr_decay:g}: expected a factor in (0, 1]")
+
+
 def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interactions | None = None,
           progress: bool = True, warm_start: Callable[[nn.Module], None] | None = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset`` (or on ``inter`` when given) and save the run to ``out``.
@@ -106,8 +117,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
     ``warm_start(model)`` is called on the freshly built model before training, e.g. to copy in the
     weights of the model being retrained (:mod:`slsrec.retrain`)."""
     # ---- setup: options, seeds, threads, device ----
-    if cfg.model not in MODEL_NAMES:  # before loading data, which can take a while
-        raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(MODEL_NAMES)}")
+    check_options(cfg)  # before loading data, which can take a while
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
