@@ -17,8 +17,8 @@ the new model from the item ids they hold, each at its user's next event
 **Delivery is at-least-once.** With recovery on (``slsrec serve`` default), Bytewax snapshots the
 input offsets and every shard's sessions to SQLite under ``settings.recovery_dir`` every
 ``settings.snapshot_interval_s``. A restart resumes from the last snapshot, so the events after it
-are processed again: their recommendations (and a session closed in that window) may be produced twice. Every
-recommendation names its causing ``event_id``; consumers de-duplicate on it.
+are processed again: their recommendations (and a session closed in that window) may be produced
+twice. Every recommendation names its causing ``event_id``; consumers de-duplicate on it.
 
 **Scaling.** Kafka partitions of ``clicks`` are the unit of parallelism; workers split them. On one
 machine ``slsrec serve --processes N`` starts N worker processes (Bytewax's ``-i/-a`` cluster mode on

@@ -36,6 +36,7 @@ from pydantic import SecretStr
 
 from schemas.events import InvalidEvent, decode_click
 from slsrec import local
+from slsrec.benchmark import machine
 from slsrec.checkpoint import load_run, save_run
 from slsrec.data import Vocab
 from slsrec.errors import ServiceError
@@ -123,7 +124,7 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         # 3. The naive per-event path over the same kind of events.
         naive_eps = _naive(s1, loaded, store, version, min(naive_events, events))
     return BenchResult(
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {_cpu_model()}",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, {machine()['cpu']}",
         model=f"{loaded.name} n_items={len(items)} n_users={len(users)} d={d} ({run_dir.name})",
         events=events, flow_events_per_s=flow_eps, flow_events_per_cpu_s=events / max(busy_cpu - idle_cpu, 1e-3),
         load_events_per_s=rate, latency_events=len(warm),
@@ -311,13 +312,3 @@ def _naive(settings: Settings, run, store: LongTermStore, version: str, n: int) 
     p.flush(30)
     c.close()
     return n / (time.perf_counter() - t0)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"

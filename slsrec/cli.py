@@ -261,8 +261,7 @@ def benchmark_cmd(
     t0 = time.perf_counter()
     names = [m.strip() for m in models.split(",")] if models else list(PLAN)
     base = TrainConfig(device=device, threads=threads)
-    base = replace(base, epochs=epochs) if epochs else base
-    recipe = dict(max_len=max_len, window=window, lr_decay=lr_decay)
+    recipe = dict(epochs=epochs, max_len=max_len, window=window, lr_decay=lr_decay)
     base = replace(base, **{k: v for k, v in recipe.items() if v is not None})
     check_options(base)
     label, slug = variant(base)
