@@ -78,8 +78,9 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
           naive_events: int = 5_000) -> BenchResult:
     torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
-    with (tempfile.TemporaryDirectory(prefix="slsrec-bench-") as tmp, local.scratch_redis_db() as redis_url,
-          contextlib.ExitStack() as phases):
+    # The local Kafka and Redis: started here if they are not running, and then stopped at the end.
+    with (local.session(settings), tempfile.TemporaryDirectory(prefix="slsrec-bench-") as tmp,
+          local.scratch_redis_db() as redis_url, contextlib.ExitStack() as phases):
         settings = settings.model_copy(update={"redis_url": SecretStr(redis_url), "device": "cpu"})
         run_dir = Path(run) if run else _ml1m_sized_run(Path(tmp) / "ml1m-random")
         loaded = load_run(run_dir)
