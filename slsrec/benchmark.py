@@ -28,10 +28,43 @@ from slsrec.registry import MODEL_NAMES, build_model
 from slsrec.sessions import leave_one_out, train_batches
 from slsrec.train import VALID_METRIC, NegativeSampler, TrainConfig, batch_rule, resolve_device, train, train_step
 
-# (model, seeds): 3 seeds for SLSRec and the two strongest baselines, 1 for the rest.
-PLAN: dict[str, int] = {"pop": 1, "gru4rec": 1, "sasrec": 3, "clsr": 3, "slsrec": 3, "slsrec-long": 1,
+# (model, seeds): 3 seeds for SLSRec and the baselines, 1 for popularity and the ablations.
+PLAN: dict[str, int] = {"pop": 1, "gru4rec": 3, "sasrec": 3, "clsr": 3, "slsrec": 3, "slsrec-long": 1,
                         "slsrec-short": 1, "slsrec-nocl": 1, "slsrec-fixed": 1}
 HEADLINE = ("NDCG@10", "HR@10", "NDCG@20", "HR@20", "MRR")
+STRICT_HEADLINE = ("NDCG@10", "HR@10")
+
+
+@dataclass(frozen=True)
+class Published:
+    """A figure from a paper, compared only under its own protocol."""
+
+    model: str
+    dataset: str
+    protocol: str  # "masked" or "strict" (slsrec.train.PROTOCOLS)
+    ndcg10: float
+    hr10: float
+    source: str
+
+
+PUBLISHED = (
+    Published("SASRec+ (CE)", "ml-1m", "masked", 0.1821, 0.3152,
+              "Klenitskiy & Vasilev, RecSys 2023, Table 2; their code filters seen items "
+              "(github.com/antklen/sasrec-bert4rec-recsys23, `filter_seen: True`)"),
+    Published("BERT4Rec", "ml-1m", "masked", 0.1537, 0.2843, "Klenitskiy & Vasilev, RecSys 2023, Table 2"),
+    Published("HSTU-large", "ml-1m", "masked", 0.1893, 0.3294,
+              "Zhai et al., ICML 2024, Table 4; their eval filters the input history "
+              "(generative-recommenders, `eval_metrics_v2_from_tensors(filter_invalid_ids=True)`)"),
+)
+
+
+def metrics_of(result: dict, protocol: str) -> dict | None:
+    """A result's test metrics under ``protocol``; results saved before the strict protocol existed
+    hold the masked metrics only."""
+    test = result["test"]
+    if "masked" in test:
+        return test[protocol]
+    return test if protocol == "masked" else None
 DOCS = Path("docs/benchmarks.md")
 
 
@@ -68,15 +101,16 @@ def variant(cfg: TrainConfig) -> tuple[str, str]:
     """The label and directory suffix of a benchmark whose training recipe differs from the defaults
     (each variant keeps its own results and its own section of the docs).
 
-    >>> variant(TrainConfig(max_len=200, lr_decay=0.3))
-    ('T=200, lr decay 0.3', '-t200-decay0.3')
-    >>> variant(TrainConfig(max_len=50))  # the defaults: the main table
+    >>> variant(TrainConfig(max_len=50, window="last", epochs=20))
+    ('T=50, last windows, <= 20 epochs', '-t50-last-e20')
+    >>> variant(TrainConfig())  # the defaults: the main table
     ('', '')
     """
     default = TrainConfig()
     parts = [(f"T={cfg.max_len}", f"-t{cfg.max_len}") if cfg.max_len != default.max_len else None,
              (f"{cfg.window} windows", f"-{cfg.window}") if cfg.window != default.window else None,
-             (f"lr decay {cfg.lr_decay:g}", f"-decay{cfg.lr_decay:g}") if cfg.lr_decay != default.lr_decay else None]
+             (f"lr decay {cfg.lr_decay:g}", f"-decay{cfg.lr_decay:g}") if cfg.lr_decay != default.lr_decay else None,
+             (f"<= {cfg.epochs} epochs", f"-e{cfg.epochs}") if cfg.epochs != default.epochs else None]
     parts = [p for p in parts if p]
     return ", ".join(label for label, _ in parts), "".join(slug for _, slug in parts)
 
@@ -103,7 +137,8 @@ def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, bas
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(path)  # a result file is complete or absent
         results.append(result)
-        log(f"{model} seed {seed}: test {VALID_METRIC} {result['test'][VALID_METRIC]:.4f}, "
+        log(f"{model} seed {seed}: test {VALID_METRIC} masked {result['test']['masked'][VALID_METRIC]:.4f} "
+            f"strict {result['test']['strict'][VALID_METRIC]:.4f}, "
             f"{result['seconds_per_epoch']:.1f} s/epoch, best epoch {result['best_epoch']}")
     return results
 
@@ -112,21 +147,39 @@ def load_results(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
 
 
-def results_table(results: list[dict]) -> str:
-    """Markdown table: mean ± std over seeds of the test metrics, and the training cost."""
+def results_table(results: list[dict], planned: dict[str, int] | None = None) -> str:
+    """Markdown table: mean ± std over seeds of the test metrics under both protocols, and the training
+    cost. ``planned`` (model -> seeds) marks the rows that still miss seeds."""
     by_model: dict[str, list[dict]] = {}
     for r in results:
         by_model.setdefault(r["model"], []).append(r)
-    head = "| model | seeds | " + " | ".join(HEADLINE) + " | s/epoch (median) | epochs (best) | time to best (s) |"
+    head = ("| model | seeds | " + " | ".join(f"{k} masked" for k in HEADLINE) + " | "
+            + " | ".join(f"{k} strict" for k in STRICT_HEADLINE)
+            + " | s/epoch (median) | epochs (best) | time to best (s) | precision, device |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model in [m for m in MODEL_NAMES if m in by_model]:
         rs = by_model[model]
-        cells = [_mean_std([r["test"][k] for r in rs]) for k in HEADLINE]
+        strict = [metrics_of(r, "strict") for r in rs]
+        cells = [_mean_std([metrics_of(r, "masked")[k] for r in rs]) for k in HEADLINE]
+        cells += [_mean_std([s[k] for s in strict]) if all(strict) else "–" for k in STRICT_HEADLINE]
+        seeds = f"{len(rs)}" + (f" of {planned[model]}" if planned and planned.get(model, 0) > len(rs) else "")
+        how = ", ".join(sorted({f"{r.get('precision', 'bf16' if r.get('bf16') else 'fp32')}, {r['device']}" for r in rs}))
         # Median epoch from the history: a run paused for a while (another benchmark) keeps its figure.
         spe = statistics.median([h["train_s"] for r in rs for h in r["history"] if h["train_s"]] or [0.0])
         epochs = f"{statistics.mean(r['epochs_run'] for r in rs):.0f} ({statistics.mean(r['best_epoch'] for r in rs):.0f})"
         ttc = statistics.mean(r["time_to_convergence_s"] for r in rs)
-        lines.append(f"| {model} | {len(rs)} | " + " | ".join(cells) + f" | {f'{spe:.1f}' if spe else '–'} | {epochs} | {ttc:.0f} |")
+        lines.append(f"| {model} | {seeds} | " + " | ".join(cells)
+                     + f" | {f'{spe:.1f}' if spe else '–'} | {epochs} | {ttc:.0f} | {how} |")
+    return "\n".join(lines)
+
+
+def published_table(dataset: str) -> str:
+    """The published reference rows for ``dataset``, each with its protocol and source."""
+    rows = [p for p in PUBLISHED if p.dataset == Path(dataset).stem]
+    if not rows:
+        return ""
+    lines = ["| published | protocol | NDCG@10 | HR@10 | source |", "|---|---|---|---|---|"]
+    lines += [f"| {p.model} | {p.protocol} | {p.ndcg10:.4f} | {p.hr10:.4f} | {p.source} |" for p in rows]
     return "\n".join(lines)
 
 
@@ -148,10 +201,11 @@ def plot_curves(results: list[dict], path: Path) -> Path:
         if r["seed"] != 0:
             continue
         epochs = [h["epoch"] for h in r["history"]]
-        values = [h["valid"][VALID_METRIC] for h in r["history"]]
+        values = [h["valid"]["masked"][VALID_METRIC] if "masked" in h["valid"] else h["valid"][VALID_METRIC]
+                  for h in r["history"]]
         ax.plot(epochs, values, marker="o" if len(epochs) == 1 else None, label=r["model"])
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"validation {VALID_METRIC} (full ranking)")
+    ax.set_ylabel(f"validation {VALID_METRIC} (full ranking, history masked)")
     ax.grid(alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +340,7 @@ def _machine_line(device: str, threads: str | None) -> str:
 
 
 def write_benchmark_report(results: list[dict], *, dataset: str, command: str, out: Path, wall_s: float | None,
-                           planned: int, label: str = "", slug: str = "", doc: Path = DOCS,
+                           planned: list[tuple[str, int]], label: str = "", slug: str = "", doc: Path = DOCS,
                            img: Path | None = None) -> str:
     """Write the ``Model quality: <dataset>`` section of ``doc`` and the validation-curve PNG.
 
@@ -294,6 +348,7 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
     section ``Model quality: <dataset>, <label>`` and plot.
     """
     img = img or doc.parent / "img" / f"valid-ndcg10-{Path(dataset).stem}{slug}.png"
+    planned_seeds = {m: sum(1 for pm, _ in planned if pm == m) for m, _ in planned}
     plot_curves(results, img)
     train_s = sum(r["total_s"] for r in results)
     devices = sorted({r["device"] for r in results})
@@ -301,18 +356,24 @@ def write_benchmark_report(results: list[dict], *, dataset: str, command: str, o
     body = [
         f"Command: `{command}`",
         "",
-        *([f"**Partial**: {len(results)} of {planned} planned (model, seed) runs have finished; re-run the "
-           "command to continue where it stopped.", ""] if len(results) < planned else []),
+        *([f"**Partial**: {len(results)} of {len(planned)} planned (model, seed) runs have finished; re-run the "
+           "command to continue where it stopped (a run cut off resumes at its last finished epoch).", ""]
+          if len(results) < len(planned) else []),
         f"Machine: {_machine_line(', '.join(devices), ', '.join(map(str, threads)))}.",
         f"Wall time: {train_s / 3600:.2f} h of training and evaluation summed over the {len(results)} finished "
         f"(model, seed) runs" + (f"; the last invocation took {wall_s / 60:.1f} min" if wall_s else "")
         + f" (results are saved under `{out}/results/` as each run finishes; a re-run skips finished ones).",
         "",
-        "Test metrics, full ranking over all items with the user's history masked, leave-one-out; mean ± std "
-        "over seeds. s/epoch is training only; time to best is wall time from the start to the end of the best "
-        "epoch (validation NDCG@10).",
+        "Test metrics, leave-one-out, full ranking over all items, under two protocols: **masked** removes the "
+        "user's history from the candidates (the protocol of the published SASRec+CE and HSTU figures), "
+        "**strict** leaves it in (as RecBole and most libraries evaluate sequential models). Mean ± std over "
+        "seeds; a row marked \"n of m\" still misses seeds. s/epoch is training only; time to best is wall "
+        "time from the start to the end of the best epoch (validation NDCG@10, masked).",
         "",
-        results_table(results),
+        results_table(results, planned_seeds),
+        "",
+        *(["Published figures, each comparable only under its own protocol:", "", published_table(dataset)]
+          if published_table(dataset) else []),
         "",
         f"![validation NDCG@10 per epoch]({img.relative_to(doc.parent) if img.is_relative_to(doc.parent) else img})",
     ]

@@ -9,6 +9,10 @@ A run directory holds:
 - ``metrics.json``: test metrics (and, for SLSRec, alpha statistics) of the run;
 - ``history.json``: one record per epoch (train loss, validation metrics, seconds).
 
+While training runs, ``progress/`` beside them holds the state after the last finished epoch (weights,
+optimiser, best weights, random generators: safetensors + JSON), so a run cut off resumes at the next
+epoch (:func:`save_progress`, :func:`load_progress`); it is removed when the run is saved.
+
 >>> import tempfile, torch
 >>> from slsrec.data import Vocab
 >>> from slsrec.registry import build_model
@@ -26,17 +30,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from slsrec.data import Vocab
 from slsrec.errors import CheckpointError
 
 FORMAT_VERSION = 1
+PROGRESS, PROGRESS_TENSORS, PROGRESS_META = "progress", "state.safetensors", "state.json"
 WEIGHTS, CONFIG, IDS, METRICS, HISTORY = "model.safetensors", "config.json", "ids.json", "metrics.json", "history.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")  # torch.save / pickle formats
 
@@ -124,6 +131,33 @@ def load_run(path: str | Path) -> Run:
     history = _read_json(path / HISTORY) if (path / HISTORY).exists() else []
     return Run(path, model.eval(), config["model"], config["config"], config["session"], users, items,
                config.get("dataset", ""), metrics, history, config.get("train", {}))
+
+
+def save_progress(run_dir: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write the training state after an epoch under ``run_dir/progress/``, replacing the previous one.
+
+    The JSON is written last, so a progress directory whose JSON names the epoch is complete."""
+    path = Path(run_dir) / PROGRESS
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (PROGRESS_TENSORS + ".tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path / PROGRESS_TENSORS)
+    _write_json(path / PROGRESS_META, meta)
+
+
+def load_progress(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The state :func:`save_progress` left in ``run_dir``, or None when there is none."""
+    path = Path(run_dir) / PROGRESS
+    if not (path / PROGRESS_META).is_file():
+        return None
+    try:
+        return load_file(str(path / PROGRESS_TENSORS)), _read_json(path / PROGRESS_META)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable training progress ({e}); delete it to start the run anew") from None
+
+
+def clear_progress(run_dir: str | Path) -> None:
+    shutil.rmtree(Path(run_dir) / PROGRESS, ignore_errors=True)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -179,8 +179,12 @@ def publish_cmd(
 # ---- model: train, evaluate, benchmark (slsrec/train.py, slsrec/benchmark.py) ----
 
 
-def _metrics_table(metrics: dict[str, float]) -> str:
-    return "\n".join(f"{k:<8} {v:.4f}" for k, v in metrics.items())
+def _metrics_table(by_protocol: dict[str, dict[str, float]]) -> str:
+    """One row per metric, one column per evaluation protocol (masked, strict)."""
+    protocols = list(by_protocol)
+    rows = [f"{'':<8} " + " ".join(f"{p:>8}" for p in protocols)]
+    rows += [f"{k:<8} " + " ".join(f"{by_protocol[p][k]:8.4f}" for p in protocols) for k in by_protocol[protocols[0]]]
+    return "\n".join(rows)
 
 
 @app.command("train")
@@ -198,10 +202,10 @@ def train_cmd(
     lr_decay: float = typer.Option(None, min=0, max=1, help="lr factor after an epoch without a better validation"),
     patience: int = typer.Option(None, min=1, help="epochs without a better validation NDCG@10 before stopping"),
     loss: str = typer.Option(None, help="full (softmax over all items) or sampled (shared negatives, logQ)"),
-    precision: str = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32"),
+    precision: str = typer.Option(None, help="auto (the device's measured choice: fp32 on cpu and cuda), bf16 or fp32"),
     threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
-    window: str = typer.Option(None, help="each user's T training positions: last (the latest) or random "
-                                          "(a random span, drawn anew every epoch)"),
+    window: str = typer.Option(None, help="rows of T per user: all (every training event a target each "
+                                          "epoch), last (the latest T) or random (a random span per epoch)"),
 ) -> None:
     """Train one model with early stopping on validation NDCG@10; save the run and print test metrics."""
     from slsrec.train import TrainConfig, train
@@ -223,7 +227,7 @@ def evaluate_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Load a run and recompute its test metrics (full ranking, history masked)."""
+    """Load a run and recompute its test metrics: full ranking, history masked and strict (left in)."""
     import json
 
     from slsrec.train import evaluate_run
@@ -242,7 +246,7 @@ def benchmark_cmd(
     threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
     epochs: int = typer.Option(None, min=1, help="most epochs per run [default: the trainer's]"),
     max_len: int = typer.Option(None, min=2, help="T for every model [default: the trainer's]; its own table"),
-    window: str = typer.Option(None, help="training windows: last or random [default: last]; random: own table"),
+    window: str = typer.Option(None, help="training rows: all, last or random [default: all]; others: own table"),
     lr_decay: float = typer.Option(None, min=0, max=1, help="lr factor after an epoch without a better validation; "
                                                             "its own table"),
     write_docs: bool = typer.Option(True, "--docs/--no-docs", help="write docs/benchmarks.md and docs/img/"),
@@ -280,7 +284,7 @@ def benchmark_cmd(
             f" {flag} {shlex.quote(str(v))}" for flag, v in extra.items() if v)
         write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, label=label, slug=slug,
                                wall_s=None if report_only else time.perf_counter() - t0,
-                               planned=len(planned_runs(names, seeds)))
+                               planned=planned_runs(names, seeds))
         typer.echo("wrote docs/benchmarks.md and its plot under docs/img/")
 
 

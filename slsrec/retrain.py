@@ -278,8 +278,8 @@ class Retrainer:
                                    **options | ({"max_len": cfg.max_len} if cfg.max_len else {}))
             grow_into(baseline, state)
             device = resolve_device(cfg.device)
-            cur = evaluate(baseline.to(device), leave_one_out(history), "test", device=device)
-            cand = res.metrics["test"]
+            cur = evaluate(baseline.to(device), leave_one_out(history), "test", device=device)["masked"]
+            cand = res.metrics["test"]["masked"]
             seconds["evaluate"] = time.perf_counter() - t
 
             # ---- decide ----

@@ -175,15 +175,52 @@ def batch_from(seqs, users=None, *, T: int | None = None, gap_ms: int | None = D
                     torch.zeros(len(seqs), T, dtype=torch.long))
 
 
-def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segment: int,
-            rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """Left-padded (n_rows, max_len) arrays for ``kind`` in {train, valid, test}, computed once per split.
+def _train_rows(split: Split, max_len: int, window: str, rng: np.random.Generator | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training rows ``(user, stop, target_from)``: a row's inputs are the user's events
+    ``[stop - max_len, stop)`` (those before the user's first are padding), and only inputs from
+    ``target_from`` on carry a loss.
 
-    With ``rng`` (training only) each user's window ends at a random position of the training
-    sequence instead of its end, so that epochs cover histories longer than ``max_len``; not cached.
+    - ``last``: one row per user, its latest ``max_len`` inputs.
+    - ``random``: one row per user, ending at a random position (drawn anew each epoch).
+    - ``all``: windows from the user's first event on, each ``max_len // 2`` further than the last and the
+      final one ending at the latest event; a row trains on the inputs the previous row did not reach.
+      Every training event is then a target exactly once per epoch, with at least ``max_len // 2``
+      events of context where the history has them. A user with ``n`` inputs gets
+      ``1 + ceil((n - T) / (T/2))`` rows.
+
+    >>> import pandas as pd
+    >>> from slsrec.data import Interactions
+    >>> df = pd.DataFrame({"user_id": ["a"] * 11, "item_id": list("abcdefghijk"), "timestamp": range(11)})
+    >>> split = leave_one_out(Interactions.from_frame(df))  # 9 training events: inputs at 0..7
+    >>> users, stop, target_from = _train_rows(split, 4, "all", None)  # rows: inputs 0..3, 2..5, 4..7
+    >>> stop.tolist(), target_from.tolist()  # the later rows train on inputs 4, 5 and 6, 7
+    ([4, 6, 8], [0, 4, 6])
     """
-    key = (kind, max_len, gap_ms, max_segment)
-    if rng is None and key in split._cache:
+    start = split.inter.offsets[:-1]
+    stop = split.train_end - 1  # inputs seq[:-1], targets seq[1:]
+    users = np.flatnonzero(stop > start)  # users with at least one input position
+    start, stop = start[users], stop[users]
+    if window == "random":  # a window end in [start + max_len, stop] where the sequence is longer
+        shortest = np.minimum(start + max_len, stop)
+        stop = shortest + (rng.random(len(stop)) * (stop - shortest + 1)).astype(np.int64)
+    elif window == "all":
+        stride = max(1, max_len // 2)
+        rows = 1 + np.maximum(0, -(-(stop - start - max_len) // stride))  # (N,) rows per user
+        k = np.arange(rows.sum()) - np.repeat(np.cumsum(rows) - rows, rows)  # 0..rows-1 per user
+        users, start, stop = np.repeat(users, rows), np.repeat(start, rows), np.repeat(stop, rows)
+        ends = np.minimum(start + max_len + k * stride, stop)  # the last row ends at the latest input
+        previous = np.where(k > 0, np.minimum(start + max_len + (k - 1) * stride, stop), start)
+        return users, ends, previous
+    return users, stop, start
+
+
+def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segment: int,
+            window: str = "last", rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Left-padded (n_rows, max_len) arrays for ``kind`` in {train, valid, test}; cached, except the
+    ``random`` training windows, which are drawn anew from ``rng`` on every call."""
+    key = (kind, window, max_len, gap_ms, max_segment)
+    if key in split._cache:
         return split._cache[key]
     inter = split.inter
     codes_key = ("codes", gap_ms, max_segment)
@@ -192,16 +229,13 @@ def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segme
     codes = split._cache[codes_key]
     dts = _seconds_since_previous(inter.ts, codes)
 
-    start = inter.offsets[:-1]
     if kind == "train":
-        stop = split.train_end - 1  # inputs seq[:-1], targets seq[1:]
+        users, stop, target_from = _train_rows(split, max_len, window, rng)
     else:
         stop = getattr(split, kind)
-    users = np.flatnonzero(stop > start)  # users with at least one input position
-    start, stop = start[users], stop[users]
-    if rng is not None:  # a window end in [start + max_len, stop] where the sequence is longer than max_len
-        shortest = np.minimum(start + max_len, stop)
-        stop = shortest + (rng.random(len(stop)) * (stop - shortest + 1)).astype(np.int64)
+        users = np.flatnonzero(stop > inter.offsets[:-1])
+        stop = stop[users]
+    start = inter.offsets[users]
     pos = stop[:, None] - max_len + np.arange(max_len)  # (N, T) event index of each column
     real = pos >= start[:, None]
     pos = np.where(real, pos, 0)
@@ -213,11 +247,12 @@ def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segme
         "seg_start": real & ((codes[pos] != Boundary.NONE) | first),
     }
     if kind == "train":
-        out["targets"] = np.where(real, inter.item[np.minimum(pos + 1, len(inter) - 1)], 0)
+        has_loss = real & (pos >= target_from[:, None])
+        out["targets"] = np.where(has_loss, inter.item[np.minimum(pos + 1, len(inter) - 1)], 0)
     else:
         out["targets"] = np.zeros_like(out["items"])
         out["targets"][:, -1] = inter.item[stop]
-    if rng is None:
+    if window != "random":
         split._cache[key] = out
     return out
 
@@ -229,15 +264,15 @@ def _batches(arrays: dict[str, np.ndarray], order: np.ndarray, batch_size: int) 
 
 
 def train_batches(split: Split, *, batch_size: int, max_len: int, gap_ms: int | None, max_segment: int,
-                  rng: np.random.Generator, window: Literal["last", "random"] = "last") -> Iterator[SeqBatch]:
-    """One epoch of training batches, users shuffled by ``rng``.
+                  rng: np.random.Generator, window: Literal["all", "last", "random"] = "all") -> Iterator[SeqBatch]:
+    """One epoch of training batches, rows shuffled by ``rng``.
 
-    Per user the training sequence gives inputs ``seq[:-1]`` and targets ``seq[1:]``, truncated to
-    ``max_len`` positions: the most recent ones (``window="last"``; the padded arrays are built on the
-    first call and reused), or a window ending at a random position, drawn anew every epoch
-    (``"random"``).
+    Per user the training sequence gives inputs ``seq[:-1]`` and targets ``seq[1:]``, cut into rows of
+    ``max_len`` positions by ``window`` (see :func:`_train_rows`): ``all`` makes every training event a
+    target once per epoch; ``last`` and ``random`` keep one row per user (the latest span, or a random
+    one drawn anew every epoch), so longer histories are only partly trained on.
     """
-    arrays = _padded(split, "train", max_len, gap_ms, max_segment, rng if window == "random" else None)
+    arrays = _padded(split, "train", max_len, gap_ms, max_segment, window, rng)
     yield from _batches(arrays, rng.permutation(len(arrays["user"])), batch_size)
 
 

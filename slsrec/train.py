@@ -4,15 +4,18 @@ data -> leave-one-out split -> batches with the model's own session rule and ``m
 AdamW -> epochs of (train, validation NDCG@10 with full ranking) -> early stopping that keeps the
 best weights -> test metrics -> the run directory (:mod:`slsrec.checkpoint`).
 
-Every model goes through the same evaluation: full ranking over all items, the user's own history
-masked (:func:`slsrec.metrics.mask_seen`), HR/NDCG@{5,10,20} and MRR.
+Every model goes through the same evaluation: full ranking over all items, HR/NDCG@{5,10,20} and MRR,
+under two labelled protocols (:data:`PROTOCOLS`): ``masked`` removes the user's own history from the
+candidates (:func:`slsrec.metrics.mask_seen`; the SASRec+CE and HSTU papers' protocol) and ``strict``
+leaves it in (what RecBole and most libraries do for sequential models). Early stopping and model
+selection use the validation ``masked`` NDCG@10.
 
 >>> from slsrec.data import Interactions
 >>> from slsrec.synthetic import WorldConfig, generate
 >>> inter = Interactions.from_frame(generate(WorldConfig(n_users=60, n_items=40, n_clusters=4)).events)
 >>> res = train(TrainConfig(model="gru4rec", epochs=2, model_options={"d": 8}, max_len=20), inter=inter, progress=False)
->>> [h["epoch"] for h in res.history], sorted(res.metrics["test"])[:3]
-([1, 2], ['HR@10', 'HR@20', 'HR@5'])
+>>> [h["epoch"] for h in res.history], sorted(res.metrics["test"]), sorted(res.metrics["test"]["strict"])[:3]
+([1, 2], ['masked', 'strict'], ['HR@10', 'HR@20', 'HR@5'])
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slsrec.checkpoint import Run, load_run, save_run
+from slsrec.checkpoint import Run, clear_progress, load_progress, load_run, save_progress, save_run
 from slsrec.data import Interactions, load_dataset
 from slsrec.errors import CheckpointError, UserError
 from slsrec.metrics import RankingMetrics, mask_seen
@@ -39,7 +42,11 @@ from slsrec.model import score, segments
 from slsrec.registry import MODEL_NAMES, build_model
 from slsrec.sessions import Split, eval_batches, leave_one_out, train_batches
 
-VALID_METRIC = "NDCG@10"  # early stopping and model selection
+VALID_METRIC = "NDCG@10"  # early stopping and model selection, under the masked protocol
+PROTOCOLS = ("masked", "strict")  # history removed from the candidates, or left in
+# Precision per device, chosen by measured quality (docs/benchmarks.md, "Precision"): bf16 autocast cost
+# SASRec NDCG@10 on ML-100K, so fp32 stays the default until a device's bf16 is shown to cost nothing.
+PRECISION: dict[str, str] = {"cpu": "fp32", "cuda": "fp32"}
 
 
 @dataclass
@@ -48,19 +55,22 @@ class TrainConfig:
 
     dataset: str = "ml-1m"  # ml-1m, ml-100k, synthetic, or a clickstream file
     model: str = "slsrec"  # a name from slsrec.registry.MODEL_NAMES
-    # Defaults below are the measured training-speed choices for a 2-core CPU (docs/benchmarks.md).
-    epochs: int = 20  # upper bound, so the ML-1M table (14 trainings) fits ~2.5 h of this CPU
-    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    epochs: int = 200  # upper bound only: runs end by early stopping (a cap stopped models still improving)
+    patience: int = 5  # epochs without a better validation NDCG@10 before stopping
     batch_size: int = 32  # sequences per step: same epoch time as 128 on CPU, 4x the updates
     lr: float = 5e-3  # AdamW; with batch 32 it reaches in 2 epochs what 1e-3 reaches in many
-    lr_decay: float = 1.0  # lr *= this after each epoch without a better validation NDCG@10 (1 = constant)
+    # lr *= this after each epoch without a better validation NDCG@10 (1 = constant); 0.3 moved SASRec +6% and
+    # SLSRec +2% on ML-1M at T=200 (docs/benchmarks.md).
+    lr_decay: float = 0.3
     weight_decay: float = 0.0  # dropout regularises already; decay on embeddings hurts rare items
-    max_len: int | None = 50  # T, overriding the model's; 50 is ~5x faster than 200 per epoch. None = model's
-    window: Literal["last", "random"] = "last"  # each user's T training positions: the latest, or a random span
+    max_len: int | None = 200  # T, overriding the model's (None = the model's); SASRec's ML-1M setting
+    # How histories are cut into rows of T: "all" makes every training event a target once per epoch;
+    # "last" (the latest T) and "random" (a random span) keep one row per user, as measured levers.
+    window: Literal["all", "last", "random"] = "all"
     loss: Literal["full", "sampled"] = "full"  # full softmax over all items, or sampled softmax
     negatives: int = 256  # sampled softmax: negatives per step, shared by the whole batch
     negative_power: float = 0.0  # negatives ~ count**power: 0 = uniform, 1 = popularity (logQ-corrected)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast where the hardware has it
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = the measured choice for the device (PRECISION)
     compile: bool = False  # torch.compile the model (measured slower here: graph breaks, recompiles)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -77,16 +87,15 @@ class TrainResult:
     run_dir: Path | None
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bfloat16: measured 1.2-1.5x faster per step on an AVX512-BF16 CPU, with
-    no loss in validation NDCG (docs/benchmarks.md); ``auto`` falls back to fp32 where bf16 is emulated."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16`` (autocast): ``auto`` takes the device's measured choice from :data:`PRECISION`.
+
+    >>> resolve_precision("auto", torch.device("cpu")), resolve_precision("bf16", torch.device("cpu"))
+    ('fp32', 'bf16')
+    """
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown precision {precision!r}: expected auto, bf16 or fp32")
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return PRECISION[device.type] if precision == "auto" else precision
 
 
 def resolve_device(device: str) -> torch.device:
@@ -103,7 +112,8 @@ def check_options(cfg: TrainConfig) -> None:
     """Reject option values that the dataclass's types do not enforce, naming the flag."""
     if cfg.model not in MODEL_NAMES:
         raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(MODEL_NAMES)}")
-    for flag, value, valid in (("--loss", cfg.loss, ("full", "sampled")), ("--window", cfg.window, ("last", "random"))):
+    for flag, value, valid in (("--loss", cfg.loss, ("full", "sampled")),
+                               ("--window", cfg.window, ("all", "last", "random"))):
         if value not in valid:
             raise UserError(f"{flag} {value!r}: expected {' or '.join(valid)}")
     if not 0 < cfg.lr_decay <= 1:
@@ -159,10 +169,22 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
                                   device=device) \
             if cfg.loss == "sampled" else None
         step_model = torch.compile(model) if cfg.compile else model
-        bf16 = use_bf16(cfg.precision, device)
+        bf16 = resolve_precision(cfg.precision, device) == "bf16"
         best_valid, best_epoch, best_state, bad_epochs = None, 0, None, 0
 
-        for epoch in range(1, cfg.epochs + 1):
+        # ---- resume: a run cut off continues after its last finished epoch ----
+        done = load_progress(out) if out is not None else None
+        if done is not None:
+            best_state, meta = _restore(done, model, opt, plateau, sampler, rng)
+            history, time_to_best = meta["history"], meta["time_to_best"]
+            best_valid, best_epoch, bad_epochs = meta["best_valid"], meta["best_epoch"], meta["bad_epochs"]
+            t_start -= meta["elapsed"]
+            if progress:
+                tqdm.write(f"{cfg.model}: resuming {out} after epoch {len(history)}")
+
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            if bad_epochs >= cfg.patience:
+                break
             # ---- train one epoch ----
             model.train()
             t0 = time.perf_counter()
@@ -178,23 +200,29 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
             valid = evaluate(model, split, "valid", batch_size=cfg.eval_batch_size, device=device,
                              progress=progress)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid": valid,
+                            "targets": int(sum((b.targets > 0).sum() for b in batches)),
                             "train_s": round(train_s, 3), "seconds": round(time.perf_counter() - t0, 3),
                             "lr": opt.param_groups[0]["lr"]})
             if progress:
                 tqdm.write(f"{cfg.model} epoch {epoch}: loss {history[-1]['train_loss']:.4f} "
-                           f"valid {VALID_METRIC} {valid[VALID_METRIC]:.4f} ({train_s:.1f}s train)")
+                           f"valid {VALID_METRIC} masked {valid['masked'][VALID_METRIC]:.4f} "
+                           f"strict {valid['strict'][VALID_METRIC]:.4f} ({train_s:.1f}s train)")
 
             # ---- early stopping: keep the best weights ----
-            if best_valid is None or valid[VALID_METRIC] > best_valid[VALID_METRIC]:
+            if best_valid is None or valid["masked"][VALID_METRIC] > best_valid["masked"][VALID_METRIC]:
                 best_valid, best_epoch, bad_epochs = valid, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
                 time_to_best = time.perf_counter() - t_start
             else:
                 bad_epochs += 1
-                if bad_epochs >= cfg.patience:
-                    break
             if plateau is not None:
-                plateau.step(valid[VALID_METRIC])
+                plateau.step(valid["masked"][VALID_METRIC])
+
+            # ---- save progress: the state after this epoch ----
+            if out is not None:
+                meta = {"history": history, "time_to_best": time_to_best, "best_valid": best_valid,
+                        "best_epoch": best_epoch, "bad_epochs": bad_epochs, "elapsed": time.perf_counter() - t_start}
+                _save(out, model, best_state, opt, plateau, sampler, rng, meta)
         model.load_state_dict(best_state)
 
     # ---- test: full ranking on the held-out last interaction ----
@@ -207,7 +235,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
         "time_to_convergence_s": round(time_to_best, 3),
         "total_s": round(time.perf_counter() - t_start, 3),
         "device": str(device), "threads": torch.get_num_threads(),
-        "bf16": cfg.model != "pop" and use_bf16(cfg.precision, device),
+        "precision": "fp32" if cfg.model == "pop" else resolve_precision(cfg.precision, device),
+        "targets_per_epoch": epochs[-1]["targets"] if epochs else 0,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
     if getattr(model.config, "fusion", None) == "gate":
@@ -218,7 +247,43 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
     if out is not None:
         run_dir = save_run(out, model.cpu(), name=cfg.model, users=inter.users, items=inter.items,
                            dataset=cfg.dataset, metrics=metrics, history=history, train=asdict(cfg))
+        clear_progress(out)
     return TrainResult(model, history, metrics, run_dir)
+
+
+# ---- resuming a run --------------------------------------------------------------------------------
+
+
+def _save(out, model: nn.Module, best_state: dict, opt: torch.optim.Optimizer, plateau, sampler, rng, meta: dict) -> None:
+    """The state after an epoch: weights, best weights, optimiser moments, random generators."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"best.{k}": v for k, v in best_state.items()}
+    opt_state = opt.state_dict()
+    tensors |= {f"opt.{i}.{k}": v for i, st in opt_state["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if sampler is not None:
+        tensors["rng.sampler"] = sampler.gen.get_state()
+    save_progress(out, tensors, meta | {"opt_groups": opt_state["param_groups"], "numpy": rng.bit_generator.state,
+                                        "plateau": plateau.state_dict() if plateau is not None else None})
+
+
+def _restore(saved, model: nn.Module, opt: torch.optim.Optimizer, plateau, sampler, rng) -> tuple[dict, dict]:
+    """Load what :func:`_save` wrote into the live objects; return the best weights and the JSON part."""
+    tensors, meta = saved
+    part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    model.load_state_dict(part("model."))
+    moments: dict[int, dict] = {}
+    for k, v in part("opt.").items():
+        i, name = k.split(".", 1)
+        moments.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": moments, "param_groups": meta["opt_groups"]})
+    if plateau is not None:
+        plateau.load_state_dict(meta["plateau"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if sampler is not None:
+        sampler.gen.set_state(tensors["rng.sampler"])
+    rng.bit_generator.state = meta["numpy"]
+    return part("best."), meta
 
 
 # ---- one training step --------------------------------------------------------------------------
@@ -300,19 +365,22 @@ def history_items(split: Split, which: str, users: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, which: Literal["valid", "test"], *, batch_size: int = 256,
-             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
-    """Full-ranking metrics of the users' ``which`` targets, history masked."""
+             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, dict[str, float]]:
+    """Full-ranking metrics of the users' ``which`` targets under each of :data:`PROTOCOLS`:
+    ``{"masked": {...}, "strict": {...}}``. Both rank the same scores; ``masked`` first removes the
+    user's history (every item met before the target) from the candidates."""
     model.eval()
-    metrics = RankingMetrics(ks=(5, 10, 20))
+    metrics = {p: RankingMetrics(ks=(5, 10, 20)) for p in PROTOCOLS}
     batches = list(eval_batches(split, which, batch_size=batch_size, **batch_rule(model)))
     for batch in tqdm(batches, desc=f"evaluate {which}", disable=not progress, leave=False):
         users = batch.user.numpy()
         batch = batch.to(device)
         user = model(batch).user[:, -1].float()  # (B, d) the vector after the last input item
-        scores = mask_seen(score(user, model.item_embeddings().float()),
-                           history_items(split, which, users).to(device))  # (B, V)
-        metrics.update(scores, batch.targets[:, -1])
-    return metrics.result()
+        scores = score(user, model.item_embeddings().float())  # (B, V)
+        metrics["strict"].update(scores, batch.targets[:, -1])
+        metrics["masked"].update(mask_seen(scores, history_items(split, which, users).to(device)),
+                                 batch.targets[:, -1])
+    return {p: m.result() for p, m in metrics.items()}
 
 
 @torch.no_grad()

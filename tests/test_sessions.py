@@ -134,9 +134,9 @@ def test_no_target_leakage_on_movielens():
     assert not train_mask[split.test[split.test >= 0]].any()
 
 
-def test_train_batches_cover_each_user_once_in_a_seeded_order():
+def test_last_windows_cover_each_user_once_in_a_seeded_order():
     split = leave_one_out(load_dataset("ml-100k"))
-    kw = dict(batch_size=100, max_len=20, gap_ms=GAP, max_segment=20)
+    kw = dict(batch_size=100, max_len=20, gap_ms=GAP, max_segment=20, window="last")
 
     def order(seed):
         return torch.cat([b.user for b in train_batches(split, rng=np.random.default_rng(seed), **kw)])
@@ -147,6 +147,29 @@ def test_train_batches_cover_each_user_once_in_a_seeded_order():
     batch = next(train_batches(split, rng=np.random.default_rng(1), **kw))
     assert batch.to("cpu").items.shape == (100, 20)
     assert ((batch.items == 0) == (batch.targets == 0)).all()  # every real input has a target
+
+
+def test_all_windows_make_every_training_event_a_target_once_with_its_own_history():
+    split = leave_one_out(load_dataset("ml-100k"))
+    inter, T = split.inter, 20
+    batch = next(train_batches(split, batch_size=10**6, max_len=T, gap_ms=GAP, max_segment=20,
+                               rng=np.random.default_rng(0)))  # window="all", the default
+    targets = []
+    for u, items, tg in zip(batch.user.tolist(), batch.items.numpy(), batch.targets.numpy()):
+        seq = inter.item[inter.offsets[u]:split.train_end[u]]  # the user's training events
+        real = items[items != 0]
+        at = next(k for k in range(len(seq) - len(real) + 1) if (seq[k:k + len(real)] == real).all())
+        has = tg[items != 0] != 0
+        # Each target is the event right after its input, and has at least T/2 events of context
+        # unless the user has fewer before it.
+        np.testing.assert_array_equal(tg[items != 0][has], seq[at + 1:at + 1 + len(real)][has])
+        context = at + np.flatnonzero(has) + 1  # events up to and including the input
+        assert (np.minimum(context, T // 2) <= np.flatnonzero(has) + 1).all()
+        targets += [(u, at + 1 + i) for i in np.flatnonzero(has)]
+    expected = [(u, i) for u in range(inter.n_users) for i in range(1, split.train_end[u] - inter.offsets[u])]
+    assert sorted(targets) == expected  # every training event but each user's first, exactly once
+    long_users = (split.train_end - inter.offsets[:-1] - 1 > T).sum()
+    assert len(batch) > inter.n_users + long_users - 1  # long histories got more than one row
 
 
 def test_random_windows_reach_older_history_and_never_a_held_out_target():

@@ -41,19 +41,19 @@ def test_loss_decreases_and_beats_popularity(inter, slsrec_run):
     assert losses[-1] < losses[0] - 0.5, losses
     pop = train(TrainConfig(dataset="synthetic-test", model="pop"), inter=inter, progress=False)
     assert pop.history[0]["train_loss"] is None  # no epochs, same evaluation
-    assert slsrec_run.metrics["test"]["NDCG@10"] > 2 * pop.metrics["test"]["NDCG@10"]
+    assert slsrec_run.metrics["test"]["masked"]["NDCG@10"] > 2 * pop.metrics["test"]["masked"]["NDCG@10"]
 
 
 def test_best_weights_are_kept(inter, slsrec_run):
-    best = max(h["valid"]["NDCG@10"] for h in slsrec_run.history)
-    assert slsrec_run.metrics["valid"]["NDCG@10"] == best
+    best = max(h["valid"]["masked"]["NDCG@10"] for h in slsrec_run.history)
+    assert slsrec_run.metrics["valid"]["masked"]["NDCG@10"] == best
     again = evaluate(slsrec_run.model, leave_one_out(inter), "valid")
-    assert again["NDCG@10"] == pytest.approx(best, abs=1e-9)
+    assert again["masked"]["NDCG@10"] == pytest.approx(best, abs=1e-9)
 
 
 def test_metrics_record_timings_and_alpha(slsrec_run):
     m = slsrec_run.metrics
-    assert set(m["test"]) == {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
+    assert set(m["test"]) == {"masked", "strict"} and set(m["test"]["strict"]) == {"HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR"}
     assert 1 <= m["best_epoch"] <= m["epochs_run"] == len(slsrec_run.history)
     assert 0 < m["time_to_convergence_s"] <= m["total_s"] and m["seconds_per_epoch"] > 0
     alpha = m["alpha"]
@@ -73,7 +73,7 @@ def test_lr_decays_after_each_epoch_without_improvement(inter):
     # large to improve steadily, so the run plateaus).
     res = train(TrainConfig(dataset="synthetic-test", model="gru4rec", epochs=6, patience=6, lr=0.5, lr_decay=0.5,
                             max_len=20, threads=1, model_options={"d": 8}), inter=inter, progress=False)
-    ndcg, lr = [h["valid"]["NDCG@10"] for h in res.history], [h["lr"] for h in res.history]
+    ndcg, lr = [h["valid"]["masked"]["NDCG@10"] for h in res.history], [h["lr"] for h in res.history]
     for e in range(1, len(lr)):
         improved = ndcg[e - 1] > max(ndcg[:e - 1], default=-1.0)
         assert lr[e] == pytest.approx(lr[e - 1] * (1.0 if improved else 0.5))
@@ -94,7 +94,7 @@ def test_sampled_softmax_learns(inter, power):
                             negative_power=power, max_len=50, model_options={"d": 16}, **FAST),
                 inter=inter, progress=False)
     pop = train(TrainConfig(dataset="synthetic-test", model="pop"), inter=inter, progress=False)
-    assert res.metrics["test"]["NDCG@10"] > pop.metrics["test"]["NDCG@10"]
+    assert res.metrics["test"]["masked"]["NDCG@10"] > pop.metrics["test"]["masked"]["NDCG@10"]
 
 
 def test_sampled_softmax_with_logq_estimates_the_full_softmax():
@@ -162,3 +162,38 @@ def test_long_and_short_representations_recover_taste_and_intent(world, inter, s
     assert len(intent_hit["long"]) > 100
     assert np.mean(intent_hit["short"]) > np.mean(intent_hit["long"]) + 0.2, intent_hit
     assert np.mean(taste_mass["long"]) > np.mean(taste_mass["short"]) + 0.05, taste_mass
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_cut_off_mid_epoch_resumes_to_the_same_result(inter, tmp_path, monkeypatch):
+    import slsrec.train as train_module
+
+    cfg = TrainConfig(dataset="synthetic-test", model="slsrec", epochs=3, patience=3, max_len=20,
+                      model_options={"d": 8}, **FAST)
+    steps, real_step = [], train_module.train_step
+
+    def counted(*args):
+        steps.append(1)
+        if kill_at and len(steps) == kill_at:
+            raise Killed  # what a kill -9 half-way through epoch 2 leaves behind
+        return real_step(*args)
+
+    monkeypatch.setattr(train_module, "train_step", counted)
+    kill_at = None
+    whole = train(cfg, tmp_path / "whole", inter=inter, progress=False)
+    kill_at, per_epoch = len(steps) // 3 * 3 // 2, len(steps) // 3
+    steps.clear()
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "cut", inter=inter, progress=False)
+    assert (tmp_path / "cut" / "progress").is_dir() and not (tmp_path / "cut" / "model.safetensors").exists()
+    steps.clear()
+    kill_at = None
+    resumed = train(cfg, tmp_path / "cut", inter=inter, progress=False)
+
+    assert len(steps) == 2 * per_epoch  # epochs 2 and 3 only
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
+    assert resumed.metrics["test"] == whole.metrics["test"]
+    assert not (tmp_path / "cut" / "progress").exists()  # a finished run keeps only its files
