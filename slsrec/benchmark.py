@@ -23,9 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slsrec.checkpoint import write_json
 from slsrec.errors import UserError
 from slsrec.registry import MODEL_NAMES, build_model
 from slsrec.sessions import leave_one_out, train_batches
+from slsrec.tune import SPACE, apply, tuned_options
 from slsrec.train import VALID_METRIC, NegativeSampler, TrainConfig, batch_rule, resolve_device, train, train_step
 
 # (model, seeds): 3 seeds for SLSRec and the baselines, 1 for popularity and the ablations.
@@ -110,14 +112,18 @@ def variant(cfg: TrainConfig) -> tuple[str, str]:
     parts = [(f"T={cfg.max_len}", f"-t{cfg.max_len}") if cfg.max_len != default.max_len else None,
              (f"{cfg.window} windows", f"-{cfg.window}") if cfg.window != default.window else None,
              (f"lr decay {cfg.lr_decay:g}", f"-decay{cfg.lr_decay:g}") if cfg.lr_decay != default.lr_decay else None,
-             (f"<= {cfg.epochs} epochs", f"-e{cfg.epochs}") if cfg.epochs != default.epochs else None]
+             (f"<= {cfg.epochs} epochs", f"-e{cfg.epochs}") if cfg.epochs != default.epochs else None,
+             (f"precision {cfg.precision}", f"-{cfg.precision}") if cfg.precision != default.precision else None]
     parts = [p for p in parts if p]
     return ", ".join(label for label, _ in parts), "".join(slug for _, slug in parts)
 
 
 def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, base: TrainConfig,
-                  progress: bool = True, log=print) -> list[dict]:
-    """Train every (model, seed) not finished yet under ``out``; return all results (old and new)."""
+                  tuned: Path | None = None, progress: bool = True, log=print) -> list[dict]:
+    """Train every (model, seed) not finished yet under ``out``; return all results (old and new).
+
+    With ``tuned`` (a ``slsrec tune`` output), each model with a search space trains with its winning
+    options."""
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown:
         raise UserError(f"unknown model {unknown[0]!r}; valid: {', '.join(MODEL_NAMES)}")
@@ -130,12 +136,12 @@ def run_benchmark(dataset: str, *, seeds: int, models: list[str], out: Path, bas
             continue
         log(f"{model} seed {seed}: training")
         cfg = replace(base, dataset=dataset, model=model, seed=seed)
+        if tuned is not None and model in SPACE:
+            cfg = apply(cfg, tuned_options(tuned, model))
         res = train(cfg, out / "runs" / f"{model}-s{seed}", progress=progress)
         result = {**res.metrics, "history": res.history, "train": asdict(cfg)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(path)  # a result file is complete or absent
+        write_json(path, result)  # a result file is complete or absent
         results.append(result)
         log(f"{model} seed {seed}: test {VALID_METRIC} masked {result['test']['masked'][VALID_METRIC]:.4f} "
             f"strict {result['test']['strict'][VALID_METRIC]:.4f}, "

@@ -81,10 +81,10 @@ def save_run(path: str | Path, model: nn.Module, *, name: str, users: Vocab, ite
     save_file(state, str(path / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION), "model": name})
     config = {"format_version": FORMAT_VERSION, "model": name, "config": dataclasses.asdict(model.config),
               "session": session_rule(model.config), "dataset": str(dataset), "train": train or {}}
-    _write_json(path / CONFIG, config)
-    _write_json(path / IDS, {"users": users.raw, "items": items.raw})
-    _write_json(path / METRICS, metrics or {})
-    _write_json(path / HISTORY, history or [])
+    write_json(path / CONFIG, config)
+    write_json(path / IDS, {"users": users.raw, "items": items.raw})
+    write_json(path / METRICS, metrics or {})
+    write_json(path / HISTORY, history or [])
     return path
 
 
@@ -142,7 +142,7 @@ def save_progress(run_dir: str | Path, tensors: dict[str, torch.Tensor], meta: d
     tmp = path / (PROGRESS_TENSORS + ".tmp")
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path / PROGRESS_TENSORS)
-    _write_json(path / PROGRESS_META, meta)
+    write_json(path / PROGRESS_META, meta)
 
 
 def load_progress(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -160,7 +160,7 @@ def clear_progress(run_dir: str | Path) -> None:
     shutil.rmtree(Path(run_dir) / PROGRESS, ignore_errors=True)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)  # atomic: a reader never sees half a file

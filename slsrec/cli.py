@@ -249,6 +249,10 @@ def benchmark_cmd(
     window: str = typer.Option(None, help="training rows: all, last or random [default: all]; others: own table"),
     lr_decay: float = typer.Option(None, min=0, max=1, help="lr factor after an epoch without a better validation; "
                                                             "its own table"),
+    precision: str = typer.Option(None, help="fp32 or bf16 for every model [default: auto, the device's measured "
+                                              "choice]; its own table"),
+    tuned: str = typer.Option(None, help="a `slsrec tune` output directory: each model trains with its winning "
+                                         "options; its own table"),
     write_docs: bool = typer.Option(True, "--docs/--no-docs", help="write docs/benchmarks.md and docs/img/"),
     report_only: bool = typer.Option(False, "--report-only", help="train nothing; report the results saved so far"),
 ) -> None:
@@ -265,27 +269,56 @@ def benchmark_cmd(
     t0 = time.perf_counter()
     names = [m.strip() for m in models.split(",")] if models else list(PLAN)
     base = TrainConfig(device=device, threads=threads)
-    recipe = dict(epochs=epochs, max_len=max_len, window=window, lr_decay=lr_decay)
+    recipe = dict(epochs=epochs, max_len=max_len, window=window, lr_decay=lr_decay, precision=precision)
     base = replace(base, **{k: v for k, v in recipe.items() if v is not None})
     check_options(base)
     label, slug = variant(base)
+    if tuned:
+        label, slug = ", ".join(filter(None, [label, "tuned"])), slug + "-tuned"
     out_dir = Path(out or f"runs/bench-{Path(dataset).stem}{slug}")
     if report_only:
         results = [r for r in load_results(out_dir) if r["model"] in names]
         if not results:
             raise UserError(f"{out_dir}/results: no finished runs to report")
     else:
-        results = run_benchmark(dataset, seeds=seeds, models=names, out=out_dir, base=base, log=typer.echo)
+        results = run_benchmark(dataset, seeds=seeds, models=names, out=out_dir, base=base,
+                                tuned=Path(tuned) if tuned else None, log=typer.echo)
     typer.echo(results_table(results))
     if write_docs:
         extra = {"--models": models, "--threads": threads, "--epochs": epochs, "--max-len": max_len, "--window": window,
-                 "--lr-decay": lr_decay, "--out": out}
+                 "--lr-decay": lr_decay, "--precision": precision, "--tuned": tuned, "--out": out}
         command = f"slsrec benchmark --dataset {shlex.quote(dataset)} --seeds {seeds}" + "".join(
             f" {flag} {shlex.quote(str(v))}" for flag, v in extra.items() if v)
         write_benchmark_report(results, dataset=dataset, command=command, out=out_dir, label=label, slug=slug,
                                wall_s=None if report_only else time.perf_counter() - t0,
                                planned=planned_runs(names, seeds))
         typer.echo("wrote docs/benchmarks.md and its plot under docs/img/")
+
+
+@app.command("tune")
+def tune_cmd(
+    model: str = typer.Option(..., help="gru4rec, sasrec, clsr or slsrec"),
+    dataset: str = typer.Option("ml-1m", help="dataset to tune on (validation split only)"),
+    trials: int = typer.Option(8, min=1, help="configurations tried: the same budget for every model"),
+    out: str = typer.Option(None, help="where trials are kept [default: runs/tune-DATASET]"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, min=1, help="torch threads [default: torch's choice]"),
+    epochs: int = typer.Option(None, min=1, help="most epochs per trial [default: the trainer's]"),
+    seed: int = typer.Option(0, help="seed of the draws and of every trial"),
+) -> None:
+    """Search a model's hyper-parameters on the validation split (resumable; the test split is never read)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from slsrec.train import TrainConfig, check_options
+    from slsrec.tune import tune
+
+    base = replace(TrainConfig(dataset=dataset, model=model, device=device, threads=threads, seed=seed),
+                   **({"epochs": epochs} if epochs else {}))
+    check_options(base)
+    best = tune(base, trials=trials, out=Path(out or f"runs/tune-{Path(dataset).stem}"), log=typer.echo)
+    typer.echo(f"{model}: best of {best['trials']} trials {best['options']} "
+               f"(valid NDCG@10 masked {best['valid']['masked']['NDCG@10']:.4f})")
 
 
 @app.command("bench-train")

@@ -113,7 +113,8 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.model not in MODEL_NAMES:
         raise UserError(f"unknown model {cfg.model!r}; valid: {', '.join(MODEL_NAMES)}")
     for flag, value, valid in (("--loss", cfg.loss, ("full", "sampled")),
-                               ("--window", cfg.window, ("all", "last", "random"))):
+                               ("--window", cfg.window, ("all", "last", "random")),
+                               ("--precision", cfg.precision, ("auto", "bf16", "fp32"))):
         if value not in valid:
             raise UserError(f"{flag} {value!r}: expected {' or '.join(valid)}")
     if not 0 < cfg.lr_decay <= 1:
@@ -121,11 +122,13 @@ def check_options(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interactions | None = None,
-          progress: bool = True, warm_start: Callable[[nn.Module], None] | None = None) -> TrainResult:
+          progress: bool = True, warm_start: Callable[[nn.Module], None] | None = None,
+          read_test: bool = True) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset`` (or on ``inter`` when given) and save the run to ``out``.
 
     ``warm_start(model)`` is called on the freshly built model before training, e.g. to copy in the
-    weights of the model being retrained (:mod:`slsrec.retrain`)."""
+    weights of the model being retrained (:mod:`slsrec.retrain`). ``read_test=False`` never reads the test
+    split (hyper-parameter search, :mod:`slsrec.tune`): ``metrics["test"]`` is then None."""
     # ---- setup: options, seeds, threads, device ----
     check_options(cfg)  # before loading data, which can take a while
     torch.manual_seed(cfg.seed)
@@ -226,7 +229,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, *, inter: Interaction
         model.load_state_dict(best_state)
 
     # ---- test: full ranking on the held-out last interaction ----
-    test = evaluate(model, split, "test", batch_size=cfg.eval_batch_size, device=device, progress=progress)
+    test = evaluate(model, split, "test", batch_size=cfg.eval_batch_size, device=device,
+                    progress=progress) if read_test else None
     epochs = [h for h in history if h["train_loss"] is not None]
     metrics = {
         "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
