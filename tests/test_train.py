@@ -197,3 +197,16 @@ def test_a_run_cut_off_mid_epoch_resumes_to_the_same_result(inter, tmp_path, mon
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in whole.history]
     assert resumed.metrics["test"] == whole.metrics["test"]
     assert not (tmp_path / "cut" / "progress").exists()  # a finished run keeps only its files
+
+
+@pytest.mark.timeout(300)
+def test_ml100k_quick_check_trains_on_every_event_and_reports_both_protocols():
+    """The quick real-data check: a short SLSRec run on MovieLens-100K (read from the installed package)."""
+    cfg = TrainConfig(dataset="ml-100k", model="slsrec", epochs=2, patience=2, max_len=50, threads=1)
+    res = train(cfg, progress=False)
+    pop = train(TrainConfig(dataset="ml-100k", model="pop"), progress=False)
+    assert res.metrics["targets_per_epoch"] == 97_171  # every training event of ML-100K, once per epoch
+    assert res.metrics["precision"] == "fp32"  # the measured CPU choice
+    masked, strict = res.metrics["test"]["masked"], res.metrics["test"]["strict"]
+    assert masked["NDCG@10"] > 1.5 * pop.metrics["test"]["masked"]["NDCG@10"]
+    assert strict["NDCG@10"] < masked["NDCG@10"]  # the history competes for the top slots
