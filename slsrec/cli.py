@@ -151,7 +151,9 @@ def serve_cmd(
     import logging
 
     from flows.recommend import serve
+    from slsrec.kafka_check import check_kafka
     from slsrec.settings import Settings
+    from slsrec.store import LongTermStore
 
     if (process_id is None) != (addresses is None):
         raise UserError("--process-id and --addresses go together (one process of a cluster)")
@@ -160,6 +162,10 @@ def serve_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"otel_endpoint": otel_endpoint, "otel_console": otel_console}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    # Inside the flow, a refused password or certificate would surface as a Bytewax traceback or as
+    # librdkafka retrying forever: check both services first, each failure one line.
+    check_kafka(settings)
+    LongTermStore(settings.redis_url).current_version()
     serve(settings, run, processes=processes, process_id=process_id,
           addresses=addresses.split(";") if addresses else None, recovery=recovery, tail=not exit_at_end)
 
