@@ -9,11 +9,9 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 
 import pytest
 import redis
-from confluent_kafka import Consumer
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
@@ -28,6 +26,7 @@ from slsrec.settings import Settings
 from slsrec.store import LongTermStore, parse_seq
 from slsrec.synthetic import WorldConfig, generate
 from slsrec.train import TrainConfig, train
+from test_flow_integration import consume_all
 
 pytestmark = pytest.mark.integration
 
@@ -38,18 +37,6 @@ SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"  # real CAs, none of which sign
 def slsrec(settings: Settings, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, **settings.to_env()}
     return subprocess.run([*SLSREC, *args], env=env, capture_output=True, text=True, timeout=timeout_s)
-
-
-def consume(settings: Settings, topic: str, n: int, timeout_s: float = 60.0) -> list[bytes]:
-    c = Consumer({**settings.kafka_config(), "group.id": f"check-{topic}", "auto.offset.reset": "earliest"})
-    c.subscribe([topic])
-    out, deadline = [], time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is not None and m.error() is None:
-            out.append(m.value())
-    c.close()
-    return out
 
 
 def test_the_secure_services_refuse_what_the_plain_ones_accept(secure_services):
@@ -126,10 +113,11 @@ def test_replay_publish_serve_and_retrain_through_the_secure_services(secure_liv
 
     served = slsrec(settings, "serve", "--no-recovery", "--exit-at-end")
     assert served.returncode == 0, served.stderr[-3000:]
-    recs = [Recommendation.model_validate_json(v) for v in consume(settings, settings.topic_recommendations, len(live))]
+    recs = [Recommendation.model_validate_json(m.value())
+            for m in consume_all(settings, settings.topic_recommendations, len(live))]
     assert len({r.event_id for r in recs}) == len(live)  # every replayed event answered, over TLS
     assert {r.model_version for r in recs} == {first}
-    assert consume(settings, settings.topic_sessions, 1), "the flow closed no session"
+    assert consume_all(settings, settings.topic_sessions, 1), "the flow closed no session"
 
     retrained = slsrec(settings, "retrain", "--once", "--run-dir", str(settings.runs_dir), "--epochs", "1",
                        "--threads", "1", "--device", "cpu", "--margin", "1")
