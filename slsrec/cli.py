@@ -13,8 +13,13 @@ local_app = typer.Typer(no_args_is_help=True, help="Start, stop and inspect the 
 app.add_typer(local_app, name="local")
 
 
+SECURE = typer.Option(False, "--secure", help="the secure pair: Kafka with SASL/SCRAM over TLS on 127.0.0.1:9094, "
+                                                 "Redis with an ACL user over TLS on 127.0.0.1:6380")
+
+
 @local_app.command("up")
-def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]")) -> None:
+def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]"),
+             secure: bool = SECURE) -> None:
     """Start Kafka and Redis on loopback unless they already answer, and create the topics."""
     import time
 
@@ -22,31 +27,56 @@ def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the
     from slsrec.settings import Settings
 
     t0 = time.monotonic()
-    for s in local.up(Settings(**({"partitions": partitions} if partitions else {})), adopt=True):
+    settings = local.secure_settings() if secure else Settings()
+    settings = settings.model_copy(update={"partitions": partitions}) if partitions else settings
+    for s in local.up(settings, adopt=True, secure=secure):
         typer.echo(s.describe())
     typer.echo(f"ready in {time.monotonic() - t0:.1f} s (logs: var/log/)")
+    if secure:
+        typer.echo('clients: eval "$(slsrec local env --secure)" (credentials in var/secure/, mode 0600)')
 
 
 @local_app.command("down")
-def local_down(force: bool = typer.Option(False, "--force", help="stop even while tests or the demo use them")) -> None:
+def local_down(force: bool = typer.Option(False, "--force", help="stop even while tests or the demo use them"),
+               secure: bool = SECURE) -> None:
     """Stop the services that `slsrec local up` started (others are left running)."""
     from slsrec import local
 
-    stopped = local.down(force=force)
+    stopped = local.down(force=force, secure=secure)
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
 
 @local_app.command("status")
-def local_status() -> None:
+def local_status(secure: bool = SECURE) -> None:
     """Print each service, its pid and whether it answers; fails when one does not answer."""
     from slsrec import local
     from slsrec.errors import ServiceError
 
-    statuses = local.status()
+    statuses = local.status(secure=secure)
     for s in statuses:
         typer.echo(s.describe())
     if down := [s.name for s in statuses if not s.answering]:
-        raise ServiceError(f"not answering: {', '.join(down)} (start with `slsrec local up`)")
+        again = "slsrec local up --secure" if secure else "slsrec local up"
+        raise ServiceError(f"not answering: {', '.join(down)} (start with `{again}`)")
+
+
+@local_app.command("env")
+def local_env(secure: bool = SECURE) -> None:
+    """Print the SLSREC_* variables that point clients at the local services, for `eval "$(...)"`.
+
+    With --secure they include the passwords: print them only into a shell you trust, never into a log.
+    """
+    import shlex
+
+    from slsrec import local
+    from slsrec.settings import Settings
+
+    k, r = local.KAFKA, local.REDIS
+    fields = local.secure_fields() if secure else {"kafka_bootstrap": f"{k.host}:{k.port}",
+                                                   "redis_url": f"redis://{r.host}:{r.port}/0"}
+    for name, value in Settings(**fields).to_env().items():
+        if name.removeprefix("SLSREC_").lower() in fields:
+            typer.echo(f"export {name}={shlex.quote(value)}")
 
 
 @local_app.command("topics")
@@ -121,7 +151,9 @@ def serve_cmd(
     import logging
 
     from flows.recommend import serve
+    from slsrec.kafka_check import check_kafka
     from slsrec.settings import Settings
+    from slsrec.store import LongTermStore
 
     if (process_id is None) != (addresses is None):
         raise UserError("--process-id and --addresses go together (one process of a cluster)")
@@ -130,6 +162,10 @@ def serve_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"otel_endpoint": otel_endpoint, "otel_console": otel_console}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    # Inside the flow, a refused password or certificate would surface as a Bytewax traceback or as
+    # librdkafka retrying forever: check both services first, each failure one line.
+    check_kafka(settings)
+    LongTermStore(settings.redis_url).current_version()
     serve(settings, run, processes=processes, process_id=process_id,
           addresses=addresses.split(";") if addresses else None, recovery=recovery, tail=not exit_at_end)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from slsrec.errors import DataError
 
@@ -179,7 +180,9 @@ def read_clickstream(path: str | Path) -> pd.DataFrame:
     """Read and validate a clickstream file: CSV, Parquet or JSON Lines.
 
     Required columns ``user_id, item_id, timestamp``; optional ``event_type``; others are ignored.
-    ``timestamp`` is epoch milliseconds (integer) or an ISO-8601 string (UTC when no offset is given).
+    Ids are text (JSON and Parquet numbers are taken as their text). ``timestamp`` is epoch
+    milliseconds (integer) or an ISO-8601 string (UTC when no offset is given), between the years 1677
+    and 2262 (:data:`MIN_MS`, :data:`MAX_MS`).
     Returns a frame with ``user_id, item_id`` (str), ``timestamp`` (int64 ms) and, when present,
     ``event_type`` (str), in file order. Problems raise :class:`DataError` naming the file, the row
     (1-based data row; for text files also the line) and the column.
@@ -196,6 +199,10 @@ def read_clickstream(path: str | Path) -> pd.DataFrame:
     df = _read_raw(path, kind)
     if len(df) == 0:
         raise DataError(f"{path}: file has no rows")
+    names = list(df.columns)
+    for col in (*COLUMNS, "event_type"):
+        if names.count(col) > 1:
+            raise DataError(f"{path}: column {col!r} appears {names.count(col)} times in the header")
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column {missing[0]!r} (found: {', '.join(map(str, df.columns))}; "
@@ -212,17 +219,22 @@ def _read_raw(path: Path, kind: str) -> pd.DataFrame:
     try:
         if kind == "csv":
             # Everything as text, and only empty fields are missing (an item called "NA" stays "NA").
-            return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+            # The header is read as a row: pandas would rename a repeated column name ("user_id.1") and,
+            # when every row has more fields than the header, shift all columns by one silently.
+            # Without a header, a row longer than the first is an error naming its line.
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], header=None)
+            return df.iloc[1:].set_axis(df.iloc[0].fillna("").tolist(), axis=1).reset_index(drop=True)
         if kind == "parquet":
             return pd.read_parquet(path)
         return pd.read_json(path, lines=True, dtype=False)
-    except (ValueError, pd.errors.ParserError, OSError) as e:
+    except (ValueError, pd.errors.ParserError, OSError, pa.ArrowException) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if kind == "jsonl":
-            _raise_bad_json_line(path)
-        raise DataError(f"{path}: cannot read as {kind}: {str(e).strip().splitlines()[0]}") from None
+            _raise_bad_json_line(path, reason)
+        raise DataError(f"{path}: cannot read as {kind}: {reason}") from None
 
 
-def _raise_bad_json_line(path: Path) -> None:
+def _raise_bad_json_line(path: Path, reason: str) -> None:
     with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -233,7 +245,7 @@ def _raise_bad_json_line(path: Path) -> None:
                 raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(record).__name__}")
-    raise DataError(f"{path}: cannot read as JSON Lines")
+    raise DataError(f"{path}: cannot read as JSON Lines: {reason}")
 
 
 def _where(path: Path, row0: int, col: str, kind: str) -> str:
@@ -250,38 +262,63 @@ def _check_rows(bad: np.ndarray, path: Path, col: str, problem: str, kind: str, 
 
 
 def _ids(col: pd.Series, path: Path, name: str, kind: str) -> pd.Series:
+    values = col.to_numpy(object)
+    _check_rows(_not_scalar(values), path, name, "is not text or a number", kind, values)
     missing = col.isna().to_numpy()
     text = col.astype(str).str.strip()
     _check_rows(missing | (text == "").to_numpy(), path, name, "is empty", kind)
     return col.astype(str)
 
 
+def _not_scalar(values: np.ndarray) -> np.ndarray:
+    """JSON and Parquet cells that are no text or number: true/false, bytes, an object, a list (their text,
+    such as "True" or "{'a': 1}", would pass for a value)."""
+    return np.array([isinstance(v, (bool, np.bool_, bytes, dict, list, np.ndarray)) for v in values], dtype=bool)
+
+
 def _timestamps(col: pd.Series, path: Path, kind: str) -> np.ndarray:
     """Epoch ms as int64 from integers, integral floats, ISO-8601 strings or datetime columns."""
-    if pd.api.types.is_datetime64_any_dtype(col):
-        _check_rows(col.isna().to_numpy(), path, "timestamp", "is missing", kind)
-        return _to_ms(col)
-    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        numbers = col.to_numpy(np.float64)
-        _check_rows(np.isnan(numbers), path, "timestamp", "is missing", kind)
-        return col.to_numpy(np.int64) if pd.api.types.is_integer_dtype(col) else np.round(numbers).astype(np.int64)
     values = col.to_numpy(object)
     _check_rows(col.isna().to_numpy(), path, "timestamp", "is missing", kind)
+    _check_rows(_not_scalar(values), path, "timestamp", _NOT_A_TIME, kind, values)
+    if pd.api.types.is_datetime64_any_dtype(col):
+        dates = pd.to_datetime(col, utc=True)  # naive times are taken as UTC
+        _check_rows(_dates_out_of_range(dates), path, "timestamp", _OUT_OF_RANGE, kind, values)
+        return _to_ms(dates)
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        numbers = col.to_numpy(np.float64)
+        _check_rows(~((numbers >= MIN_MS) & (numbers <= MAX_MS)), path, "timestamp", _OUT_OF_RANGE, kind, values)
+        return col.to_numpy(np.int64) if pd.api.types.is_integer_dtype(col) else np.round(numbers).astype(np.int64)
     text = col.astype(str).str.strip()
-    numbers = pd.to_numeric(text, errors="coerce")
+    numbers = pd.to_numeric(text, errors="coerce").to_numpy(np.float64)  # in range, float64 is exact to the ms
+    is_number = ~np.isnan(numbers)  # "inf" is a number, out of range
+    _check_rows(is_number & ~((numbers >= MIN_MS) & (numbers <= MAX_MS)), path, "timestamp", _OUT_OF_RANGE, kind,
+                values)
     ms = np.zeros(len(col), dtype=np.int64)
-    is_number = numbers.notna().to_numpy()
-    ms[is_number] = np.round(numbers[is_number].to_numpy(np.float64)).astype(np.int64)
+    ms[is_number] = np.round(numbers[is_number]).astype(np.int64)
     if not is_number.all():
         dates = pd.to_datetime(text[~is_number], format="ISO8601", utc=True, errors="coerce")
-        bad = np.zeros(len(col), dtype=bool)
-        bad[~is_number] = dates.isna().to_numpy()
-        _check_rows(bad, path, "timestamp", "is neither epoch milliseconds nor an ISO-8601 time", kind, values)
+        for bad_dates, problem in ((dates.isna().to_numpy(), _NOT_A_TIME),
+                                   (_dates_out_of_range(dates), _OUT_OF_RANGE)):
+            bad = np.zeros(len(col), dtype=bool)
+            bad[~is_number] = bad_dates
+            _check_rows(bad, path, "timestamp", problem, kind, values)
         ms[~is_number] = _to_ms(dates)
     return ms
 
 
-def _to_ms(dates: pd.Series | pd.DatetimeIndex) -> np.ndarray:
-    dates = pd.to_datetime(dates, utc=True)  # naive times are taken as UTC
-    epoch = pd.Timestamp(0, tz="UTC")
-    return np.asarray((dates - epoch) // pd.Timedelta(milliseconds=1), dtype=np.int64)
+# The instants that pandas' datetime64[ns] holds, as epoch ms: every timestamp must convert both ways.
+MIN_MS, MAX_MS = pd.Timestamp.min.value // 1_000_000 + 1, pd.Timestamp.max.value // 1_000_000
+_NOT_A_TIME = "is neither epoch milliseconds nor an ISO-8601 time"
+_OUT_OF_RANGE = f"is out of range (epoch milliseconds from {MIN_MS} to {MAX_MS}: the years 1677 to 2262)"
+
+
+def _dates_out_of_range(dates: pd.Series) -> np.ndarray:
+    """Dates past what datetime64[ns] holds (ISO strings and Parquet dates may be, in coarser units)."""
+    low, high = (pd.Timestamp(ms, unit="ms", tz="UTC") for ms in (MIN_MS, MAX_MS))
+    return ~((dates >= low) & (dates <= high)).to_numpy()
+
+
+def _to_ms(dates: pd.Series) -> np.ndarray:
+    """Epoch ms (floored) of UTC dates within range."""
+    return pd.DatetimeIndex(dates).as_unit("ns").asi8 // 1_000_000

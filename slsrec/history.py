@@ -49,6 +49,7 @@ from pydantic import ValidationError
 from schemas.events import SessionClosed
 from slsrec.data import Interactions, Vocab
 from slsrec.errors import DataError, ServiceError
+from slsrec.kafka_check import QUIET, check_kafka
 from slsrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,9 @@ def ingest_sessions(settings: Settings, history_dir: str | Path | None = None, *
 
     history_dir = Path(history_dir if history_dir is not None else settings.history_dir)
     topic, t0, stats = settings.topic_sessions, time.perf_counter(), IngestStats()
+    check_kafka(settings)  # a refused password or certificate: one clear line, not a timeout later
     consumer = Consumer(settings.kafka_config() | {"group.id": group_id, "enable.auto.commit": False,
-                                                   "auto.offset.reset": "earliest"})
+                                                   "auto.offset.reset": "earliest", "logger": QUIET})
     try:
         try:
             meta = consumer.list_topics(topic, timeout=10).topics.get(topic)

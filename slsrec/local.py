@@ -7,21 +7,28 @@ loopback only, keep their files under ``var/`` and run in the background with th
 ``var/run/``, so that ``down`` stops exactly what ``up`` started. A service that already answers on its
 port without such a pid file was started by someone else: ``up`` reuses it and ``down`` leaves it alone.
 
+``--secure`` (``secure=True`` below) is a second, separate pair with the same discipline: Kafka with
+SASL/SCRAM-SHA-512 over TLS on 127.0.0.1:9094 (its controller on 9095, mutual TLS) and Redis with an
+ACL user over TLS on 127.0.0.1:6380 (no plaintext port, the default user disabled). Certificates
+come from :mod:`slsrec.certs`; passwords are random, made once per ``var/`` and kept in
+``var/secure/credentials.json`` (mode 0600). :func:`secure_settings` is how clients use them.
+
 The app services' command lines are defined once, in :data:`APP_COMMANDS`; ``docker-compose.yml`` runs
 the same ones (a test compares them).
 
 >>> APP_COMMANDS["flow"]
 ('slsrec', 'serve')
->>> [s.name for s in SERVICES]
-['kafka', 'redis']
+>>> [s.name for s in SERVICES], [s.name for s in SECURE_SERVICES]
+(['kafka', 'redis'], ['kafka-secure', 'redis-secure'])
 """
 
 from __future__ import annotations
 
 import base64
 import fcntl
-import logging
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,8 +40,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
+from pydantic import SecretStr
+
+from slsrec import certs
 from slsrec.errors import ServiceError
+from slsrec.kafka_check import QUIET
 from slsrec.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]  # the repo root: deploy/ and var/ live here
@@ -69,10 +81,23 @@ class Service:
     def pid_file(self) -> Path:
         return RUN / f"{self.name}.pid"
 
+    @property
+    def kind(self) -> str:
+        return self.name.split("-")[0]  # kafka or redis
+
+    @property
+    def secure(self) -> bool:
+        return self.name.endswith("-secure")
+
 
 KAFKA = Service("kafka", "127.0.0.1", 9092, "kafka.Kafka")
 REDIS = Service("redis", "127.0.0.1", 6379, "redis-server")
 SERVICES = (KAFKA, REDIS)
+SECURE_KAFKA = Service("kafka-secure", "127.0.0.1", 9094, "kafka-secure")  # its properties path names it
+SECURE_REDIS = Service("redis-secure", "127.0.0.1", 6380, "redis-server")
+SECURE_SERVICES = (SECURE_KAFKA, SECURE_REDIS)
+SECURE_CONTROLLER_PORT = 9095
+KAFKA_USER = REDIS_USER = "slsrec"  # the clients' user; the broker has its own, "broker"
 
 
 @dataclass(frozen=True)
@@ -99,53 +124,57 @@ class ServiceStatus:
 # --- public API --------------------------------------------------------------------------------------
 
 
-def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S, adopt: bool = False) -> list[ServiceStatus]:
+def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S, adopt: bool = False,
+       secure: bool = False) -> list[ServiceStatus]:
     """Start Kafka and Redis unless they already answer, wait for them, and create the topics.
 
     Idempotent: a service started by an earlier ``up`` is reused (same pid), one started by someone
     else is reused and not owned. With ``adopt`` (``slsrec local up``), services that a running
     :func:`session` started keep running after it ends. Raises :class:`ServiceError`, with the
     service's log tail, when a service cannot be installed, started or reached within ``timeout_s``.
+    ``secure`` starts the secure pair instead (``settings`` default to :func:`secure_settings`).
     """
     with _lock():
-        result = _up(settings or Settings(), timeout_s)
+        result = _up(settings or _default_settings(secure), timeout_s, secure)
         if adopt:
-            _session_owned().unlink(missing_ok=True)
+            _session_owned(secure).unlink(missing_ok=True)
         return result
 
 
-def down(names: list[str] | None = None, force: bool = False) -> list[str]:
+def down(names: list[str] | None = None, force: bool = False, secure: bool = False) -> list[str]:
     """Stop the services that ``up`` started (SIGTERM, then SIGKILL after a grace period).
 
     ``names`` limits it to some services. Services that were not started by ``up`` are left running,
     and nothing is stopped while a :func:`session` (a test run, the demo) uses them, unless ``force``.
-    Returns the names of the services stopped.
+    Returns the names of the services stopped. ``secure``: the secure pair, and only it.
     """
     with _lock():
-        users = _live_sessions()
+        users = _live_sessions(secure)
         if users and not force:
             raise ServiceError(f"in use by {len(users)} running session(s) (pid {', '.join(map(str, users))}): "
                                "not stopping (`slsrec local down --force` stops anyway)")
-        return _down(names)
+        return _down(names, secure)
 
 
 @contextmanager
-def session(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S) -> Iterator[list[ServiceStatus]]:
+def session(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S,
+            secure: bool = False) -> Iterator[list[ServiceStatus]]:
     """Use the services for a while (a test run, the demo): ``up`` on entry, and on exit the last
     session still running stops what sessions started. Services started by ``up`` or by someone else
-    are never stopped here. Several processes may hold sessions at once.
+    are never stopped here. Several processes may hold sessions at once. The plain and the secure
+    pair keep separate leases.
     """
-    lease = _leases() / str(os.getpid())
+    lease = _leases(secure) / str(os.getpid())
     with _lock():
-        _leases().mkdir(parents=True, exist_ok=True)
+        _leases(secure).mkdir(parents=True, exist_ok=True)
         lease.touch()
         try:
-            statuses = _up(settings or Settings(), timeout_s)
+            statuses = _up(settings or _default_settings(secure), timeout_s, secure)
         except BaseException:
             lease.unlink(missing_ok=True)
             raise
         started = {s.name for s in statuses if s.started}
-        owned = _session_owned()
+        owned = _session_owned(secure)
         if started:
             owned.write_text(" ".join(sorted(started | set(owned.read_text().split() if owned.exists() else ()))))
     try:
@@ -153,15 +182,44 @@ def session(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S
     finally:
         with _lock():
             lease.unlink(missing_ok=True)
-            if owned.exists() and not _live_sessions():
+            if owned.exists() and not _live_sessions(secure):
                 names = owned.read_text().split()
                 owned.unlink()
-                _down(names)
+                _down(names, secure)
 
 
-def status() -> list[ServiceStatus]:
+def status(secure: bool = False) -> list[ServiceStatus]:
     """Each service: our pid (if ``up`` started it and it runs) and whether it answers."""
-    return [ServiceStatus(s.name, _addr(s), own_pid(s), _answers(s, timeout_s=2.0)) for s in SERVICES]
+    return [ServiceStatus(s.name, _addr(s), own_pid(s), _answers(s, timeout_s=2.0)) for s in _services(secure)]
+
+
+def secure_settings() -> Settings:
+    """Settings that reach the secure pair: SCRAM over TLS to Kafka, the ACL user over TLS to Redis.
+
+    Makes the credentials and certificates on first use. Its own recovery and history folders, since
+    snapshots hold offsets of one Kafka. Other fields come from ``SLSREC_*`` as usual.
+    """
+    return Settings(**secure_fields())
+
+
+def secure_fields() -> dict[str, object]:
+    """The settings fields that :func:`secure_settings` sets (what ``slsrec local env --secure`` prints)."""
+    creds = _credentials()
+    tls = _tls(creds)
+    ca = str(tls.ca_cert)
+    return {
+        "kafka_bootstrap": _addr(SECURE_KAFKA),
+        "kafka_security_protocol": "SASL_SSL",
+        "kafka_sasl_mechanism": "SCRAM-SHA-512",
+        "kafka_sasl_username": KAFKA_USER,
+        "kafka_sasl_password": SecretStr(creds["kafka"]),
+        "kafka_ssl_ca_location": ca,
+        # redis-py takes TLS options from the URL's query, so every client built from the URL trusts the CA
+        "redis_url": SecretStr(f"rediss://{REDIS_USER}:{creds['redis']}@{_addr(SECURE_REDIS)}/0"
+                               f"?ssl_ca_certs={quote(ca)}"),
+        "recovery_dir": VAR / "recovery-secure",
+        "history_dir": VAR / "history-secure",
+    }
 
 
 def topic_specs(settings: Settings) -> dict[str, int]:
@@ -239,36 +297,45 @@ SCRATCH_REDIS_DBS = range(1, 16)  # db 0 is left to the demo and to people
 
 
 @contextmanager
-def scratch_redis_db() -> Iterator[str]:
+def scratch_redis_db(secure: bool = False) -> Iterator[str]:
     """URL of a local Redis database no other test or benchmark holds now, empty at start and end.
 
     Holders coordinate through lock files in ``var/run/``, so parallel test sessions never share one.
+    ``secure``: a database of the secure Redis (the URL then carries the ACL user's password).
     """
     import redis
 
+    base = secure_settings().redis_url.get_secret_value() if secure else f"redis://{REDIS.host}:{REDIS.port}/0"
     RUN.mkdir(parents=True, exist_ok=True)
     for db in SCRATCH_REDIS_DBS:
-        with open(RUN / f"redis-db-{db}.lock", "w") as f:
+        with open(RUN / f"{(SECURE_REDIS if secure else REDIS).name}-db-{db}.lock", "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            url = f"redis://{REDIS.host}:{REDIS.port}/{db}"
+            url = urlunsplit(urlsplit(base)._replace(path=f"/{db}"))
             client = redis.Redis.from_url(url)
-            client.flushdb()
+            _empty(client)
             try:
                 yield url
             finally:
-                client.flushdb()
+                _empty(client)
             return
     raise ServiceError(f"all {len(SCRATCH_REDIS_DBS)} scratch Redis databases are in use; try again later")
+
+
+def _empty(client) -> None:
+    # Key by key, not FLUSHDB: the secure Redis's ACL user may not run @dangerous commands. A scratch
+    # database holds a few keys (a version is three hashes), so one list is small.
+    if keys := list(client.scan_iter(count=1000)):
+        client.unlink(*keys)
 
 
 def admin_client(settings: Settings):
     """A confluent-kafka AdminClient for ``settings``, whose connection noise goes nowhere."""
     from confluent_kafka.admin import AdminClient
 
-    return AdminClient({**settings.kafka_config(), "logger": _QUIET})
+    return AdminClient({**settings.kafka_config(), "logger": QUIET})
 
 
 def ensure_command(command: str, package: str) -> str:
@@ -337,18 +404,27 @@ def _lock() -> Iterator[None]:
         yield
 
 
-def _leases() -> Path:
-    return RUN / "sessions"  # one empty file per process in a session, named by its pid
+def _services(secure: bool) -> tuple[Service, ...]:
+    return SECURE_SERVICES if secure else SERVICES
 
 
-def _session_owned() -> Path:
-    return RUN / "session-owned"  # names of the services that a session started
+def _default_settings(secure: bool) -> Settings:
+    return secure_settings() if secure else Settings()
 
 
-def _live_sessions() -> list[int]:
+def _leases(secure: bool) -> Path:
+    # one empty file per process in a session, named by its pid
+    return RUN / ("sessions-secure" if secure else "sessions")
+
+
+def _session_owned(secure: bool) -> Path:
+    return RUN / ("session-owned-secure" if secure else "session-owned")  # names of the services a session started
+
+
+def _live_sessions(secure: bool) -> list[int]:
     """Pids of other processes holding a session; leases of processes that died are removed."""
     live = []
-    for lease in _leases().glob("*") if _leases().is_dir() else ():
+    for lease in _leases(secure).glob("*") if _leases(secure).is_dir() else ():
         pid = int(lease.name)
         if pid != os.getpid() and _alive(pid):
             live.append(pid)
@@ -357,9 +433,9 @@ def _live_sessions() -> list[int]:
     return live
 
 
-def _up(settings: Settings, timeout_s: float) -> list[ServiceStatus]:
+def _up(settings: Settings, timeout_s: float, secure: bool) -> list[ServiceStatus]:
     result = []
-    for svc in SERVICES:
+    for svc in _services(secure):
         pid = own_pid(svc)
         if pid is None and _answers(svc, timeout_s=2.0):
             result.append(ServiceStatus(svc.name, _addr(svc), None, True))
@@ -373,9 +449,9 @@ def _up(settings: Settings, timeout_s: float) -> list[ServiceStatus]:
     return result
 
 
-def _down(names: list[str] | None) -> list[str]:
+def _down(names: list[str] | None, secure: bool) -> list[str]:
     stopped = []
-    for svc in SERVICES:
+    for svc in _services(secure):
         pid = own_pid(svc) if names is None or svc.name in names else None
         if pid is not None:
             _terminate(pid, svc)
@@ -386,32 +462,72 @@ def _down(names: list[str] | None) -> list[str]:
 
 # --- starting ----------------------------------------------------------------------------------------
 
-_QUIET = logging.getLogger("slsrec.local.librdkafka")  # "connection refused" while a broker starts
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
 _children: list[subprocess.Popen] = []  # kept so that exited children are reaped, not zombies
 
 
 def _start_kafka(svc: Service) -> int:
+    props = _render(DEPLOY / "kafka" / "server.properties", data_dir=KAFKA_DIR / "data")
+    return _run_kafka(svc, KAFKA_DIR, props, VAR / "recovery")
+
+
+def _start_secure_kafka(svc: Service) -> int:
+    creds = _credentials()
+    tls = _tls(creds)
+    folder = VAR / "kafka-secure"
+    # The plain broker's properties with the secure listeners appended (a later key wins).
+    props = (_render(DEPLOY / "kafka" / "server.properties", data_dir=folder / "data")
+             + _render(DEPLOY / "kafka" / "secure.properties", port=svc.port, controller_port=SECURE_CONTROLLER_PORT,
+                       broker_password=creds["broker"], key_password=creds["key_store"],
+                       keystore=tls.server_p12, truststore=tls.ca_cert))
+    scram = [arg for user, key in (("broker", "broker"), (KAFKA_USER, "kafka"))
+             for arg in ("--add-scram", f"SCRAM-SHA-512=[name={user},password={creds[key]}]")]
+    return _run_kafka(svc, folder, props, secure_fields()["recovery_dir"], scram)
+
+
+def _run_kafka(svc: Service, folder: Path, props_text: str, recovery_dir: Path, format_args: list[str] = ()) -> int:
+    """Write ``folder``/server.properties (mode 0600: it may hold passwords), format the KRaft storage
+    on first start (``format_args`` added, e.g. SCRAM users), and spawn the broker."""
     resolve_jars()
     java = ensure_command("java", "openjdk-17-jre-headless")
-    data = KAFKA_DIR / "data"
-    props = KAFKA_DIR / "server.properties"
-    KAFKA_DIR.mkdir(parents=True, exist_ok=True)
-    props.write_text((DEPLOY / "kafka" / "server.properties").read_text().replace("{data_dir}", str(data)))
+    data = folder / "data"
+    props = folder / "server.properties"
+    folder.mkdir(parents=True, exist_ok=True)
+    certs.write_file(props, props_text.encode(), secret=True)
     jvm = [java, KAFKA_HEAP, "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
            f"-Dlog4j2.configurationFile={DEPLOY / 'kafka' / 'log4j2.properties'}", f"-Dkafka.logs.dir={LOG}",
-           "-cp", str(LIB / "*")]
+           f"-Dslsrec.service={svc.name}", "-cp", str(LIB / "*")]
     if not (data / "meta.properties").exists():  # format the KRaft storage once
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        done = subprocess.run([*jvm, "kafka.tools.StorageTool", "format", "--ignore-formatted",
-                               "-t", cluster_id, "-c", str(props)], capture_output=True, text=True, cwd=ROOT)
+        args = ["kafka.tools.StorageTool", "format", "--ignore-formatted", "-t", cluster_id, "-c", str(props),
+                *format_args]
+        # Through a java @argfile (mode 0600, removed after): passwords never show in the process list.
+        argfile = folder / "format.args"
+        certs.write_file(argfile, "\n".join(_java_quote(a) for a in args).encode(), secret=True)
+        try:
+            done = subprocess.run([*jvm, f"@{argfile}"], capture_output=True, text=True, cwd=ROOT)
+        finally:
+            argfile.unlink()
         if done.returncode != 0:
-            raise ServiceError(f"formatting Kafka storage in {data} failed: {_tail(done.stdout + done.stderr)}")
+            # The tool echoes the SCRAM records (salted keys): leave those lines out of the error.
+            out = "\n".join(x for x in (done.stdout + done.stderr).splitlines() if "ScramCredential" not in x)
+            raise ServiceError(f"formatting Kafka storage in {data} failed: {_tail(out)}")
         # The flow's recovery snapshots hold offsets into the old storage: resuming from them would skip
         # (or wait for) records that no longer exist, so a fresh Kafka starts a fresh flow.
-        shutil.rmtree(VAR / "recovery", ignore_errors=True)
+        shutil.rmtree(recovery_dir, ignore_errors=True)
     return _spawn(svc, [*jvm, "kafka.Kafka", str(props)])
+
+
+def _render(template: Path, **values) -> str:
+    """The template's text with each ``{name}`` replaced by its value."""
+    text = template.read_text()
+    for name, value in values.items():
+        text = text.replace(f"{{{name}}}", str(value))
+    return text
+
+
+def _java_quote(arg: str) -> str:
+    """One argument of a java @argfile: double-quoted, backslashes and quotes escaped."""
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _start_redis(svc: Service) -> int:
@@ -423,13 +539,68 @@ def _start_redis(svc: Service) -> int:
                           "--appendonly", "no", "--daemonize", "no", "--dir", str(data)])
 
 
-_START = {"kafka": _start_kafka, "redis": _start_redis}
+def _start_secure_redis(svc: Service) -> int:
+    redis_server = ensure_command("redis-server", "redis-server")
+    creds = _credentials()
+    tls = _tls(creds)
+    data = VAR / "redis-secure"
+    data.mkdir(parents=True, exist_ok=True)
+    # No default user; the app's user reaches only its own keys and never @dangerous commands
+    # (FLUSHALL, CONFIG, KEYS, DEBUG, ...).
+    acl = data / "users.acl"
+    certs.write_file(acl, (f"user default off\nuser {REDIS_USER} on >{creds['redis']} ~slsrec:* resetchannels "
+                           "+@all -@dangerous\n").encode(), secret=True)
+    return _spawn(svc, [redis_server, "--bind", svc.host, "--port", "0", "--tls-port", str(svc.port),
+                        "--tls-cert-file", str(tls.server_cert), "--tls-key-file", str(tls.server_key),
+                        "--tls-ca-cert-file", str(tls.ca_cert), "--tls-auth-clients", "no", "--aclfile", str(acl),
+                        "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(data)])
+
+
+_START = {"kafka": _start_kafka, "redis": _start_redis, "kafka-secure": _start_secure_kafka,
+          "redis-secure": _start_secure_redis}
+
+
+def _credentials() -> dict[str, str]:
+    """The secure pair's random passwords, made once per ``var/`` (``var/secure/credentials.json``, 0600).
+
+    New passwords make the old certificates (their key store password) and the old Kafka storage
+    (its SCRAM users) useless, so both are removed then. Safe against a concurrent first call.
+    """
+    folder = VAR / "secure"
+    path = folder / "credentials.json"
+    if not path.exists():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # only this user may list what is in it
+        creds = {name: secrets.token_urlsafe(24) for name in ("kafka", "broker", "redis", "key_store")}
+        draft = folder / f"credentials.{os.getpid()}.tmp"
+        certs.write_file(draft, json.dumps(creds).encode(), secret=True)
+        try:
+            os.link(draft, path)  # fails if another process got there first: then theirs are the ones
+            shutil.rmtree(folder / "tls", ignore_errors=True)
+            shutil.rmtree(VAR / "kafka-secure", ignore_errors=True)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return json.loads(path.read_text())
+
+
+def _tls(creds: dict[str, str]) -> certs.TlsFiles:
+    """The secure pair's CA and server certificate, issued on first use (into a temporary folder, then
+    renamed, so a concurrent caller never sees half a set)."""
+    tls = certs.TlsFiles(VAR / "secure" / "tls")
+    if not tls.exists():
+        draft = certs.issue(tls.folder.with_name(f"tls.{os.getpid()}.tmp"), key_password=creds["key_store"])
+        try:
+            draft.folder.rename(tls.folder)
+        except OSError:  # another process renamed its set first
+            shutil.rmtree(draft.folder)
+    return tls
 
 
 def _spawn(svc: Service, cmd: list[str]) -> int:
     LOG.mkdir(parents=True, exist_ok=True)
     RUN.mkdir(parents=True, exist_ok=True)
-    out = LOG / f"{svc.name}.out"  # stdout/stderr; Kafka's own log is var/log/kafka.log
+    out = LOG / f"{svc.name}.out"  # stdout/stderr; Kafka's own log is var/log/NAME.log
     with open(out, "ab") as f:
         # A new session: Ctrl-C in the terminal that ran `up` (or a test run) does not stop it.
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
@@ -460,17 +631,21 @@ def _answers(svc: Service, timeout_s: float) -> bool:
         socket.create_connection((svc.host, svc.port), timeout=timeout_s).close()
     except OSError:
         return False
-    if svc.name == "redis":
+    settings = secure_settings() if svc.secure else Settings(kafka_bootstrap=_addr(svc),
+                                                              redis_url=SecretStr(f"redis://{_addr(svc)}/0"))
+    if svc.kind == "redis":
         import redis
 
         try:
-            return bool(redis.Redis(svc.host, svc.port, socket_timeout=timeout_s).ping())
+            client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=timeout_s,
+                                          socket_connect_timeout=timeout_s)
+            return bool(client.ping())
         except redis.RedisError:
             return False
     from confluent_kafka import KafkaException
 
     try:
-        meta = admin_client(Settings(kafka_bootstrap=_addr(svc))).list_topics(timeout=timeout_s)
+        meta = admin_client(settings).list_topics(timeout=timeout_s)
     except KafkaException:
         return False
     return bool(meta.brokers)
@@ -512,7 +687,7 @@ def _addr(svc: Service) -> str:
 
 
 def _log_tail(svc: Service, lines: int = 12) -> str:
-    """The end of the service's own log (Kafka's var/log/kafka.log) and of its stdout/stderr."""
+    """The end of the service's own log (Kafka's var/log/NAME.log) and of its stdout/stderr."""
     logs = [p for p in (LOG / f"{svc.name}.log", LOG / f"{svc.name}.out") if p.exists() and p.stat().st_size]
     return "\n".join(f"last lines of {os.path.relpath(p)}:\n{_tail(p.read_text(errors='replace'), lines)}"
                      for p in logs) or "no log output"

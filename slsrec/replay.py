@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from schemas.events import ClickEvent
 from slsrec.data import read_clickstream
 from slsrec.errors import DataError, ServiceError, UserError
+from slsrec.kafka_check import QUIET, check_kafka
 from slsrec.settings import Settings
 
 _ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "slsrec:replay")
@@ -91,7 +92,7 @@ def replay(path: str | Path, topic: str | None = None, settings: Settings | None
     ``None`` sends as fast as possible. Raises :class:`DataError` for a bad file and
     :class:`ServiceError` when Kafka is unreachable, the topic is missing, or a send fails.
     """
-    from confluent_kafka import KafkaError, KafkaException, Producer
+    from confluent_kafka import Producer
     from tqdm import tqdm
 
     if speed is not None and not speed > 0:
@@ -99,23 +100,17 @@ def replay(path: str | Path, topic: str | None = None, settings: Settings | None
     settings = settings or Settings()
     topic = topic or settings.topic_clicks
     events = load_events(path, shift_to_now=shift_to_now, limit=limit)
+    if topic not in check_kafka(settings).topics:
+        raise ServiceError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap} "
+                           "(create it with `slsrec local up` or `slsrec local topics`)")
     producer = Producer({
         **settings.kafka_config(),
+        "logger": QUIET,  # a failed send is reported once, below
         "enable.idempotence": True,  # retries never reorder or duplicate within a partition
         "partitioner": "murmur2_random",  # the Java clients' partitioner: same key, same partition
         "linger.ms": 5,
         "message.timeout.ms": 30000,  # surface a dead broker in seconds, not the default 5 minutes
     })
-    try:
-        meta = producer.list_topics(topic, timeout=10)
-    except KafkaException as e:
-        raise ServiceError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {e.args[0].str()}") from None
-    if (err := meta.topics[topic].error) is not None:
-        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-            raise ServiceError(f"topic {topic!r} does not exist on {settings.kafka_bootstrap} "
-                               "(create it with `slsrec local up` or `slsrec local topics`)")
-        raise ServiceError(f"cannot use topic {topic!r} on {settings.kafka_bootstrap}: {err.str()}")
-
     failures: list[str] = []
 
     def delivered(err, msg) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import ssl
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,7 @@ class LongTermStore:
     def __init__(self, url: SecretStr | str, prefix: str = "slsrec"):
         secret = url if isinstance(url, SecretStr) else SecretStr(url)
         self.location = redis_location(secret)
+        self._tls = secret.get_secret_value().startswith("rediss://")
         self.prefix = prefix
         self._r = redis.Redis.from_url(secret.get_secret_value(), socket_connect_timeout=5, socket_timeout=30)
         self._claim_script = self._r.register_script(_CLAIM)
@@ -182,7 +184,13 @@ class LongTermStore:
         except redis.AuthenticationError as e:
             raise ServiceError(f"Redis at {self.location} refused the credentials: {e}") from None
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise ServiceError(f"Redis at {self.location} is unreachable: {e}") from None
+            if isinstance(e.__context__, ssl.SSLError):
+                raise ServiceError(f"Redis at {self.location}: TLS handshake failed (is ssl_ca_certs in the Redis URL "
+                                   f"the CA that signed the server's certificate?): {e}") from None
+            # A TLS port hangs up on a plaintext client without a word.
+            hint = (" (if that port serves TLS, use a rediss:// URL)"
+                    if isinstance(e.__context__, ConnectionResetError) and not self._tls else "")
+            raise ServiceError(f"Redis at {self.location} is unreachable: {e}{hint}") from None
         except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
             raise ServiceError(f"Redis at {self.location} refused a command: {e}") from None
 

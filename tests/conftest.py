@@ -83,3 +83,25 @@ def redis_prefix(services) -> Iterator[str]:
 def live_settings(fresh_topics, redis_db) -> Settings:
     """Settings on fresh topics and an isolated Redis database: what an end-to-end test runs with."""
     return fresh_topics.model_copy(update={"redis_url": SecretStr(redis_db)})
+
+
+@pytest.fixture(scope="session")
+def secure_services() -> Iterator[list[local.ServiceStatus]]:
+    """The secure pair (`slsrec local up --secure`): Kafka with SASL/SCRAM over TLS, Redis with an ACL
+    user over TLS. Separate from the plain services, with leases of their own."""
+    stack = contextlib.ExitStack()
+    try:
+        statuses = stack.enter_context(local.session(secure=True))
+    except Exception as e:
+        pytest.fail(f"secure local Kafka/Redis could not start: {e}", pytrace=False)
+    with stack:
+        yield statuses
+
+
+@pytest.fixture
+def secure_live_settings(secure_services, topic_prefix, tmp_path) -> Iterator[Settings]:
+    """Secure settings on fresh topics and an isolated database of the secure Redis; local state in tmp_path."""
+    base = local.secure_settings().model_copy(update={"recovery_dir": tmp_path / "recovery", "runs_dir": tmp_path / "runs",
+                                                      "history_dir": tmp_path / "history"})
+    with local.scratch_topics(base, topic_prefix) as settings, local.scratch_redis_db(secure=True) as url:
+        yield settings.model_copy(update={"redis_url": SecretStr(url)})
