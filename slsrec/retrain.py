@@ -49,6 +49,7 @@ from slsrec.errors import CheckpointError, UserError
 from slsrec.history import IngestStats, ingest_sessions, load_history
 from slsrec.publish import publish_run
 from slsrec.registry import build_model
+from slsrec.serving import version_run_dir
 from slsrec.sessions import leave_one_out
 from slsrec.settings import Settings
 from slsrec.store import LongTermStore
@@ -130,27 +131,6 @@ class CycleResult:
 
 
 # ---- the current model -----------------------------------------------------------------------------
-
-
-def version_run_dir(store: LongTermStore, version: str, runs_dir: str | Path) -> Path:
-    """The run directory of a published version: ``meta["run"]`` when it is on this machine, else its
-    model files from Redis written to ``{runs_dir}/published/{version}`` (``load_run`` reads either).
-
-    Raises :class:`CheckpointError` when neither exists (the version expired, or was published
-    without model files).
-    """
-    run = store.meta(version).get("run")
-    if run is not None and (Path(run) / WEIGHTS).is_file():
-        return Path(run)
-    files = store.model_files(version)
-    if WEIGHTS not in files or CONFIG not in files:
-        raise CheckpointError(f"version {version}: run {run or '(none)'} is not on this machine and Redis holds "
-                              "no model files for it")
-    out = Path(runs_dir) / "published" / version
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (out / Path(name).name).write_bytes(data)  # name only: a file name never leaves the directory
-    return out
 
 
 def latest_run(runs_dir: str | Path) -> Path | None:

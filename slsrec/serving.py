@@ -48,7 +48,7 @@ from opentelemetry import metrics, trace
 
 from schemas.drift import DriftAlert
 from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed, SessionItem
-from slsrec.checkpoint import load_run
+from slsrec.checkpoint import CONFIG, WEIGHTS, load_run
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, next_item_quality
 from slsrec.errors import CheckpointError, UserError
@@ -733,10 +733,29 @@ class LongTermReader:
             self.telemetry.set_versions(long_term=version)
 
 
+def version_run_dir(store: LongTermStore, version: str, runs_dir: str | Path) -> Path:
+    """The run directory of a published version: ``meta["run"]`` when it is on this machine, else its
+    model files from Redis written to ``{runs_dir}/published/{version}`` (``load_run`` reads either).
+
+    Raises :class:`CheckpointError` when neither exists (the version expired, or was published
+    without model files).
+    """
+    run = store.meta(version).get("run")
+    if run is not None and (Path(run) / WEIGHTS).is_file():
+        return Path(run)
+    files = store.model_files(version)
+    if WEIGHTS not in files or CONFIG not in files:
+        raise CheckpointError(f"version {version}: run {run or '(none)'} is not on this machine and Redis holds "
+                              "no model files for it")
+    out = Path(runs_dir) / "published" / version
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / Path(name).name).write_bytes(data)  # name only: a file name never leaves the directory
+    return out
+
+
 def load_version(store: LongTermStore, runs_dir: str | Path, version: str) -> Published:
     """Load the model published with ``version`` (its run directory, or its model files from Redis)."""
-    from slsrec.retrain import version_run_dir  # noqa: PLC0415  (pulls in training; only serving needs it)
-
     loaded = load_run(version_run_dir(store, version, runs_dir))
     return Published(version, loaded.model, loaded.items, loaded.users)
 

@@ -19,7 +19,8 @@ from schemas.events import SessionClosed, SessionItem
 from slsrec.checkpoint import load_run
 from slsrec.cli import app
 from slsrec.publish import publish_run
-from slsrec.retrain import RetrainConfig, Retrainer, latest_run, version_run_dir
+from slsrec.retrain import RetrainConfig, Retrainer, latest_run
+from slsrec.serving import version_run_dir
 from slsrec.store import LongTermStore, parse_seq
 from slsrec.synthetic import WorldConfig, generate
 from slsrec.telemetry import setup_telemetry

@@ -324,3 +324,17 @@ def test_a_long_session_folds_its_closed_segment_into_the_long_term_state_as_for
         assert rank(outs[n])[0] == want_items, n
         np.testing.assert_allclose(rank(outs[n])[1], want_scores, atol=1e-4)
         assert outs[n].alpha == pytest.approx(want_alpha, abs=1e-4)
+
+
+def test_serving_never_imports_training():
+    """The flow must start without the training code: no import of it from slsrec/serving.py."""
+    import ast
+    import inspect
+
+    import slsrec.serving
+
+    tree = ast.parse(inspect.getsource(slsrec.serving))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    training = {"slsrec.train", "slsrec.retrain", "slsrec.benchmark", "slsrec.tune"}
+    assert not imported & training, imported & training
