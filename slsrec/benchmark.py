@@ -60,13 +60,12 @@ PUBLISHED = (
 )
 
 
-def metrics_of(result: dict, protocol: str) -> dict | None:
-    """A result's test metrics under ``protocol``; results saved before the strict protocol existed
+def under(metrics: dict, protocol: str) -> dict | None:
+    """Test or validation metrics under ``protocol``; results saved before the strict protocol existed
     hold the masked metrics only."""
-    test = result["test"]
-    if "masked" in test:
-        return test[protocol]
-    return test if protocol == "masked" else None
+    if "masked" in metrics:
+        return metrics[protocol]
+    return metrics if protocol == "masked" else None
 DOCS = Path("docs/benchmarks.md")
 
 
@@ -165,8 +164,8 @@ def results_table(results: list[dict], planned: dict[str, int] | None = None) ->
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model in [m for m in MODEL_NAMES if m in by_model]:
         rs = by_model[model]
-        strict = [metrics_of(r, "strict") for r in rs]
-        cells = [_mean_std([metrics_of(r, "masked")[k] for r in rs]) for k in HEADLINE]
+        strict = [under(r["test"], "strict") for r in rs]
+        cells = [_mean_std([under(r["test"], "masked")[k] for r in rs]) for k in HEADLINE]
         cells += [_mean_std([s[k] for s in strict]) if all(strict) else "–" for k in STRICT_HEADLINE]
         seeds = f"{len(rs)}" + (f" of {planned[model]}" if planned and planned.get(model, 0) > len(rs) else "")
         how = ", ".join(sorted({f"{r.get('precision', 'bf16' if r.get('bf16') else 'fp32')}, {r['device']}" for r in rs}))
@@ -207,8 +206,7 @@ def plot_curves(results: list[dict], path: Path) -> Path:
         if r["seed"] != 0:
             continue
         epochs = [h["epoch"] for h in r["history"]]
-        values = [h["valid"]["masked"][VALID_METRIC] if "masked" in h["valid"] else h["valid"][VALID_METRIC]
-                  for h in r["history"]]
+        values = [under(h["valid"], "masked")[VALID_METRIC] for h in r["history"]]
         ax.plot(epochs, values, marker="o" if len(epochs) == 1 else None, label=r["model"])
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {VALID_METRIC} (full ranking, history masked)")
