@@ -58,9 +58,10 @@ class Session:
         self.last_top = last_top  # raw ids recommended at the previous event (online quality)
         self.model_version = model_version  # the model that encoded the state; another one re-encodes it first
 
-    def record(self, event_id: str, item_id: str, ts: int, event_type: str) -> None:
+    def record(self, event_id: str | int, item_id: str, ts: int, event_type: str) -> None:
+        """Append an event; ``event_id`` may be given as its :func:`event_hash` already."""
         self.log += f"{item_id}{_SEP}{ts}{_SEP}{event_type}{_END}".encode()
-        self.ids.append(event_hash(event_id))
+        self.ids.append(event_id if type(event_id) is int else event_hash(event_id))
 
     def has_event(self, event_id: str) -> bool:
         # A scan: sessions hold at most `max_session_events` events, and this one C loop beats a set's bytes.
