@@ -359,6 +359,9 @@ class Recommender:
                     self.recommend_many(table, wave, clicks, version, out)
             span.set_attribute(ATTR_REDIS_MS, (t1 - t0) * 1000)
             span.set_attribute(ATTR_MODEL_MS, (time.perf_counter() - t1) * 1000)
+        for u in sorted(per_user, key=lambda u: per_user[u][-1]):  # the table's order: of each user's last event
+            if (s := table.sessions.get(u)) is not None:
+                table.touch(s)
         results = [o for per_event in out for o in per_event] + self.evict(table)
         recs = [o for o in results if type(o) is Recommendation]
         tel.recommendations_out.add(len(recs))
@@ -397,10 +400,8 @@ class Recommender:
                     b = Boundary.SESSION
                 s = table.open(ev.user_id, ev.ts, init, self.model_version)
                 self.stats.sessions_opened += 1
-            else:
-                if b is Boundary.SEGMENT:
-                    table.states[s.slot], s.seg_len = init, 0
-                table.touch(s)
+            elif b is Boundary.SEGMENT:
+                table.states[s.slot], s.seg_len = init, 0
             wave.dts.append(0.0 if b is Boundary.SESSION else max(0, ev.ts - s.last_ts) / 1000.0)  # seconds
             s.last_ts = max(s.last_ts, ev.ts)
             s.record(h, ev.item_id, ev.ts, ev.event_type)
