@@ -184,6 +184,27 @@ def bench_stream_cmd(
     typer.echo(report(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events)))
 
 
+@app.command("bench-sessions")
+def bench_sessions_cmd(
+    sizes: str = typer.Option("10000,100000,1000000", help="open sessions per row, comma-separated"),
+    users: int = typer.Option(1_000_000, min=1, help="distinct users streamed through one worker under the cap"),
+    cap: int = typer.Option(100_000, min=1, help="max_open_sessions of the capped run"),
+) -> None:
+    """The serving core against the number of open sessions (cost per event, bytes, snapshot stall),
+    and peak memory of many users under max_open_sessions."""
+    import os
+
+    from slsrec.bench_sessions import bench, report
+
+    try:
+        size_list = [int(x) for x in sizes.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--sizes must be comma-separated integers, got {sizes!r}") from None
+    load = os.getloadavg()[0]
+    rows = bench(size_list, users, cap)
+    typer.echo(report(rows, size_list, users, cap, (load, os.getloadavg()[0])))
+
+
 @app.command("publish")
 def publish_cmd(
     run: str = typer.Option(..., help="run directory written by `slsrec train`, e.g. runs/ml-1m"),

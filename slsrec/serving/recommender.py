@@ -307,6 +307,7 @@ class Recommender:
                     seen.append(idx)
                 prev = ts if prev is None else max(prev, ts)
             s.seen, s.seg_len, s.model_version = array("q", seen), len(seg), self.model_version
+            s.last_top = array("q")  # indices of the old model's items: the next event goes unscored
             table.states[s.slot] = self._init_state
             segments.append(seg)
         for p in range(max((len(seg) for seg in segments), default=0)):
@@ -433,28 +434,27 @@ class Recommender:
         emit, raw, model_version = int(now_ms()), self._raw_ids, self.model_version
         tops = []
         for j, i in enumerate(wave.rows):
-            ev, cold, scores = clicks[i][0], wave.longs[j] is None, top_scores[j]
-            ids = [raw[k] for k in top_items[j]]
+            ev, cold, scores, top = clicks[i][0], wave.longs[j] is None, top_scores[j], top_items[j]
             if scores and scores[-1] == -math.inf:  # fewer than K items were left after exclusion
-                ids, scores = ids[: scores.index(-math.inf)], scores[: scores.index(-math.inf)]
-            tops.append(ids)
-            out[i].append(Recommendation(ev.user_id, ev.event_id, list(map(RankedItem, ids, scores)), model_version,
-                                         None if cold else version, cold, alphas[j], wave.known[j] is None, ev.ts,
-                                         emit))
+                top, scores = top[: scores.index(-math.inf)], scores[: scores.index(-math.inf)]
+            tops.append(top)
+            out[i].append(Recommendation(ev.user_id, ev.event_id, list(map(RankedItem, [raw[k] for k in top], scores)),
+                                         model_version, None if cold else version, cold, alphas[j],
+                                         wave.known[j] is None, ev.ts, emit))
         cold = [v is None for v in wave.longs]
         self.stats.recommendations += len(wave.rows)
         self.stats.cold_starts += sum(cold)
         for i, alert in self._watch(wave, clicks, tops, alphas, cold):
             out[i].append(alert)
 
-    def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[str]],
+    def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[int]],
                alphas: list[float], cold: list[bool]) -> list[tuple[int, DriftAlert]]:
         """Online quality of each event against its session's previous top-K, and the drift signals."""
         quality: list[Quality | None] = []
-        for s, i, top in zip(wave.sessions, wave.rows, tops):
-            # None: the first event of a session
-            quality.append(next_item_quality(clicks[i][0].item_id, s.last_top) if s.last_top else None)
-            s.last_top = tuple(top)
+        for s, known, top in zip(wave.sessions, wave.known, tops):
+            # None: the first event of a session (an unknown item, index None, is never a hit)
+            quality.append(next_item_quality(known, s.last_top) if s.last_top else None)
+            s.last_top = array("q", top)
         scored = [q for q in quality if q is not None]
         self.stats.scored += len(scored)
         self.stats.hits += sum(q.hit for q in scored)

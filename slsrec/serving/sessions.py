@@ -46,7 +46,7 @@ class Session:
 
     def __init__(self, user_id: str, start_ts: int, last_ts: int, slot: int, seg_len: int = 0,
                  log: bytearray | None = None, ids: array | None = None, seen: array | None = None,
-                 last_top: tuple[str, ...] = (), model_version: str | None = None):
+                 last_top: array | None = None, model_version: str | None = None):
         self.user_id = user_id
         self.start_ts = start_ts
         self.last_ts = last_ts
@@ -55,7 +55,7 @@ class Session:
         self.log = bytearray() if log is None else log  # every event, unknown items too
         self.ids = array("q") if ids is None else ids  # event id hashes (`event_hash`)
         self.seen = array("q") if seen is None else seen  # indices of the session's known items
-        self.last_top = last_top  # raw ids recommended at the previous event (online quality)
+        self.last_top = array("q") if last_top is None else last_top  # item indices recommended at the previous event
         self.model_version = model_version  # the model that encoded the state; another one re-encodes it first
 
     def record(self, event_id: str | int, item_id: str, ts: int, event_type: str) -> None:
@@ -104,17 +104,17 @@ class SessionTable:
     >>> t = SessionTable()
     >>> u1 = t.open("u1", 5, np.ones(2, np.float32), "v1")
     >>> u1.record("e1", "a", 5, "view"); u1.record("e2", "new", 9, "view"); u1.seen.append(3)
-    >>> u1.last_ts, u1.seg_len, u1.last_top = 9, 1, ("b", "c")
+    >>> u1.last_ts, u1.seg_len, u1.last_top = 9, 1, array("q", [2, 5])
     >>> _ = t.open("u2", 7, np.zeros(2, np.float32), "v1")
     >>> back = pickle.loads(pickle.dumps(t))
     >>> b1 = back.sessions["u1"]
     >>> b1.events, b1.has_event("e2"), b1.seen, b1.last_top, b1.model_version, b1.seg_len
-    ([('a', 5, 'view'), ('new', 9, 'view')], True, array('q', [3]), ('b', 'c'), 'v1', 1)
+    ([('a', 5, 'view'), ('new', 9, 'view')], True, array('q', [3]), array('q', [2, 5]), 'v1', 1)
     >>> back.state(b1), back.state(back.sessions["u2"]), list(back.sessions)
     (array([1., 1.], dtype=float32), array([0., 0.], dtype=float32), ['u1', 'u2'])
     """
 
-    FORMAT: ClassVar[int] = 3
+    FORMAT: ClassVar[int] = 4
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
@@ -155,28 +155,34 @@ class SessionTable:
 
     def __getstate__(self) -> dict:
         ss = list(self.sessions.values())
+        versions = sorted({s.model_version or "" for s in ss})
+        code = {v: k for k, v in enumerate(versions)}
         return {
-            "d": self.states.shape[1],
-            "user_id": [s.user_id for s in ss], "model_version": [s.model_version for s in ss],
-            "last_top": [s.last_top for s in ss],
-            "ints": np.array([(s.start_ts, s.last_ts, s.seg_len, len(s.log), len(s.ids), len(s.seen)) for s in ss],
-                             dtype=np.int64).reshape(-1, 6),
+            "d": self.states.shape[1], "user_id": [s.user_id for s in ss], "versions": versions,
+            "ints": np.array([(s.start_ts, s.last_ts, s.seg_len, code[s.model_version or ""], len(s.log), len(s.ids),
+                               len(s.seen), len(s.last_top)) for s in ss], dtype=np.int64).reshape(-1, 8),
             "state": self.states[[s.slot for s in ss]],  # (n, d): one array, not n
-            # memcpy, not objects: every session's log, event id hashes and known items, concatenated
+            # memcpy, not objects: every session's log, event id hashes, known and recommended items, concatenated
             "log": b"".join(s.log for s in ss), "ids": b"".join(s.ids for s in ss), "seen": b"".join(s.seen for s in ss),
+            "last_top": b"".join(s.last_top for s in ss),
         }
 
     def __setstate__(self, c: dict) -> None:
-        log, ids, seen, size = c["log"], c["ids"], c["seen"], array("q").itemsize
-        n = len(c["user_id"])
+        size, n = array("q").itemsize, len(c["user_id"])
         self.states = np.zeros((max(64, 2 * n), c["d"]), np.float32)
         self.states[:n] = c["state"]
         self._free = list(range(len(self.states) - 1, n - 1, -1))
-        self.sessions, at_log, at_ids, at_seen = {}, 0, 0, 0  # read positions
-        for j, (start, last, seg_len, n_log, n_ids, n_seen) in enumerate(c["ints"].tolist()):
+        self.sessions = {}
+        at = {"log": 0, "ids": 0, "seen": 0, "last_top": 0}  # read positions in the joined buffers
+
+        def take(name: str, length: int, width: int):
+            part = c[name][at[name] * width:(at[name] + length) * width]
+            at[name] += length
+            return part
+
+        for j, (start, last, seg_len, version, n_log, n_ids, n_seen, n_top) in enumerate(c["ints"].tolist()):
             user = c["user_id"][j]
             self.sessions[user] = Session(
-                user, start, last, j, seg_len, bytearray(log[at_log:at_log + n_log]),
-                array("q", ids[at_ids * size:(at_ids + n_ids) * size]),
-                array("q", seen[at_seen * size:(at_seen + n_seen) * size]), c["last_top"][j], c["model_version"][j])
-            at_log, at_ids, at_seen = at_log + n_log, at_ids + n_ids, at_seen + n_seen
+                user, start, last, j, seg_len, bytearray(take("log", n_log, 1)), array("q", take("ids", n_ids, size)),
+                array("q", take("seen", n_seen, size)), array("q", take("last_top", n_top, size)),
+                c["versions"][version] or None)
