@@ -93,10 +93,10 @@ def bench(sizes: list[int], users: int, cap: int) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], sizes: list[int], users: int, cap: int, load: tuple[float, float]) -> str:
-    lines = [f"machine   {platform.machine()}, {os.cpu_count()} cores; load average {load[0]:.1f} at start, "
-             f"{load[1]:.1f} at end",
-             "serving core alone (no Kafka), one thread, ML-1M-sized SLSRec, one event per user to open",
+def report(rows: list[dict], sizes: list[int], users: int, cap: int, load: tuple[float, float] | None) -> str:
+    lines: list[str] = [] if load is None else [f"machine   {platform.machine()}, {os.cpu_count()} cores; load average "
+                                     f"{load[0]:.1f} at start, {load[1]:.1f} at end"]
+    lines += ["serving core alone (no Kafka), one thread, ML-1M-sized SLSRec, one event per user to open",
              "",
              "| open sessions | µs/event opening | µs/event at N open | events per CPU s at N open | bytes per open "
              "session (RSS) | snapshot ms (CPU ms) | snapshot MB | peak RSS MB |",

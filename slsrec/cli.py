@@ -176,12 +176,20 @@ def bench_stream_cmd(
     events: int = typer.Option(100_000, min=1000, help="events in the throughput backlog"),
     latency_s: float = typer.Option(20.0, min=1, help="seconds of paced load for the latency figures"),
     naive_events: int = typer.Option(5_000, min=100, help="events through the naive per-event path"),
+    repeats: int = typer.Option(3, min=1, help="runs; the table shows each and their medians"),
+    sessions: bool = typer.Option(True, help="also the serving core at 10k and 100k open sessions"),
 ) -> None:
     """Throughput and latency of the flow through the local Kafka and Redis, and a naive baseline."""
+    from slsrec.bench_sessions import bench as bench_sessions
     from slsrec.bench_stream import bench, report
     from slsrec.settings import Settings
 
-    typer.echo(report(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events)))
+    results = []
+    for k in range(repeats):
+        results.append(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events))
+        typer.echo(f"run {k + 1} of {repeats}: {results[-1].flow_events_per_s:,.0f} events/s", err=True)
+    rows = bench_sessions([10_000, 100_000], 200_000, 50_000) if sessions else None
+    typer.echo(report(results, rows))
 
 
 @app.command("bench-sessions")

@@ -53,7 +53,7 @@ from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, Quality, next_item_quality
 from slsrec.model import LongState
 from slsrec.serving.sessions import Session, SessionTable, event_hash, session_closed
-from slsrec.sessions import Boundary, boundary
+from slsrec.sessions import Boundary, boundary, seconds_since
 from slsrec.store import LongTerm
 from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
 
@@ -299,11 +299,12 @@ class Recommender:
             seen, prev = [], None
             for item_id, ts, _ in s.events:
                 # One session's events: only the segment rule can cut them (no gap inside a session).
-                if boundary(prev, ts, len(seg), None, self.max_segment) is Boundary.SEGMENT:
+                b = boundary(prev, ts, len(seg), None, self.max_segment)
+                if b is Boundary.SEGMENT:
                     seg = []
                 idx = index(item_id)
                 if idx is not None:
-                    seg.append((idx, 0.0 if prev is None else max(0, ts - prev) / 1000.0))
+                    seg.append((idx, seconds_since(prev, ts, b)))
                     seen.append(idx)
                 prev = ts if prev is None else max(prev, ts)
             s.seen, s.seg_len, s.model_version = array("q", seen), len(seg), self.model_version
@@ -403,7 +404,7 @@ class Recommender:
                 self.stats.sessions_opened += 1
             elif b is Boundary.SEGMENT:
                 table.states[s.slot], s.seg_len = init, 0
-            wave.dts.append(0.0 if b is Boundary.SESSION else max(0, ev.ts - s.last_ts) / 1000.0)  # seconds
+            wave.dts.append(seconds_since(s.last_ts, ev.ts, b))
             s.last_ts = max(s.last_ts, ev.ts)
             s.record(h, ev.item_id, ev.ts, ev.event_type)
             idx = index(ev.item_id)
