@@ -364,6 +364,7 @@ class Recommender:
         for u in sorted(per_user, key=lambda u: per_user[u][-1]):  # the table's order: of each user's last event
             if (s := table.sessions.get(u)) is not None:
                 table.touch(s)
+        table.changed.update(per_user)
         results = [o for per_event in out for o in per_event] + self.evict(table)
         recs = [o for o in results if type(o) is Recommendation]
         tel.recommendations_out.add(len(recs))
