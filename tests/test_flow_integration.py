@@ -38,6 +38,17 @@ def consume_all(settings, topic: str, n: int, timeout_s: float = 60.0, group: st
     return out
 
 
+def tiny_published_run(settings, tmp_path, seed: int):
+    """A tiny SLSRec run with a published long-term state for every user."""
+    torch.manual_seed(seed)
+    model = SLSRec(SLSRecConfig(n_users=len(USERS), n_items=N_ITEMS, d=8, hidden=8))
+    run = save_run(tmp_path / "tiny", model, name="slsrec", users=Vocab(USERS, padding=False),
+                   items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
+    LongTermStore(settings.redis_url).publish(None, {u: LongTerm(np.ones(8, np.float32), 0.0, 1) for u in USERS},
+                                              meta={"run": str(run)})
+    return run
+
+
 def test_replayed_sessions_equal_the_offline_model(live_settings, tmp_path):
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery", "top_k": 8})
     torch.manual_seed(11)
@@ -112,12 +123,7 @@ def test_serve_without_a_published_version_says_what_to_do(live_settings):
 def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
     """`slsrec serve --processes 2`: the cluster shares the partitions; nothing lost or doubled."""
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
-    torch.manual_seed(5)
-    model = SLSRec(SLSRecConfig(n_users=len(USERS), n_items=N_ITEMS, d=8, hidden=8))
-    run = save_run(tmp_path / "tiny", model, name="slsrec", users=Vocab(USERS, padding=False),
-                   items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
-    LongTermStore(settings.redis_url).publish(None, {u: LongTerm(np.ones(8, np.float32), 0.0, 1) for u in USERS},
-                                              meta={"run": str(run)})
+    run = tiny_published_run(settings, tmp_path, seed=5)
     producer, now, sent = Producer(settings.kafka_config()), int(time.time() * 1000), []
     for n in range(200):
         u = f"user{n % 23}"
@@ -170,12 +176,7 @@ def test_a_flow_killed_mid_stream_resumes_its_sessions_and_answers_every_event(l
     import sys
 
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery", "snapshot_interval_s": 0.3})
-    torch.manual_seed(6)
-    model = SLSRec(SLSRecConfig(n_users=len(USERS), n_items=N_ITEMS, d=8, hidden=8))
-    run = save_run(tmp_path / "tiny", model, name="slsrec", users=Vocab(USERS, padding=False),
-                   items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
-    LongTermStore(settings.redis_url).publish(None, {u: LongTerm(np.ones(8, np.float32), 0.0, 1) for u in USERS},
-                                              meta={"run": str(run)})
+    run = tiny_published_run(settings, tmp_path, seed=6)
     producer, now = Producer(settings.kafka_config()), int(time.time() * 1000)
     events = [{"event_id": f"e{n}", "user_id": f"user{n % 23}", "item_id": f"sku{n % N_ITEMS + 1}",
                "ts": now - 100_000 + n, "event_type": "click"} for n in range(600)]
