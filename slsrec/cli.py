@@ -15,11 +15,13 @@ app.add_typer(local_app, name="local")
 
 SECURE = typer.Option(False, "--secure", help="the secure pair: Kafka with SASL/SCRAM over TLS on 127.0.0.1:9094, "
                                                  "Redis with an ACL user over TLS on 127.0.0.1:6380")
+REDIS_CLUSTER = typer.Option(False, "--redis-cluster", help="the Redis Cluster: 3 primaries on 127.0.0.1:7001-7003 "
+                                                            "(SLSREC_REDIS_URL=redis+cluster://127.0.0.1:7001)")
 
 
 @local_app.command("up")
 def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]"),
-             secure: bool = SECURE) -> None:
+             secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Start Kafka and Redis on loopback unless they already answer, and create the topics."""
     import time
 
@@ -29,39 +31,41 @@ def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the
     t0 = time.monotonic()
     settings = local.secure_settings() if secure else Settings()
     settings = settings.model_copy(update={"partitions": partitions}) if partitions else settings
-    for s in local.up(settings, adopt=True, secure=secure):
+    for s in local.up(settings, adopt=True, secure=secure, redis_cluster=redis_cluster):
         typer.echo(s.describe())
     typer.echo(f"ready in {time.monotonic() - t0:.1f} s (logs: var/log/)")
     if secure:
         typer.echo('clients: eval "$(slsrec local env --secure)" (credentials in var/secure/, mode 0600)')
+    if redis_cluster:
+        typer.echo('clients: eval "$(slsrec local env --redis-cluster)" (Kafka comes from `slsrec local up`)')
 
 
 @local_app.command("down")
 def local_down(force: bool = typer.Option(False, "--force", help="stop even while tests or the demo use them"),
-               secure: bool = SECURE) -> None:
+               secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Stop the services that `slsrec local up` started (others are left running)."""
     from slsrec import local
 
-    stopped = local.down(force=force, secure=secure)
+    stopped = local.down(force=force, secure=secure, redis_cluster=redis_cluster)
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
 
 @local_app.command("status")
-def local_status(secure: bool = SECURE) -> None:
+def local_status(secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Print each service, its pid and whether it answers; fails when one does not answer."""
     from slsrec import local
     from slsrec.errors import ServiceError
 
-    statuses = local.status(secure=secure)
+    statuses = local.status(secure=secure, redis_cluster=redis_cluster)
     for s in statuses:
         typer.echo(s.describe())
     if down := [s.name for s in statuses if not s.answering]:
-        again = "slsrec local up --secure" if secure else "slsrec local up"
+        again = "slsrec local up" + (" --secure" if secure else " --redis-cluster" if redis_cluster else "")
         raise ServiceError(f"not answering: {', '.join(down)} (start with `{again}`)")
 
 
 @local_app.command("env")
-def local_env(secure: bool = SECURE) -> None:
+def local_env(secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Print the SLSREC_* variables that point clients at the local services, for `eval "$(...)"`.
 
     With --secure they include the passwords: print them only into a shell you trust, never into a log.
@@ -74,6 +78,10 @@ def local_env(secure: bool = SECURE) -> None:
     k, r = local.KAFKA, local.REDIS
     fields = local.secure_fields() if secure else {"kafka_bootstrap": f"{k.host}:{k.port}",
                                                    "redis_url": f"redis://{r.host}:{r.port}/0"}
+    if redis_cluster:
+        if secure:
+            raise UserError("--secure and --redis-cluster are separate groups: pick one")
+        fields["redis_url"] = local.REDIS_CLUSTER_URL
     for name, value in Settings(**fields).to_env().items():
         if name.removeprefix("SLSREC_").lower() in fields:
             typer.echo(f"export {name}={shlex.quote(value)}")
