@@ -38,6 +38,7 @@ def consume_all(settings, topic: str, n: int, timeout_s: float = 60.0) -> list:
     return out
 
 
+@pytest.mark.redis_cluster
 def test_replayed_sessions_equal_the_offline_model(live_settings, tmp_path):
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery", "top_k": 8})
     torch.manual_seed(11)
@@ -109,6 +110,7 @@ def test_serve_without_a_published_version_says_what_to_do(live_settings):
         serve(live_settings, None, recovery=False, tail=False)
 
 
+@pytest.mark.redis_cluster
 def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
     """`slsrec serve --processes 2`: the cluster shares the partitions; nothing lost or doubled."""
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
@@ -138,6 +140,7 @@ def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
         assert ts == sorted(ts)
 
 
+@pytest.mark.redis_cluster
 def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing(redis_db, tmp_path):
     """Without --run the flow serves the published version; on a machine without the run directory, it
     rebuilds the model from the files the publisher stored in Redis."""
