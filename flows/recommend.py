@@ -79,13 +79,17 @@ def is_drift_alert(item: DeadLetter | DriftAlert) -> bool:
     return isinstance(item, DriftAlert)
 
 
-def to_kafka(item: Recommendation | SessionClosed | DeadLetter | DriftAlert) -> KafkaSinkMessage:
+WORKER_HEADER = "slsrec-worker"  # on every message the flow writes: the index of the worker that wrote it
+
+
+def to_kafka(worker_id: str, item: Recommendation | SessionClosed | DeadLetter | DriftAlert) -> KafkaSinkMessage:
     """JSON value; keyed by user_id, a drift alert by worker id (a dead letter keeps no key: its
-    user may be unreadable)."""
+    user may be unreadable). The header names the worker, so a consumer can see which one served a user."""
+    headers = [(WORKER_HEADER, worker_id.encode())]
     if isinstance(item, DriftAlert):
-        return KafkaSinkMessage(item.worker_id.encode(), item.model_dump_json().encode())
+        return KafkaSinkMessage(item.worker_id.encode(), item.model_dump_json().encode(), headers=headers)
     key = None if isinstance(item, DeadLetter) else item.user_id.encode()
-    return KafkaSinkMessage(key, item.model_dump_json().encode())
+    return KafkaSinkMessage(key, item.model_dump_json().encode(), headers=headers)
 
 
 def get_flow(
@@ -100,6 +104,7 @@ def get_flow(
     tail: bool = True,
     workers: int = 1,
     telemetry: Telemetry | None = None,
+    worker_id: str = "0",
 ) -> Dataflow:
     """Build the flow. Tests inject Bytewax testing sources/sinks; by default all ends are Kafka.
 
@@ -109,7 +114,8 @@ def get_flow(
     the topic (a backfill, a benchmark, a bounded test) instead of waiting for new events.
     ``workers`` (of the whole cluster) sets the shards: one per worker, holding the sessions of its
     users; changing it between runs splits the sessions open at the restart (their old shards close
-    them when idle).
+    them when idle). ``worker_id`` (this process's worker; one worker per process) goes into the
+    ``slsrec-worker`` header of every message written: a worker writes what its shard produced.
     """
     brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
@@ -153,6 +159,7 @@ def get_flow(
         if given is not None:
             op.output(name, stream, given)
         else:
-            op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, conf))
+            op.output(name, op.map(f"{name}_serialize", stream, partial(to_kafka, worker_id)),
+                      KafkaSink(brokers, topic, conf))
             # KafkaSinkMessage(user_id, JSON)
     return flow

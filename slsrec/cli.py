@@ -144,7 +144,8 @@ def serve_cmd(
     run: str = typer.Option(None, help="run directory to serve [default: the published version, then each newer one]"),
     processes: int = typer.Option(1, min=1, help="worker processes on this machine (cluster mode)"),
     process_id: int = typer.Option(None, "--process-id", min=0, help="this process's index in --addresses"),
-    addresses: str = typer.Option(None, help="host:port of every process of the cluster, ';'-separated"),
+    addresses: str = typer.Option(None, help="host:port of every process of the cluster, ';'-separated, or one "
+                                  "pattern with {i} for --processes of them, e.g. flow-{i}.flow:2101"),
     recovery: bool = typer.Option(True, help="snapshot state and offsets to the recovery directory"),
     exit_at_end: bool = typer.Option(False, "--exit-at-end", help="stop at the end of the topic"),
     otel_endpoint: str = typer.Option(None, help="OTLP/HTTP collector URL for traces and metrics, e.g. "
@@ -158,15 +159,16 @@ def serve_cmd(
     """
     import logging
 
-    from flows.cluster import serve
+    from flows.cluster import cluster_addresses, serve
     from slsrec.kafka_check import check_kafka
     from slsrec.settings import Settings
     from slsrec.store import LongTermStore
 
     if (process_id is None) != (addresses is None):
         raise UserError("--process-id and --addresses go together (one process of a cluster)")
-    if process_id is not None and process_id >= len(addresses.split(";")):
-        raise UserError(f"--process-id {process_id} is not an index into the {len(addresses.split(';'))} addresses")
+    listed = cluster_addresses(addresses, processes) if addresses else None
+    if process_id is not None and process_id >= len(listed):
+        raise UserError(f"--process-id {process_id} is not an index into the {len(listed)} addresses")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"otel_endpoint": otel_endpoint, "otel_console": otel_console}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -174,8 +176,8 @@ def serve_cmd(
     # librdkafka retrying forever: check both services first, each failure one line.
     check_kafka(settings)
     LongTermStore(settings.redis_url).current_version()
-    serve(settings, run, processes=processes, process_id=process_id,
-          addresses=addresses.split(";") if addresses else None, recovery=recovery, tail=not exit_at_end)
+    serve(settings, run, processes=processes, process_id=process_id, addresses=listed, recovery=recovery,
+          tail=not exit_at_end)
 
 
 @app.command("bench-stream")
