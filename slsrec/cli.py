@@ -183,14 +183,30 @@ def serve_cmd(
 @app.command("bench-stream")
 def bench_stream_cmd(
     run: str = typer.Option(None, help="run directory [default: a random SLSRec of ML-1M size]"),
-    events: int = typer.Option(100_000, min=1000, help="events in the throughput backlog"),
+    events: int = typer.Option(None, min=1000, help="events in the throughput backlog [default: 100000; "
+                               "40000 with --processes]"),
     latency_s: float = typer.Option(20.0, min=1, help="seconds of paced load for the latency figures"),
     naive_events: int = typer.Option(5_000, min=100, help="events through the naive per-event path"),
+    processes: str = typer.Option(None, help="scale-out instead: worker process counts, e.g. 1,2,4 (events/s, per "
+                                  "CPU second, per worker, restart time)"),
 ) -> None:
     """Throughput and latency of the flow through the local Kafka and Redis, and a naive baseline."""
     from slsrec.bench_stream import bench, report
     from slsrec.settings import Settings
 
+    if processes is not None:
+        from slsrec import bench_scale
+
+        try:
+            counts = [int(n) for n in processes.split(",")]
+        except ValueError:
+            raise UserError(f"--processes {processes!r}: expected counts separated by commas, e.g. 1,2,4") from None
+        if min(counts) < 1:
+            raise UserError(f"--processes {processes!r}: every count must be at least 1")
+        events = events or 40_000  # each count starts a cluster four times: a smaller backlog
+        typer.echo(bench_scale.report(bench_scale.bench(Settings(), counts, run=run, events=events), events))
+        return
+    events = events or 100_000
     typer.echo(report(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events)))
 
 
