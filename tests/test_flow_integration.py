@@ -163,3 +163,41 @@ def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing
     assert torch.equal(rec.model.item_embeddings(), model.item_embeddings())
     assert rec.long_term(["a", "b"])[0] == version  # the reader accepts the version of its run
     assert rec.long_term(["a", "b"])[1][1] is None  # b had no history: cold start
+
+
+def test_a_users_events_are_answered_by_one_worker_in_order_across_a_restart(live_settings, tmp_path):
+    """`slsrec serve --processes 3`, twice on the same recovery directory: every answer names its worker
+    (header slsrec-worker); each user's answers come from one worker, in the order of the user's events."""
+    from flows.recommend import WORKER_HEADER
+
+    settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
+    torch.manual_seed(6)
+    model = SLSRec(SLSRecConfig(n_users=len(USERS), n_items=N_ITEMS, d=8, hidden=8))
+    run = save_run(tmp_path / "tiny", model, name="slsrec", users=Vocab(USERS, padding=False),
+                   items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
+    producer, now, users = Producer(settings.kafka_config()), int(time.time() * 1000), [f"user{u}" for u in range(24)]
+
+    def send(first: int, last: int) -> None:  # events first..last-1 of every user, users interleaved
+        for k in range(first, last):
+            for u in users:
+                event = {"event_id": f"{u}-{k}", "user_id": u, "item_id": f"sku{k % N_ITEMS + 1}",
+                         "ts": now - 100_000 + k, "event_type": "click"}
+                producer.produce(settings.topic_clicks, json.dumps(event).encode(), key=u.encode())
+        producer.flush(30)
+
+    send(0, 4)
+    serve(settings, run, processes=3, tail=False)
+    send(4, 8)
+    serve(settings, run, processes=3, tail=False)  # resumes after the first run's events
+
+    answers = consume_all(settings, settings.topic_recommendations, 8 * len(users))
+    assert len(answers) == 8 * len(users)
+    by_user: dict[str, list[tuple[str, int]]] = {}
+    for m in answers:  # a user's answers share a partition (key user_id), read in the order written
+        rec = Recommendation.model_validate_json(m.value())
+        by_user.setdefault(rec.user_id, []).append((dict(m.headers())[WORKER_HEADER].decode(),
+                                                    int(rec.event_id.rsplit("-", 1)[1])))
+    for u in users:
+        assert len({w for w, _ in by_user[u]}) == 1, f"{u} was served by several workers: {by_user[u]}"
+        assert [k for _, k in by_user[u]] == list(range(8)), u
+    assert {w for answers in by_user.values() for w, _ in answers} == {"0", "1", "2"}  # all three took users
