@@ -88,13 +88,15 @@ def local_env(secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> Non
 
 
 @local_app.command("topics")
-def local_topics(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]")) -> None:
-    """Create the project's topics on the configured Kafka where missing (used by docker compose)."""
+def local_topics(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]"),
+                 replication_factor: int = typer.Option(1, min=1, help="replicas of each topic (3 on a production "
+                                                        "cluster)")) -> None:
+    """Create the project's topics on the configured Kafka where missing (docker compose, the Kubernetes Job)."""
     from slsrec import local
     from slsrec.settings import Settings
 
     settings = Settings(**({"partitions": partitions} if partitions else {}))
-    created = local.create_topics(settings)
+    created = local.create_topics(settings, replication_factor=replication_factor)
     typer.echo(f"created: {', '.join(created)}" if created else "all topics exist")
 
 

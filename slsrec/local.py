@@ -248,8 +248,9 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     return {**{t: settings.partitions for t in keyed}, settings.topic_dlq: 1, settings.topic_drift: 1}
 
 
-def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
-    """Create the project's topics where missing (single replica). Returns the names created.
+def create_topics(settings: Settings, timeout_s: float = 30.0, replication_factor: int = 1) -> list[str]:
+    """Create the project's topics where missing (one replica unless said otherwise). Returns the
+    names created.
 
     Existing topics are left as they are; a partition count other than the settings' is reported on
     stderr (adding partitions would move keys, and so users, to other partitions).
@@ -260,7 +261,7 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     admin = admin_client(settings)
     specs = topic_specs(settings)
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in specs.items()],
+        [NewTopic(t, num_partitions=n, replication_factor=replication_factor) for t, n in specs.items()],
         operation_timeout=timeout_s, request_timeout=timeout_s,
     )
     created = []
