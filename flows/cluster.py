@@ -51,9 +51,8 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
         return
     recovery_config = _recovery(settings, len(addresses or [None]), process_id) if recovery else None
     telemetry = setup_telemetry(settings, "slsrec-flow")
-    worker_id = str(process_id or 0)
-    flow = get_flow(settings, open_recommender(settings, run, telemetry, worker_id=worker_id), tail=tail,
-                    workers=len(addresses or [None]), telemetry=telemetry, worker_id=worker_id)
+    flow = get_flow(settings, open_recommender(settings, run, telemetry, worker_id=str(process_id or 0)), tail=tail,
+                    workers=len(addresses or [None]), telemetry=telemetry)
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
     # events per CPU second (docs/benchmarks.md).

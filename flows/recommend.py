@@ -3,11 +3,14 @@
 Wiring only; the logic lives in :mod:`slsrec.serving`. Run it with ``slsrec serve``
 (:mod:`flows.cluster`); the source is :mod:`flows.kafka_source`, the stateful step :mod:`flows.shards`.
 
-Steps: ``clicks`` (every partition) -> decode and validate (bad input -> ``clicks.dlq``) -> key by
-a hash of the user id into shards -> one stateful step per shard holding its users' sessions, fed in
-micro-batches (one batched model call per wave, see :class:`slsrec.serving.recommender.Recommender`), with a
-sweep that closes idle sessions -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq``,
-and ``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, key worker id).
+Batches are the unit of work: an item is everything one poll of a partition returned. Steps:
+``clicks`` (every partition, one item per poll) -> decode and validate the batch (bad input ->
+``clicks.dlq``) -> split it into one sub-batch per shard (a hash of the user id) -> one stateful step
+per shard holding its users' sessions, processed in micro-batches (one batched model call per wave,
+see :class:`slsrec.serving.recommender.Recommender`), with a sweep that closes idle sessions ->
+serialised once per batch -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq`` and
+``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, key worker id),
+one producer for all four.
 
 **Versions.** Without ``--run`` the flow follows the published versions: when ``slsrec:current``
 moves to a newer version, its model loads in the background and then replaces the served one
@@ -29,67 +32,73 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from functools import partial
+from typing import NamedTuple
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSourceMessage
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
-from flows.kafka_source import NoWaitKafkaSource, consumer_error, is_message, origin_of
-from flows.shards import Decoded, Output, ShardLogic, shard_keys, shard_of
+from flows.kafka_sink import KafkaBatchSink, Message
+from flows.kafka_source import KafkaBatchSource, Record
+from flows.shards import Decoded, ShardLogic, shard_keys, split_by_shard
 from schemas.drift import DriftAlert
-from schemas.events import DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
-from slsrec.serving.recommender import Recommender, dead_letter
+from schemas.events import DeadLetter, SessionClosed
+from slsrec.codec import Recommendation, decode_clicks, encode
+from slsrec.serving.recommender import Origin, Output, Recommender, dead_letter
 from slsrec.settings import Settings
 from slsrec.telemetry import Telemetry
 
 
-def decode(msg: KafkaSourceMessage) -> Decoded | DeadLetter:
-    """Validate one record against the ``ClickEvent`` contract; anything invalid is a dead letter."""
-    origin = origin_of(msg)
-    try:
-        return decode_click(msg.value), origin
-    except InvalidEvent as e:
-        return dead_letter(origin, e.reason)
+class DecodedPoll(NamedTuple):
+    """One poll, decoded: the valid clicks with their origins, and the dead letters."""
+
+    clicks: list[Decoded]
+    dead: list[DeadLetter]
 
 
-def count_event(telemetry: Telemetry, step_id: str, item: KafkaSourceMessage) -> None:
-    telemetry.events_in.add(1)
+def decode(records: list[Record]) -> DecodedPoll:
+    """Validate a poll's records against the ``ClickEvent`` contract; anything invalid (consumer
+    errors included) is a dead letter with the contract's reason."""
+    origins = [Origin(r.value or b"", r.topic, r.partition, r.offset) for r in records]
+    ok = [n for n, r in enumerate(records) if r.error is None]
+    clicks, bad = decode_clicks([records[n].value for n in ok])
+    dead = {n: dead_letter(origins[n], r.error) for n, r in enumerate(records) if r.error is not None}
+    dead.update((ok[k], dead_letter(origins[ok[k]], reason)) for k, reason in bad)
+    return DecodedPoll([(c, origins[ok[k]]) for k, c in clicks], [dead[n] for n in sorted(dead)])
 
 
-def count_dead_letter(telemetry: Telemetry, step_id: str, item: DeadLetter) -> None:
-    # The reason's kind ("missing field", "payload too large") keeps the metric's cardinality bounded.
-    telemetry.dead_letters.add(1, {"reason": re.split(r"[:(]", item.reason)[0].strip()})
+def clicks_of(batch: DecodedPoll) -> list[Decoded]:
+    return batch.clicks
 
 
-def is_click(item: Decoded | DeadLetter) -> bool:
-    return not isinstance(item, DeadLetter)
+def dead_letters_of(batch: DecodedPoll) -> list[DeadLetter] | None:
+    return batch.dead or None
 
 
-def is_recommendation(item: Output) -> bool:
-    return isinstance(item, Recommendation)
+def count_events(telemetry: Telemetry, step_id: str, records: list[Record]) -> None:
+    telemetry.events_in.add(len(records))
 
 
-def is_session(item: Output) -> bool:
-    return isinstance(item, SessionClosed)
+def count_dead_letters(telemetry: Telemetry, step_id: str, dead: list[DeadLetter]) -> None:
+    for d in dead:  # the reason's kind ("missing field", "payload too large") keeps the cardinality bounded
+        telemetry.dead_letters.add(1, {"reason": re.split(r"[:(]", d.reason)[0].strip()})
 
 
-def is_drift_alert(item: DeadLetter | DriftAlert) -> bool:
-    return isinstance(item, DriftAlert)
-
-
-WORKER_HEADER = "slsrec-worker"  # on every message the flow writes: the index of the worker that wrote it
-
-
-def to_kafka(worker_id: str, item: Recommendation | SessionClosed | DeadLetter | DriftAlert) -> KafkaSinkMessage:
-    """JSON value; keyed by user_id, a drift alert by worker id (a dead letter keeps no key: its
-    user may be unreadable). The header names the worker, so a consumer can see which one served a user."""
-    headers = [(WORKER_HEADER, worker_id.encode())]
-    if isinstance(item, DriftAlert):
-        return KafkaSinkMessage(item.worker_id.encode(), item.model_dump_json().encode(), headers=headers)
-    key = None if isinstance(item, DeadLetter) else item.user_id.encode()
-    return KafkaSinkMessage(key, item.model_dump_json().encode(), headers=headers)
+def to_messages(settings: Settings, outputs: list[Output]) -> list[Message]:
+    """Serialise a batch of outputs: JSON values, keyed by user_id; a drift alert by worker id, a dead
+    letter without a key (its user may be unreadable)."""
+    out = []
+    for o in outputs:
+        if type(o) is Recommendation:  # the fast record, nearly every output
+            out.append(Message(settings.topic_recommendations, o.user_id.encode(), encode(o)))
+        elif isinstance(o, DeadLetter):
+            out.append(Message(settings.topic_dlq, None, o.model_dump_json().encode()))
+        elif isinstance(o, SessionClosed):
+            out.append(Message(settings.topic_sessions, o.user_id.encode(), o.model_dump_json().encode()))
+        elif isinstance(o, DriftAlert):
+            out.append(Message(settings.topic_drift, o.worker_id.encode(), o.model_dump_json().encode()))
+    return out
 
 
 def get_flow(
@@ -97,69 +106,42 @@ def get_flow(
     recommender: Recommender,
     source: Source | None = None,
     sink: Sink | None = None,
-    dlq_sink: Sink | None = None,
-    sessions_sink: Sink | None = None,
-    drift_sink: Sink | None = None,
     sweep: timedelta = timedelta(seconds=1),
     tail: bool = True,
     workers: int = 1,
     telemetry: Telemetry | None = None,
-    worker_id: str = "0",
 ) -> Dataflow:
-    """Build the flow. Tests inject Bytewax testing sources/sinks; by default all ends are Kafka.
+    """Build the flow. Tests inject Bytewax testing sources/sinks; by default both ends are Kafka.
 
-    An injected source yields ``KafkaSourceMessage`` (or ``KafkaError``) items like Kafka's; an
-    injected sink receives the pydantic records (``Recommendation``, ``DeadLetter``,
-    ``SessionClosed``, ``DriftAlert``) instead of serialized Kafka messages. ``tail=False`` stops at the end of
-    the topic (a backfill, a benchmark, a bounded test) instead of waiting for new events.
-    ``workers`` (of the whole cluster) sets the shards: one per worker, holding the sessions of its
-    users; changing it between runs splits the sessions open at the restart (their old shards close
-    them when idle). ``worker_id`` (this process's worker; one worker per process) goes into the
-    ``slsrec-worker`` header of every message written: a worker writes what its shard produced.
+    An injected source yields lists of :class:`flows.kafka_source.Record` (one poll each); an
+    injected sink receives lists of :class:`flows.kafka_sink.Message` (topic, key, JSON value), as the
+    Kafka producer would. ``tail=False`` stops at the end of the topic (a backfill, a benchmark, a
+    bounded test) instead of waiting for new events. ``workers`` (of the whole cluster) sets the
+    shards: one per worker, holding the sessions of its users; changing it between runs splits the
+    sessions open at the restart (their old shards close them when idle).
     """
-    brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
-    source = source or NoWaitKafkaSource(brokers, [settings.topic_clicks], tail=tail, add_config=conf,
-                                         raise_on_errors=False)
-    raw = op.input("clicks_in", flow, source)
-    # KafkaSourceMessage | KafkaError
-    split = op.branch("split_consumer_errors", raw, is_message)
-    # trues: KafkaSourceMessage; falses: KafkaError
-    consumer_dlq = op.map("consumer_error_to_dead_letter", split.falses, consumer_error)
-    # DeadLetter
+    source = source or KafkaBatchSource(settings.kafka_config(), [settings.topic_clicks], tail=tail)
+    polls = op.input("clicks_in", flow, source)
+    # list[Record]: one poll of one partition
     if telemetry is not None:
-        op.inspect("count_events_in", split.trues, partial(count_event, telemetry))
-    decoded = op.branch("valid", op.map("decode", split.trues, decode), is_click)
-    # trues: (ClickEvent, Origin); falses: DeadLetter
+        op.inspect("count_events_in", polls, partial(count_events, telemetry))
+    decoded = op.map("decode", polls, decode)
+    # DecodedPoll(clicks=[(Click, Origin)], dead=[DeadLetter])
+    dead_in = op.filter_map("input_dead_letters", decoded, dead_letters_of)
+    # list[DeadLetter]
     if telemetry is not None:
-        op.inspect("count_invalid", op.merge("input_dead_letters", consumer_dlq, decoded.falses),
-                   partial(count_dead_letter, telemetry))
-    keyed = op.key_on("key_by_shard", decoded.trues, partial(shard_of, shard_keys(workers)))
-    # (shard, (ClickEvent, Origin))
+        op.inspect("count_invalid", dead_in, partial(count_dead_letters, telemetry))
+    keyed = op.flat_map("split_by_shard", op.map("clicks", decoded, clicks_of),
+                        partial(split_by_shard, shard_keys(workers)))
+    # (shard, [(Click, Origin)])
     timeout = timedelta(milliseconds=settings.batch_timeout_ms)
     logic = partial(ShardLogic, recommender, settings.batch_size, timeout, sweep)
     shards = op.stateful_batch("sessions_and_recommend", keyed, logic)
-    # (shard, Recommendation | DeadLetter | SessionClosed)
-    results = op.key_rm("unkey", shards)
-    # Recommendation | DeadLetter | SessionClosed | DriftAlert
-    recs = op.branch("recommendations", results, is_recommendation)
-    # trues: Recommendation; falses: DeadLetter | SessionClosed | DriftAlert
-    rest = op.branch("sessions", recs.falses, is_session)
-    # trues: SessionClosed; falses: DeadLetter (duplicates) | DriftAlert
-    alerts = op.branch("drift_alerts", rest.falses, is_drift_alert)
-    # trues: DriftAlert; falses: DeadLetter (duplicates)
-    dlq = op.merge("dead_letters", consumer_dlq, decoded.falses, alerts.falses)
-    # DeadLetter
-    for name, stream, given, topic in (
-        ("recommendations_out", recs.trues, sink, settings.topic_recommendations),
-        ("sessions_out", rest.trues, sessions_sink, settings.topic_sessions),
-        ("dlq_out", dlq, dlq_sink, settings.topic_dlq),
-        ("drift_out", alerts.trues, drift_sink, settings.topic_drift),
-    ):
-        if given is not None:
-            op.output(name, stream, given)
-        else:
-            op.output(name, op.map(f"{name}_serialize", stream, partial(to_kafka, worker_id)),
-                      KafkaSink(brokers, topic, conf))
-            # KafkaSinkMessage(user_id, JSON)
+    # (shard, [Recommendation | DeadLetter | SessionClosed | DriftAlert])
+    outputs = op.merge("outputs", op.key_rm("unkey", shards), dead_in)
+    # [Recommendation | DeadLetter | SessionClosed | DriftAlert]
+    messages = op.map("serialize", outputs, partial(to_messages, settings))
+    # [Message(topic, key, JSON)]
+    op.output("kafka_out", messages, sink or KafkaBatchSink(settings.kafka_config()))
     return flow

@@ -13,14 +13,12 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.run import cli_main
 from bytewax.testing import TestingSource  # the source of the shard-key probe
 
-from schemas.drift import DriftAlert
-from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed
+from slsrec.codec import Click
 from slsrec.errors import ServiceError
-from slsrec.serving.recommender import Origin, Recommender
+from slsrec.serving.recommender import Origin, Output, Recommender
 from slsrec.serving.sessions import SessionTable
 
-Decoded = tuple[ClickEvent, Origin]
-Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
+Decoded = tuple[Click, Origin]
 
 
 def shard_keys(workers: int) -> list[str]:
@@ -51,13 +49,18 @@ def keep_state(state: None, value: str) -> tuple[None, str]:
     return state, value
 
 
-def shard_of(keys: list[str], item: Decoded) -> str:
-    """The shard of the event's user, by a stable hash: all of a user's events, in order."""
-    return keys[zlib.crc32(item[0].user_id.encode()) % len(keys)]
+def split_by_shard(keys: list[str], clicks: list[Decoded]) -> list[tuple[str, list[Decoded]]]:
+    """One sub-batch per shard, by a stable hash of the user id: all of a user's events, in order."""
+    parts: dict[str, list[Decoded]] = {}
+    n = len(keys)
+    for c in clicks:
+        parts.setdefault(keys[zlib.crc32(c[0].user_id.encode()) % n], []).append(c)
+    return list(parts.items())
 
 
 class ShardLogic(StatefulBatchLogic):
-    """The open sessions of one shard, fed in micro-batches of up to ``batch_size`` events.
+    """The open sessions of one shard, fed sub-batches of polls, processed in micro-batches of up to
+    ``batch_size`` events. Each call hands downstream at most one item: the list of its outputs.
 
     A batch starts at least ``batch_timeout_ms`` after the previous one ended, so that a batch
     gathers what arrived meanwhile; events that arrived while the shard was busy have already waited,
@@ -75,31 +78,31 @@ class ShardLogic(StatefulBatchLogic):
         self.flush_at = now if self.pending else None
         self.sweep_at = now + sweep
 
-    def on_batch(self, values: list[Decoded]) -> tuple[list[Output], bool]:
+    def on_batch(self, values: list[list[Decoded]]) -> tuple[list[list[Output]], bool]:
         now = datetime.now(timezone.utc)
         if not self.pending:
             self.flush_at = max(now, self.flushed_at + self.timeout)
-        if values:
-            self.rec.observe([ev for ev, _ in values])  # time moves on arrival, for every shard
-        self.pending.extend(values)
+        for part in values:
+            self.rec.observe([ev for ev, _ in part])  # time moves on arrival, for every shard
+            self.pending.extend(part)
         out: list[Output] = []
         while len(self.pending) >= self.batch_size:
             out += self._flush(self.batch_size)
         if self.pending and now >= self.flush_at:
             out += self._flush(len(self.pending))
-        return out, self.RETAIN
+        return _one_item(out), self.RETAIN
 
-    def on_notify(self) -> tuple[list[Output], bool]:
+    def on_notify(self) -> tuple[list[list[Output]], bool]:
         now = datetime.now(timezone.utc)
         if now >= self.sweep_at:
             self.sweep_at = now + self.sweep
-            return self._flush_and_sweep(), self.RETAIN
+            return _one_item(self._flush_and_sweep()), self.RETAIN
         if self.flush_at is not None and now >= self.flush_at:
-            return self._flush(len(self.pending)), self.RETAIN
+            return _one_item(self._flush(len(self.pending))), self.RETAIN
         return [], self.RETAIN
 
-    def on_eof(self) -> tuple[list[Output], bool]:
-        return self._flush_and_sweep(), self.RETAIN
+    def on_eof(self) -> tuple[list[list[Output]], bool]:
+        return _one_item(self._flush_and_sweep()), self.RETAIN
 
     def _flush_and_sweep(self) -> list[Output]:
         # Pending events first: a session must not close while its next event waits here.
@@ -124,3 +127,7 @@ class ShardLogic(StatefulBatchLogic):
         self.flushed_at = datetime.now(timezone.utc)
         self.flush_at = self.flushed_at + self.timeout if self.pending else None
         return out
+
+
+def _one_item(outputs: list[Output]) -> list[list[Output]]:
+    return [outputs] if outputs else []

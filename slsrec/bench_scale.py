@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from pydantic import SecretStr
 
-from flows.recommend import WORKER_HEADER
+from flows.kafka_sink import WORKER_HEADER
 from slsrec import local
 from slsrec.bench_stream import _click, _consumer, _events, _ml1m_sized_run, _produce
 from slsrec.benchmark import machine

@@ -38,6 +38,7 @@ from schemas.events import InvalidEvent, decode_click
 from slsrec import local
 from slsrec.benchmark import machine
 from slsrec.checkpoint import load_run, save_run
+from slsrec.codec import Click, to_model
 from slsrec.data import Vocab
 from slsrec.errors import ServiceError
 from slsrec.model import SLSRec, SLSRecConfig
@@ -306,8 +307,9 @@ def _naive(settings: Settings, run, store: LongTermStore, version: str, n: int) 
             ev = decode_click(m.value())
         except InvalidEvent:
             continue
-        for out in rec.process(table, [(ev, Origin(m.value(), m.topic(), m.partition(), m.offset()))]):
-            p.produce(settings.topic_recommendations, out.model_dump_json().encode(), key=ev.user_id.encode())
+        click = Click(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.event_type, ev.context)
+        for out in rec.process(table, [(click, Origin(m.value(), m.topic(), m.partition(), m.offset()))]):
+            p.produce(settings.topic_recommendations, to_model(out).model_dump_json().encode(), key=ev.user_id.encode())
             p.poll(0)
         done += 1
     p.flush(30)

@@ -168,7 +168,7 @@ def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing
 def test_a_users_events_are_answered_by_one_worker_in_order_across_a_restart(live_settings, tmp_path):
     """`slsrec serve --processes 3`, twice on the same recovery directory: every answer names its worker
     (header slsrec-worker); each user's answers come from one worker, in the order of the user's events."""
-    from flows.recommend import WORKER_HEADER
+    from flows.kafka_sink import WORKER_HEADER
 
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
     torch.manual_seed(6)

@@ -5,7 +5,10 @@ duplicates, unknown items, cold start, exclusion of seen items) is testable on p
 
 A micro-batch holds events of many users. Events of one user are applied in order: wave ``i`` is
 the ``i``-th event of every user in the batch, and each wave costs one batched encoder ``step``, one
-``fuse`` and one scoring matmul for all its users.
+``fuse`` and one scoring matmul for all its users: :meth:`Recommender.update_many` applies a wave
+to the sessions, :meth:`Recommender.recommend_many` ranks for it. Recommendations are
+:class:`slsrec.codec.Recommendation` records, serialised once by the flow.
+
 >>> import torch
 >>> from slsrec.data import Vocab
 >>> from slsrec.model import SLSRec, SLSRecConfig
@@ -30,6 +33,7 @@ the ``i``-th event of every user in the batch, and each wave costs one batched e
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -43,11 +47,12 @@ import torch
 from opentelemetry import metrics, trace
 
 from schemas.drift import DriftAlert
-from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed
+from schemas.events import DeadLetter, SessionClosed
+from slsrec.codec import Click, RankedItem, Recommendation, encode
 from slsrec.data import Vocab
-from slsrec.drift import DriftMonitor, next_item_quality
-from slsrec.model import LongState, score
-from slsrec.serving.sessions import _SEP, Session, SessionTable, session_closed
+from slsrec.drift import DriftMonitor, Quality, next_item_quality
+from slsrec.model import LongState
+from slsrec.serving.sessions import Session, SessionTable, event_hash, session_closed
 from slsrec.sessions import Boundary, boundary
 from slsrec.store import LongTerm
 from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
@@ -91,10 +96,48 @@ def dead_letter(origin: Origin, reason: str) -> DeadLetter:
 
 
 def click(event_id: str, user_id: str, item_id: str, ts: int, event_type: str = "click",
-          topic: str = "clicks", partition: int = 0, offset: int = 0) -> tuple[ClickEvent, Origin]:
+          topic: str = "clicks", partition: int = 0, offset: int = 0) -> tuple[Click, Origin]:
     """A click with its origin, as the flow passes it to :meth:`Recommender.process` (for tests)."""
-    ev = ClickEvent(event_id=event_id, user_id=user_id, item_id=item_id, ts=ts, event_type=event_type)
-    return ev, Origin(ev.model_dump_json().encode(), topic, partition, offset)
+    ev = Click(event_id, user_id, item_id, ts, event_type)
+    return ev, Origin(encode(ev), topic, partition, offset)
+
+
+Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
+TOP_BLOCK = 32  # items per block of `top_k_blocked`
+
+
+def top_k_blocked(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1)`` for ``scores`` of ``(B, n)``, ``n`` a multiple of TOP_BLOCK.
+
+    The best ``k`` items lie in the ``k`` blocks with the highest maxima (each block holding one of
+    them has a maximum at least the k-th score, and at most ``k`` blocks do), so a top-k over block
+    maxima and one over those blocks' items replace the top-k over all items: about 2x faster on a
+    CPU for 3,706 items.
+
+    >>> s = torch.randn(4, 96)
+    >>> all(torch.equal(a, b) for a, b in zip(top_k_blocked(s, 5), torch.topk(s, 5, dim=1)))
+    True
+    """
+    b, n = scores.shape
+    if k * TOP_BLOCK >= n:
+        top = torch.topk(scores, k, dim=1)
+        return top.values, top.indices
+    blocks = scores.view(b, n // TOP_BLOCK, TOP_BLOCK)  # (B, n_blocks, TOP_BLOCK)
+    best = torch.topk(blocks.amax(dim=2), k, dim=1).indices  # (B, k)
+    candidates = torch.gather(blocks, 1, best[:, :, None].expand(-1, -1, TOP_BLOCK)).reshape(b, -1)  # (B, k*TOP_BLOCK)
+    values, at = torch.topk(candidates, k, dim=1)  # (B, k)
+    return values, torch.gather(best, 1, at // TOP_BLOCK) * TOP_BLOCK + at % TOP_BLOCK
+
+
+@dataclass
+class Wave:
+    """The events of one wave that get a recommendation (at most one per user), column by column."""
+
+    rows: list[int]  # positions in the micro-batch
+    sessions: list[Session]
+    known: list[int | None]  # the item's index, None for an item the model does not know
+    dts: list[float]  # seconds since the session's previous event; 0 at its first
+    longs: list[LongTerm | None]  # the published long-term state, None for a cold start
 
 
 @dataclass
@@ -180,12 +223,19 @@ class Recommender:
         The model's user ids: a session longer than one segment folds its closed segments into the
         user's long-term state with the user's embedding as the pooling query. Without it (or for a
         user the model does not know) the published state alone is the long-term input.
+    max_open_sessions : int, optional
+        Per table (one per worker): past it, the least recently active sessions are closed early after
+        each micro-batch (``SessionClosed`` with reason ``"evicted"``). ``None``: no cap.
+    max_session_events : int, optional
+        A session that holds this many events is closed (reason ``"evicted"``) before its next event,
+        which opens a new one. ``None``: no cap.
     """
 
     def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
                  gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
                  telemetry: Telemetry | None = None, versions: VersionSource | None = None,
-                 drift: DriftMonitor | None = None, users: Vocab | None = None):
+                 drift: DriftMonitor | None = None, users: Vocab | None = None, max_open_sessions: int | None = None,
+                 max_session_events: int | None = None):
         self.long_term = long_term
         self.versions = versions
         self.drift = drift
@@ -194,6 +244,8 @@ class Recommender:
         self.top_k = top_k
         self.exclude_seen = exclude_seen
         self.device = device
+        self.max_open_sessions = max_open_sessions
+        self.max_session_events = max_session_events
         self.stats = Stats()
         self.clock = Clock()
         self.telemetry = telemetry or Telemetry(metrics.NoOpMeterProvider(), trace.NoOpTracerProvider())
@@ -206,7 +258,11 @@ class Recommender:
         self.items = items
         self.users = users
         self.model_version = model_version
-        self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
+        emb = model.item_embeddings().detach()  # (n_items+1, d)
+        # Padded to whole blocks of `top_k_blocked`; the padding rows score -inf like index 0.
+        self._n_scored = len(emb)
+        self._item_emb = torch.cat([emb, emb.new_zeros((-len(emb)) % TOP_BLOCK, emb.shape[1])])  # (n_pad, d)
+        self._item_emb_np = self._item_emb.cpu().numpy() if self.device == "cpu" else None
         self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
         self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
         self.telemetry.set_versions(model=model_version)
@@ -227,12 +283,13 @@ class Recommender:
             self.stats.switches += 1
 
     @torch.no_grad()
-    def reencode(self, sessions: Sequence[Session]) -> None:
+    def reencode(self, table: SessionTable, sessions: Sequence[Session]) -> None:
         """Rebuild these sessions' states with the served model from the item ids they hold.
 
-        The same rules as :meth:`process` (the boundary rule, unknown items kept but not stepped), so
-        a session continues exactly as if the new model had served it from its first event. The
-        sessions are stepped together, one batched ``step`` per position of the longest segment.
+        The same rules as :meth:`process` (:func:`slsrec.sessions.boundary`, unknown items kept but not
+        stepped), so a session continues exactly as if the new model had served it from its first
+        event. The sessions are stepped together, one batched ``step`` per position of the longest
+        segment.
         """
         t0 = time.perf_counter()
         index = self.items.index
@@ -241,24 +298,24 @@ class Recommender:
             seg: list[tuple[int, float]] = []
             seen, prev = [], None
             for item_id, ts, _ in s.events:
-                if prev is not None and len(seg) >= self.max_segment:
-                    seg = []  # Boundary.SEGMENT, as process() applies it
+                # One session's events: only the segment rule can cut them (no gap inside a session).
+                if boundary(prev, ts, len(seg), None, self.max_segment) is Boundary.SEGMENT:
+                    seg = []
                 idx = index(item_id)
                 if idx is not None:
                     seg.append((idx, 0.0 if prev is None else max(0, ts - prev) / 1000.0))
                     seen.append(idx)
                 prev = ts if prev is None else max(prev, ts)
             s.seen, s.seg_len, s.model_version = array("q", seen), len(seg), self.model_version
-            s.state = self._init_state.copy()
+            table.states[s.slot] = self._init_state
             segments.append(seg)
         for p in range(max((len(seg) for seg in segments), default=0)):
             rows = [j for j, seg in enumerate(segments) if len(seg) > p]
-            state = torch.from_numpy(np.stack([sessions[j].state for j in rows])).to(self.device)  # (b, d)
+            slots = [sessions[j].slot for j in rows]
+            state = torch.from_numpy(table.states[slots]).to(self.device)  # (b, d)
             item = torch.tensor([segments[j][p][0] for j in rows], device=self.device)  # (b,)
             dt = torch.tensor([segments[j][p][1] for j in rows], device=self.device)  # (b,)
-            new = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
-            for n, j in enumerate(rows):
-                sessions[j].state = new[n]
+            table.states[slots] = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
         self.stats.reencoded += len(sessions)
         self.stats.reencode_ms += (time.perf_counter() - t0) * 1000
         if self._announce:  # once per model: later batches re-encode their own few users the same way
@@ -267,23 +324,28 @@ class Recommender:
                      (time.perf_counter() - t0) * 1000)
 
     @torch.no_grad()
-    def process(self, table: SessionTable, clicks: Sequence[tuple[ClickEvent, Origin]],
-                wall_ms: float | None = None) -> list[Recommendation | DeadLetter | SessionClosed]:
+    def process(self, table: SessionTable, clicks: Sequence[tuple[Click, Origin]],
+                wall_ms: float | None = None) -> list[Output]:
         """Apply a micro-batch to one shard's sessions; the outputs follow the input order.
 
-        Each event yields one ``Recommendation``, or one ``DeadLetter`` when its event_id is already
-        in the user's session (never applied twice); a ``SessionClosed`` precedes the event that
-        opens a new session after the gap.
+        Each event yields one ``Recommendation`` (:class:`slsrec.codec.Recommendation`, serialised
+        with :func:`slsrec.codec.encode`), or one ``DeadLetter`` when its event_id is already in the
+        user's session (never applied twice); a ``SessionClosed`` precedes the event that opens a new
+        session after the gap. Wave ``i`` is the ``i``-th event of every user in the batch:
+        :meth:`update_many` applies it, :meth:`recommend_many` ranks for it.
         """
+        if not clicks:
+            return []
         wall_ms = now_ms() if wall_ms is None else wall_ms
         self.follow()
+        self.clock.observe(max(ev.ts for ev, _ in clicks), wall_ms)
         out: list[list] = [[] for _ in clicks]
         per_user: dict[str, list[int]] = {}
         for i, (ev, _) in enumerate(clicks):
             per_user.setdefault(ev.user_id, []).append(i)
         stale = [s for u in per_user if (s := table.sessions.get(u)) is not None and s.model_version != self.model_version]
         if stale:
-            self.reencode(stale)
+            self.reencode(table, stale)
         tel, opened, closed = self.telemetry, self.stats.sessions_opened, self.stats.sessions_closed
         with tel.batch_span([ev.event_id for ev, _ in clicks]) as span:
             t0 = time.perf_counter()
@@ -291,13 +353,17 @@ class Recommender:
             t1 = time.perf_counter()
             long_of = dict(zip(per_user, vectors))
             queues = list(per_user.values())
-            for w in range(max((len(q) for q in queues), default=0)):
-                wave = [q[w] for q in queues if len(q) > w]
-                self._apply_wave(table, clicks, wave, long_of, version, out, wall_ms)
+            for w in range(max(len(q) for q in queues)):
+                wave = self.update_many(table, clicks, [q[w] for q in queues if len(q) > w], long_of, out)
+                if wave.rows:
+                    self.recommend_many(table, wave, clicks, version, out)
             span.set_attribute(ATTR_REDIS_MS, (t1 - t0) * 1000)
             span.set_attribute(ATTR_MODEL_MS, (time.perf_counter() - t1) * 1000)
-        results = [o for per_event in out for o in per_event]
-        recs = [o for o in results if isinstance(o, Recommendation)]
+        for u in sorted(per_user, key=lambda u: per_user[u][-1]):  # the table's order: of each user's last event
+            if (s := table.sessions.get(u)) is not None:
+                table.touch(s)
+        results = [o for per_event in out for o in per_event] + self.evict(table)
+        recs = [o for o in results if type(o) is Recommendation]
         tel.recommendations_out.add(len(recs))
         for r in recs:
             tel.e2e_latency.record(r.emit_ts - r.event_ts)
@@ -309,94 +375,102 @@ class Recommender:
         tel.sessions_active.add((self.stats.sessions_opened - opened) - (self.stats.sessions_closed - closed))
         return results
 
-    def _apply_wave(self, table, clicks, wave, long_of, version, out, wall_ms) -> None:
-        rows, dts, known = [], [], []  # events that get a recommendation, their dt, item index
-        for i in wave:
+    def update_many(self, table: SessionTable, clicks: Sequence[tuple[Click, Origin]], positions: list[int],
+                    long_of: dict[str, LongTerm | None], out: list[list]) -> Wave:
+        """Apply one wave (at most one event per user) to the sessions: duplicates are dead-lettered,
+        sessions close and open by :func:`slsrec.sessions.boundary` (or the events cap), and the
+        encoder steps every known item in one batched call. Returns the events to recommend for."""
+        wave = Wave([], [], [], [], [])
+        init, index, sessions = self._init_state, self.items.index, table.sessions
+        cap = self.max_session_events
+        for i in positions:
             ev, origin = clicks[i]
-            self.stats.events += 1
-            self.clock.observe(ev.ts, wall_ms)
-            s = table.sessions.get(ev.user_id)
-            if s is not None and s.has_event(ev.event_id):
+            s = sessions.get(ev.user_id)
+            h = event_hash(ev.event_id)
+            if s is not None and h in s.ids:
                 self.stats.duplicates += 1
                 out[i].append(dead_letter(origin, "duplicate"))
                 continue
-            b = boundary(None if s is None else s.last_ts, ev.ts, 0 if s is None else s.seg_len,
-                         self.gap_ms, self.max_segment)
-            if b is Boundary.SESSION:
+            b = boundary(None if s is None else s.last_ts, ev.ts, 0 if s is None else s.seg_len, self.gap_ms,
+                         self.max_segment)
+            full = s is not None and cap is not None and s.n_events >= cap
+            if b is Boundary.SESSION or full:
                 if s is not None:
-                    out[i].append(self._close(table, s))
-                s = table.sessions[ev.user_id] = Session(ev.user_id, ev.ts, ev.ts, self._init_state.copy(),
-                                                         model_version=self.model_version)
+                    out[i].append(self._close(table, s, "evicted" if b is not Boundary.SESSION else "gap"))
+                    b = Boundary.SESSION
+                s = table.open(ev.user_id, ev.ts, init, self.model_version)
                 self.stats.sessions_opened += 1
             elif b is Boundary.SEGMENT:
-                s.state, s.seg_len = self._init_state.copy(), 0
-            dts.append(max(0, ev.ts - s.last_ts) / 1000.0)  # seconds; 0 at a session's first event
+                table.states[s.slot], s.seg_len = init, 0
+            wave.dts.append(0.0 if b is Boundary.SESSION else max(0, ev.ts - s.last_ts) / 1000.0)  # seconds
             s.last_ts = max(s.last_ts, ev.ts)
-            s.record(ev.event_id, ev.item_id, ev.ts, ev.event_type)
-            idx = self.items.index(ev.item_id)
-            if idx is None:  # a new product: kept in the session for retraining, not stepped
-                self.stats.unknown_items += 1
-            else:
+            s.record(h, ev.item_id, ev.ts, ev.event_type)
+            idx = index(ev.item_id)
+            if idx is not None:  # else a new product: kept in the session for retraining, not stepped
                 s.seen.append(idx)
-            known.append(idx)
-            rows.append(i)
-        if not rows:
-            return
-        sessions = [table.sessions[clicks[i][0].user_id] for i in rows]
-        step = [j for j, k in enumerate(known) if k is not None]
+            wave.rows.append(i)
+            wave.sessions.append(s)
+            wave.known.append(idx)
+            wave.longs.append(long_of[ev.user_id])
+        self.stats.events += len(positions)
+        self.stats.unknown_items += wave.known.count(None)
+        step = [j for j, k in enumerate(wave.known) if k is not None]
         if step:
-            state = torch.from_numpy(np.stack([sessions[j].state for j in step])).to(self.device)  # (b, d)
-            item = torch.tensor([known[j] for j in step], device=self.device)  # (b,)
-            dt = torch.tensor([dts[j] for j in step], device=self.device)  # (b,)
-            new = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
-            for n, j in enumerate(step):
-                sessions[j].state, sessions[j].seg_len = new[n], sessions[j].seg_len + 1
-        longs = [long_of[s.user_id] for s in sessions]
-        users, alphas = self._fuse(sessions, longs, dts)  # (B, d), (B,)
-        top_scores, top_items = self._rank(users, sessions)  # (B, K), (B, K)
-        emit, raw = int(now_ms()), self._raw_ids
-        for j, i in enumerate(rows):
-            ev, cold = clicks[i][0], longs[j] is None
-            self.stats.recommendations += 1
-            self.stats.cold_starts += cold
-            top = [{"item_id": raw[k], "score": x} for k, x in zip(top_items[j], top_scores[j])
-                   if x != -math.inf]  # fewer than K items may be left after exclusion
-            # From plain dicts: pydantic validates these faster than it builds nested models.
-            out[i].append(Recommendation.model_validate({
-                "user_id": ev.user_id,
-                "event_id": ev.event_id,
-                "items": top,
-                "model_version": self.model_version,
-                "long_term_version": None if cold else version,
-                "cold_start": cold,
-                "alpha": alphas[j],
-                "unknown_item": known[j] is None,
-                "event_ts": ev.ts,
-                "emit_ts": emit,
-            }))
-            out[i] += self._watch(sessions[j], ev, tuple(t["item_id"] for t in top), None if cold else alphas[j],
-                                  cold, known[j] is None)
+            slots = [wave.sessions[j].slot for j in step]
+            state = torch.from_numpy(table.states[slots]).to(self.device)  # (b, d)
+            item = torch.tensor([wave.known[j] for j in step], device=self.device)  # (b,)
+            dt = torch.tensor([wave.dts[j] for j in step], device=self.device)  # (b,)
+            table.states[slots] = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
+            for j in step:
+                wave.sessions[j].seg_len += 1
+        return wave
 
-    def _watch(self, s: Session, ev: ClickEvent, top: tuple[str, ...], alpha: float | None, cold: bool,
-               unknown: bool) -> list[DriftAlert]:
-        """Online quality of the event against its session's previous top-K, and the drift signals."""
-        # None: the first event of a session
-        q = next_item_quality(ev.item_id, s.last_top.split(_SEP)) if s.last_top else None
-        s.last_top = _SEP.join(top)
-        if q is not None:
-            self.stats.scored += 1
-            self.stats.hits += q.hit
+    def recommend_many(self, table: SessionTable, wave: Wave, clicks: Sequence[tuple[Click, Origin]],
+                       version: str | None, out: list[list]) -> None:
+        """Fuse, rank and write one recommendation per event of the wave (then its drift alerts)."""
+        users, alphas = self._fuse(table, wave)  # (B, d), (B,)
+        top_scores, top_items = self._rank(users, wave.sessions)  # (B, K), (B, K)
+        emit, raw, model_version = int(now_ms()), self._raw_ids, self.model_version
+        tops = []
+        for j, i in enumerate(wave.rows):
+            ev, cold, scores = clicks[i][0], wave.longs[j] is None, top_scores[j]
+            ids = [raw[k] for k in top_items[j]]
+            if scores and scores[-1] == -math.inf:  # fewer than K items were left after exclusion
+                ids, scores = ids[: scores.index(-math.inf)], scores[: scores.index(-math.inf)]
+            tops.append(ids)
+            out[i].append(Recommendation(ev.user_id, ev.event_id, list(map(RankedItem, ids, scores)), model_version,
+                                         None if cold else version, cold, alphas[j], wave.known[j] is None, ev.ts,
+                                         emit))
+        cold = [v is None for v in wave.longs]
+        self.stats.recommendations += len(wave.rows)
+        self.stats.cold_starts += sum(cold)
+        for i, alert in self._watch(wave, clicks, tops, alphas, cold):
+            out[i].append(alert)
+
+    def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[str]],
+               alphas: list[float], cold: list[bool]) -> list[tuple[int, DriftAlert]]:
+        """Online quality of each event against its session's previous top-K, and the drift signals."""
+        quality: list[Quality | None] = []
+        for s, i, top in zip(wave.sessions, wave.rows, tops):
+            # None: the first event of a session
+            quality.append(next_item_quality(clicks[i][0].item_id, s.last_top) if s.last_top else None)
+            s.last_top = tuple(top)
+        scored = [q for q in quality if q is not None]
+        self.stats.scored += len(scored)
+        self.stats.hits += sum(q.hit for q in scored)
         if self.drift is None:
             return []
-        signals = {"hit": None if q is None else q.hit, "ndcg": None if q is None else q.ndcg, "alpha": alpha,
-                   "cold_start": cold, "unknown_item": unknown}
-        alerts = self.drift.update({k: v for k, v in signals.items() if k in self.drift.detectors}, ts=ev.ts,
-                                   model_version=self.model_version)
+        signals = {"hit": [None if q is None else q.hit for q in quality],
+                   "ndcg": [None if q is None else q.ndcg for q in quality],
+                   "alpha": [None if c else a for a, c in zip(alphas, cold)], "cold_start": cold,
+                   "unknown_item": [k is None for k in wave.known]}
+        alerts = self.drift.update_many({k: v for k, v in signals.items() if k in self.drift.detectors},
+                                        ts=[clicks[i][0].ts for i in wave.rows], model_version=self.model_version)
         self.stats.drift_alerts += len(alerts)
-        for a in alerts:
+        for _, a in alerts:
             log.warning("drift: %s (%s) moved from %s to %s after %d values", a.signal, a.detector, a.mean_before,
                         a.mean_after, a.n_seen)
-        return alerts
+        return [(wave.rows[n], a) for n, a in alerts]
 
     def _long_state(self, sessions: list[Session], longs: list[LongTerm | None]) -> LongState:
         """Each row's long-term input: the published state, with the session's closed segments folded in
@@ -407,8 +481,9 @@ class Recommender:
             state.mean[warm] = torch.from_numpy(np.stack([longs[j].vector for j in warm])).to(self.device)
             state.log_z[warm] = torch.tensor([longs[j].log_norm for j in warm], device=self.device)
             state.n[warm] = torch.tensor([float(longs[j].n_items) for j in warm], device=self.device)
-        user_of = {} if self.users is None else {j: self.users.index(s.user_id) for j, s in enumerate(sessions)}
-        fold = [j for j, s in enumerate(sessions) if len(s.seen) > s.seg_len and user_of.get(j) is not None]
+        user_of = {} if self.users is None else {j: self.users.index(s.user_id) for j, s in enumerate(sessions)
+                                                 if len(s.seen) > s.seg_len}
+        fold = [j for j, u in user_of.items() if u is not None]
         if not fold:
             return state
         closed = [sessions[j].seen[: len(sessions[j].seen) - sessions[j].seg_len] for j in fold]
@@ -420,40 +495,62 @@ class Recommender:
         state.mean[fold], state.log_z[fold], state.n[fold] = sub.mean, sub.log_z, sub.n
         return state
 
-    def _fuse(self, sessions: list[Session], longs: list, dts: list[float]) -> tuple[torch.Tensor, list[float]]:
-        state = torch.from_numpy(np.stack([s.state for s in sessions])).to(self.device)  # (B, d)
+    def _fuse(self, table: SessionTable, wave: Wave) -> tuple[torch.Tensor, list[float]]:
+        state = torch.from_numpy(table.states[[s.slot for s in wave.sessions]]).to(self.device)  # (B, d)
         short = self.model.short_vector(state)  # (B, d)
-        long, has_long = self.model.long_vector(self._long_state(sessions, longs))  # (B, d), (B,)
-        seg_len = torch.tensor([s.seg_len for s in sessions], device=self.device)  # (B,)
-        dt = torch.tensor(dts, device=self.device)  # (B,)
+        long, has_long = self.model.long_vector(self._long_state(wave.sessions, wave.longs))  # (B, d), (B,)
+        seg_len = torch.tensor([s.seg_len for s in wave.sessions], device=self.device)  # (B,)
+        dt = torch.tensor(wave.dts, device=self.device)  # (B,)
         users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=has_long)
         return users, alpha.clamp(0.0, 1.0).tolist()  # (B, d), B floats
 
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        """:func:`slsrec.model.score` against the padded item table: ``(B, n_pad)``, -inf at index 0
+        and the padding. On a CPU through numpy's BLAS: about 2x faster than torch's here (AMD EPYC,
+        docs/benchmarks.md)."""
+        if self._item_emb_np is not None:
+            scores = torch.from_numpy(users.numpy() @ self._item_emb_np.T)  # (B, n_pad)
+        else:
+            scores = users @ self._item_emb.T  # (B, n_pad)
+        scores[:, 0] = scores[:, self._n_scored:] = -math.inf
+        return scores
+
     def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[list, list]:
         """Top-K (scores, item indices) per row; padding and excluded items score -inf."""
-        scores = score(users, self._item_emb)  # (B, n_items+1)
+        scores = self._scores(users)  # (B, n_pad)
         if self.exclude_seen:
-            rows = [j for j, s in enumerate(sessions) for _ in s.seen]
-            cols = [k for s in sessions for k in s.seen]
-            scores[rows, cols] = float("-inf")
-        top = torch.topk(scores, min(self.top_k, scores.shape[1] - 1), dim=1)
-        return top.values.tolist(), top.indices.tolist()
+            lengths = np.fromiter((len(s.seen) for s in sessions), np.int64, len(sessions))
+            cols = np.frombuffer(b"".join(s.seen for s in sessions), np.int64).copy()  # every session's items
+            scores[torch.from_numpy(np.repeat(np.arange(len(sessions)), lengths)), torch.from_numpy(cols)] = -math.inf
+        values, indices = top_k_blocked(scores, min(self.top_k, self._n_scored - 1))
+        return values.tolist(), indices.tolist()
 
-    def _close(self, table: SessionTable, s: Session) -> SessionClosed:
-        del table.sessions[s.user_id]
+    def _close(self, table: SessionTable, s: Session, reason: str) -> SessionClosed:
+        table.close(s)
         self.stats.sessions_closed += 1
-        return session_closed(s)
+        return session_closed(s, reason)
 
-    def observe(self, events: Sequence[ClickEvent], wall_ms: float | None = None) -> None:
+    def observe(self, events: Sequence[Click], wall_ms: float | None = None) -> None:
         """Advance the clock with events that arrived but may wait in a batch."""
-        wall_ms = now_ms() if wall_ms is None else wall_ms
-        self.clock.observe(max(ev.ts for ev in events), wall_ms)
+        self.clock.observe(max(ev.ts for ev in events), now_ms() if wall_ms is None else wall_ms)
 
     def close_idle(self, table: SessionTable, wall_ms: float | None = None) -> list[SessionClosed]:
-        """Close every session idle for longer than the gap (by :class:`Clock`); drop its state."""
+        """Close every session idle for longer than the gap (by :class:`Clock`); drop its state.
+
+        The table is in order of last activity, so the scan stops at the first session still open: a
+        sweep costs what it closes, not what is open. (A session whose events arrived out of time
+        order may close one sweep later, or at its user's next event by the gap rule.)
+        """
         clock = self.clock.now(now_ms() if wall_ms is None else wall_ms)
         if clock is None:
             return []
-        idle = [s for s in table.sessions.values() if clock - s.last_ts > self.gap_ms]
+        idle = list(itertools.takewhile(lambda s: clock - s.last_ts > self.gap_ms, table))
         self.telemetry.sessions_active.add(-len(idle))
-        return [self._close(table, s) for s in idle]
+        return [self._close(table, s, "gap") for s in idle]
+
+    def evict(self, table: SessionTable) -> list[SessionClosed]:
+        """Close the least recently active sessions beyond ``max_open_sessions`` (reason ``"evicted"``)."""
+        over = 0 if self.max_open_sessions is None else len(table) - self.max_open_sessions
+        if over <= 0:
+            return []
+        return [self._close(table, s, "evicted") for s in list(itertools.islice(table, over))]
