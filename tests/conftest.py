@@ -42,16 +42,21 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("redis_db", ["single", "cluster"], indirect=True)
 
 
+def _hold(what: str, **group) -> Iterator[list[local.ServiceStatus]]:
+    """A :func:`slsrec.local.session` of one group of services, or the test fails saying why."""
+    stack = contextlib.ExitStack()
+    try:
+        statuses = stack.enter_context(local.session(**group))
+    except Exception as e:  # a ServiceError names the service and shows its log tail
+        pytest.fail(f"{what} could not start: {e}", pytrace=False)
+    with stack:
+        yield statuses
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[list[local.ServiceStatus]]:
     """Kafka and Redis, up and answering, with the project's topics (a :func:`slsrec.local.session`)."""
-    stack = contextlib.ExitStack()
-    try:
-        statuses = stack.enter_context(local.session())
-    except Exception as e:  # a ServiceError names the service and shows its log tail
-        pytest.fail(f"local Kafka/Redis could not start: {e}", pytrace=False)
-    with stack:
-        yield statuses
+    yield from _hold("local Kafka/Redis")
 
 
 @pytest.fixture
@@ -71,13 +76,7 @@ def fresh_topics(services, topic_prefix) -> Iterator[Settings]:
 def redis_cluster() -> Iterator[list[local.ServiceStatus]]:
     """The local Redis Cluster (`slsrec local up --redis-cluster`), with leases of its own: started
     here when it is not running, and stopped by the last test session that started it."""
-    stack = contextlib.ExitStack()
-    try:
-        statuses = stack.enter_context(local.session(redis_cluster=True))
-    except Exception as e:
-        pytest.fail(f"local Redis Cluster could not start: {e}", pytrace=False)
-    with stack:
-        yield statuses
+    yield from _hold("local Redis Cluster", redis_cluster=True)
 
 
 @pytest.fixture
@@ -117,13 +116,7 @@ def live_settings(fresh_topics, redis_db) -> Settings:
 def secure_services() -> Iterator[list[local.ServiceStatus]]:
     """The secure pair (`slsrec local up --secure`): Kafka with SASL/SCRAM over TLS, Redis with an ACL
     user over TLS. Separate from the plain services, with leases of their own."""
-    stack = contextlib.ExitStack()
-    try:
-        statuses = stack.enter_context(local.session(secure=True))
-    except Exception as e:
-        pytest.fail(f"secure local Kafka/Redis could not start: {e}", pytrace=False)
-    with stack:
-        yield statuses
+    yield from _hold("secure local Kafka/Redis", secure=True)
 
 
 @pytest.fixture
