@@ -131,7 +131,7 @@ def lt_shard(user_id: str, shards: int) -> int:
     """The vector shard of a user (stable across processes and releases).
 
     >>> lt_shard("u42", 1), lt_shard("u42", 48)
-    (0, 8)
+    (0, 46)
     """
     return zlib.crc32(user_id.encode()) % shards
 
@@ -257,25 +257,24 @@ class LongTermStore:
         return v.decode() if v is not None else None
 
     def get_many(self, version: str, user_ids: Sequence[str]) -> list[LongTerm | None]:
-        """Long-term entries of ``user_ids`` in ``version`` in one round trip; ``None`` = no entry."""
+        """Long-term entries of ``user_ids`` in ``version`` in one round trip (the first read of a version
+        also fetches its shard count); ``None`` = no entry."""
         if not user_ids or (shards := self._version_shards(version)) is None:
             return [None] * len(user_ids)
-        positions: dict[int, list[int]] = {}  # shard -> indexes into user_ids
-        for i, u in enumerate(user_ids):
-            positions.setdefault(lt_shard(u, shards), []).append(i)
-        raw: list[bytes | None] = [None] * len(user_ids)
         with self._errors():
-            if len(positions) == 1:
-                [(shard, _)] = positions.items()
-                replies = [self._r.hmget(self._lt_key(version, shard), list(user_ids))]
+            if shards == 1:
+                raw = self._r.hmget(self._lt_key(version, 0), list(user_ids))
             else:  # one HMGET per shard, sent together (a cluster client sends each node its own)
+                positions: dict[int, list[int]] = {}  # shard -> indexes into user_ids
+                for i, u in enumerate(user_ids):
+                    positions.setdefault(lt_shard(u, shards), []).append(i)
                 pipe = self._r.pipeline(transaction=False)
                 for shard, idx in positions.items():
                     pipe.hmget(self._lt_key(version, shard), [user_ids[i] for i in idx])
-                replies = pipe.execute()
-        for idx, values in zip(positions.values(), replies):
-            for i, b in zip(idx, values):
-                raw[i] = b
+                raw = [None] * len(user_ids)
+                for idx, values in zip(positions.values(), pipe.execute()):
+                    for i, b in zip(idx, values):
+                        raw[i] = b
         return [None if b is None else decode_long_term(b) for b in raw]
 
     def meta(self, version: str) -> dict[str, str]:
