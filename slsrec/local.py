@@ -104,7 +104,6 @@ SECURE_REDIS = Service("redis-secure", "127.0.0.1", 6380, "redis-server")
 SECURE_SERVICES = (SECURE_KAFKA, SECURE_REDIS)
 REDIS_CLUSTER = tuple(Service(f"redis-cluster-{i}", "127.0.0.1", 7000 + i, "redis-server") for i in (1, 2, 3))
 REDIS_CLUSTER_URL = f"redis+cluster://{REDIS_CLUSTER[0].host}:{REDIS_CLUSTER[0].port}"
-GROUPS = {"plain": SERVICES, "secure": SECURE_SERVICES, "redis-cluster": REDIS_CLUSTER}  # each with its own leases
 SECURE_CONTROLLER_PORT = 9095
 KAFKA_USER = REDIS_USER = "slsrec"  # the clients' user; the broker has its own, "broker"
 
@@ -206,7 +205,7 @@ def session(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S
 def status(secure: bool = False, redis_cluster: bool = False) -> list[ServiceStatus]:
     """Each service: our pid (if ``up`` started it and it runs) and whether it answers."""
     return [ServiceStatus(s.name, _addr(s), own_pid(s), _answers(s, timeout_s=2.0))
-            for s in GROUPS[_group(secure, redis_cluster)]]
+            for s in _services(_group(secure, redis_cluster))]
 
 
 def secure_settings() -> Settings:
@@ -440,6 +439,11 @@ def _lock() -> Iterator[None]:
         yield
 
 
+def _services(group: str) -> tuple[Service, ...]:
+    """The services of a group (each group keeps its own leases)."""
+    return {"plain": SERVICES, "secure": SECURE_SERVICES, "redis-cluster": REDIS_CLUSTER}[group]
+
+
 def _group(secure: bool, redis_cluster: bool) -> str:
     if secure and redis_cluster:
         raise ServiceError("the secure pair and the Redis Cluster are separate groups: pick one")
@@ -477,7 +481,7 @@ def _live_sessions(group: str) -> list[int]:
 
 def _up(settings: Settings, timeout_s: float, group: str) -> list[ServiceStatus]:
     result = []
-    for svc in GROUPS[group]:
+    for svc in _services(group):
         pid = own_pid(svc)
         if pid is None and _answers(svc, timeout_s=2.0):
             result.append(ServiceStatus(svc.name, _addr(svc), None, True))
@@ -496,7 +500,7 @@ def _up(settings: Settings, timeout_s: float, group: str) -> list[ServiceStatus]
 
 def _down(names: list[str] | None, group: str) -> list[str]:
     stopped = []
-    for svc in GROUPS[group]:
+    for svc in _services(group):
         pid = own_pid(svc) if names is None or svc.name in names else None
         if pid is not None:
             _terminate(pid, svc)
@@ -504,7 +508,7 @@ def _down(names: list[str] | None, group: str) -> list[str]:
             stopped.append(svc.name)
     if group == "redis-cluster" and not any(own_pid(svc) for svc in REDIS_CLUSTER):
         # Its data was never kept, so neither is its membership: the next up makes a fresh cluster.
-        shutil.rmtree(REDIS_CLUSTER_DIR, ignore_errors=True)
+        shutil.rmtree(VAR / "redis-cluster", ignore_errors=True)
     return stopped
 
 
@@ -578,21 +582,19 @@ def _java_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _start_redis(svc: Service, data: Path = VAR / "redis", extra: tuple[str, ...] = ()) -> int:
+def _start_redis(svc: Service, data: Path | None = None, extra: tuple[str, ...] = ()) -> int:
     redis_server = ensure_command("redis-server", "redis-server")
+    data = data or VAR / "redis"
     data.mkdir(parents=True, exist_ok=True)
     # Keeps nothing on disk: the long-term vectors are republished from the run directory.
     return _spawn(svc, [redis_server, "--bind", svc.host, "--port", str(svc.port), "--save", "",
                           "--appendonly", "no", "--daemonize", "no", "--dir", str(data), *extra])
 
 
-REDIS_CLUSTER_DIR = VAR / "redis-cluster"
-
-
 def _start_cluster_node(svc: Service) -> int:
     # nodes.conf (the node's view of the cluster) stays in its folder until `down`, so a node that
     # stopped alone rejoins its cluster when started again.
-    return _start_redis(svc, REDIS_CLUSTER_DIR / str(svc.port),
+    return _start_redis(svc, VAR / "redis-cluster" / str(svc.port),
                         ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                          "--cluster-node-timeout", "5000"))
 
