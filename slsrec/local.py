@@ -40,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -310,21 +311,25 @@ def scratch_topics(settings: Settings, prefix: str) -> Iterator[Settings]:
 
 
 SCRATCH_REDIS_DBS = range(1, 16)  # db 0 is left to the demo and to people
+# Machine-wide, not under var/: every checkout on this machine shares the services on the same ports
+# (two worktrees that locked "db 1" each in their own var/ emptied each other's keys).
+SCRATCH_LOCKS = Path(tempfile.gettempdir()) / "slsrec-scratch-locks"
 
 
 @contextmanager
 def scratch_redis_db(secure: bool = False) -> Iterator[str]:
     """URL of a local Redis database no other test or benchmark holds now, empty at start and end.
 
-    Holders coordinate through lock files in ``var/run/``, so parallel test sessions never share one.
-    ``secure``: a database of the secure Redis (the URL then carries the ACL user's password).
+    Holders coordinate through lock files in :data:`SCRATCH_LOCKS`, so parallel test sessions never
+    share one, from any checkout. ``secure``: a database of the secure Redis (the URL then carries
+    the ACL user's password).
     """
     import redis
 
     base = secure_settings().redis_url.get_secret_value() if secure else f"redis://{REDIS.host}:{REDIS.port}/0"
-    RUN.mkdir(parents=True, exist_ok=True)
+    SCRATCH_LOCKS.mkdir(parents=True, exist_ok=True)
     for db in SCRATCH_REDIS_DBS:
-        with open(RUN / f"{(SECURE_REDIS if secure else REDIS).name}-db-{db}.lock", "w") as f:
+        with open(SCRATCH_LOCKS / f"{_addr(SECURE_REDIS if secure else REDIS)}-db-{db}.lock", "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -343,11 +348,11 @@ def scratch_redis_db(secure: bool = False) -> Iterator[str]:
 @contextmanager
 def scratch_redis_cluster() -> Iterator[str]:
     """URL of the local Redis Cluster, held by this caller alone (a cluster has one database: holders
-    wait for each other through a lock file in ``var/run/``), empty at start and end."""
+    wait for each other through a lock file in :data:`SCRATCH_LOCKS`), empty at start and end."""
     from slsrec.store import connect
 
-    RUN.mkdir(parents=True, exist_ok=True)
-    with open(RUN / "redis-cluster.lock", "w") as f:
+    SCRATCH_LOCKS.mkdir(parents=True, exist_ok=True)
+    with open(SCRATCH_LOCKS / f"{_addr(REDIS_CLUSTER[0])}-cluster.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         client = connect(REDIS_CLUSTER_URL)
         _empty(client)
