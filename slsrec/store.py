@@ -1,12 +1,21 @@
 """Versioned long-term vectors (and model files) in Redis: the only module that talks to Redis.
 
-Key layout (``prefix`` defaults to ``slsrec``)::
+Key layout (``prefix`` defaults to ``slsrec``; ``{prefix}`` in braces is literal, a hash tag)::
 
-    {prefix}:current               string  the current version id
-    {prefix}:version_seq           string  counter behind version ids (only moves forward)
-    {prefix}:v:{version}:lt        hash    user_id -> (dim+2) float32 little-endian: vector, log_norm, n_items
-    {prefix}:v:{version}:meta      hash    seq, created_at, dim, n_users, format, plus the publisher's fields
-    {prefix}:v:{version}:model     hash    file name -> bytes (model.safetensors, config.json, ...)
+    {prefix}:{{prefix}}:current              string  the current version id
+    {prefix}:{{prefix}}:version_seq          string  counter behind version ids (only moves forward)
+    {prefix}:{{prefix}}:v:{version}:meta     hash    seq, created_at, dim, n_users, lt_shards, format, + the publisher's
+    {prefix}:{{prefix}}:v:{version}:model    hash    file name -> bytes (model.safetensors, config.json, ...)
+    {prefix}:v:{version}:lt:{shard}         hash    user_id -> (dim+2) float32 little-endian: vector, log_norm, n_items
+
+The same layout serves a single Redis and a Redis Cluster (a ``redis+cluster://`` or
+``rediss+cluster://`` URL). A cluster runs a Lua script or a MULTI only on keys of one hash slot, and
+the slot of a key with braces is that of the text inside them: so everything the two scripts touch
+together (the counter, ``current``, a version's meta and model) carries the hash tag ``{prefix}`` and
+lives on one slot, while the vectors, which hold nearly all the bytes and all the reads, are spread
+over ``lt_shards`` hashes without a tag (a user's shard: crc32 of the id, modulo ``lt_shards``;
+1 on a single Redis, 16 per primary on a cluster, fixed per version in its meta). Keeping the prefix
+first keeps one glob (``slsrec:*``) for ACLs and clean-ups.
 
 A user's entry is a :class:`LongTerm`: the model's long-term state of the user's history (for
 SLSRec, the attention-weighted mean of the item embeddings, before the layer norm, and the
@@ -16,10 +25,13 @@ session's overflow into it. The
 
 A version id is ``v{seq:06d}-{UTC time}`` (e.g. ``v000042-20261129T103000Z``); its ``seq`` orders
 versions. :meth:`LongTermStore.publish` writes a whole version with pipelined writes while its keys
-carry a safety TTL (so an aborted publish cleans itself up), then one Lua script makes the keys
-persistent and moves ``{prefix}:current`` to it, refusing to move backwards. Superseded versions
-expire after a grace period, which lets readers that still hold the old id finish. A reader reads
-``current`` first and only then the vectors, so it never sees a half-written version.
+carry a safety TTL (so an aborted publish cleans itself up), makes the vector shards persistent, and
+then one Lua script makes the meta and model persistent and moves ``current`` to it, refusing to
+move backwards. The shards go first because they live on other slots than ``current``: whatever
+``current`` names is always persistent; a publisher that dies between the two leaves orphan shards,
+which the next publish expires with the versions it supersedes. Superseded versions expire after a
+grace period, which lets readers that still hold the old id finish. A reader reads ``current`` first
+and only then the vectors, so it never sees a half-written version.
 
 >>> parse_seq("v000042-20261129T103000Z")
 42
@@ -34,6 +46,7 @@ import logging
 import re
 import ssl
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,6 +68,8 @@ LT_FORMAT = "2"  # meta "format": lt values are vector, log_norm, n_items (1 was
 _PENDING_TTL_MS = 24 * 3600 * 1000  # an aborted publish vanishes after a day
 _CHUNK = 1000  # users per HSET
 _CHUNKS_PER_ROUND_TRIP = 8  # bounds client memory for huge versions
+_SHARDS_PER_PRIMARY = 16  # vector hashes per cluster primary: about even bytes per node, few keys per read
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # URL scheme -> redis-py's
 
 # Claims a version id for one publisher. KEYS: version_seq, current, meta. ARGV: seq, pending TTL.
 # Returns {status, current}: 1 claimed (meta created, counter moved past seq), 0 id in use, -1 not newer.
@@ -70,16 +85,15 @@ if n > tonumber(redis.call('GET', KEYS[1]) or '0') then redis.call('SET', KEYS[1
 return {1, cur}
 """
 
-# The switch, atomic because Redis runs a script alone. KEYS: current, lt, meta, model.
+# The switch, atomic because Redis runs a script alone. KEYS: current, meta, model (one slot).
 # ARGV: version, seq. Returns {status, previous}: 1 switched, 0 not newer, -1 version missing.
 _SWITCH = """
 local cur = redis.call('GET', KEYS[1]) or ''
 local cur_seq = tonumber(string.match(cur, '^v(%d+)'))
 if cur_seq and cur_seq >= tonumber(ARGV[2]) then return {0, cur} end
-if redis.call('EXISTS', KEYS[3]) == 0 then return {-1, cur} end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, cur} end
 redis.call('PERSIST', KEYS[2])
 redis.call('PERSIST', KEYS[3])
-redis.call('PERSIST', KEYS[4])
 redis.call('SET', KEYS[1], ARGV[1])
 return {1, cur}
 """
@@ -102,6 +116,24 @@ def redis_location(url: SecretStr | str) -> str:
     if parts.scheme == "unix":
         return parts.path
     return f"{parts.hostname}:{parts.port or 6379}"
+
+
+def connect(url: str, **options) -> redis.Redis | redis.RedisCluster:
+    """A redis-py client for ``url``: a :class:`redis.RedisCluster` for ``redis+cluster://`` (or
+    ``rediss+cluster://``) URLs, which finds every node from the one named, else a :class:`redis.Redis`."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in CLUSTER_SCHEMES:
+        return redis.RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}{sep}{rest}", **options)
+    return redis.Redis.from_url(url, **options)
+
+
+def lt_shard(user_id: str, shards: int) -> int:
+    """The vector shard of a user (stable across processes and releases).
+
+    >>> lt_shard("u42", 1), lt_shard("u42", 48)
+    (0, 46)
+    """
+    return zlib.crc32(user_id.encode()) % shards
 
 
 class LongTerm(NamedTuple):
@@ -157,9 +189,15 @@ class LongTermStore:
     def __init__(self, url: SecretStr | str, prefix: str = "slsrec"):
         secret = url if isinstance(url, SecretStr) else SecretStr(url)
         self.location = redis_location(secret)
-        self._tls = secret.get_secret_value().startswith("rediss://")
+        self._tls = urlsplit(secret.get_secret_value()).scheme.startswith("rediss")
+        if "{" in prefix or "}" in prefix:
+            raise UserError(f"Redis key prefix {prefix!r}: braces are not allowed (they would move its hash slot)")
         self.prefix = prefix
-        self._r = redis.Redis.from_url(secret.get_secret_value(), socket_connect_timeout=5, socket_timeout=30)
+        with self._errors():  # a cluster client asks for the slot map here
+            self._r = connect(secret.get_secret_value(), socket_connect_timeout=5, socket_timeout=30)
+        self.cluster = isinstance(self._r, redis.RedisCluster)
+        self.lt_shards = _SHARDS_PER_PRIMARY * len(self._r.get_primaries()) if self.cluster else 1
+        self._shards: cachetools.LRUCache = cachetools.LRUCache(maxsize=64)  # version -> its lt_shards
         self._claim_script = self._r.register_script(_CLAIM)
         self._switch = self._r.register_script(_SWITCH)
 
@@ -170,11 +208,26 @@ class LongTermStore:
         self._r.close()
 
     # Keys.
-    def _key(self, version: str, part: str) -> str:
-        return f"{self.prefix}:v:{version}:{part}"
+    def _tagged(self, name: str) -> str:
+        """A key in the slot of ``current`` (the hash tag ``{prefix}``)."""
+        return f"{self.prefix}:{{{self.prefix}}}:{name}"
 
-    def _version_keys(self, version: str) -> list[str]:
-        return [self._key(version, part) for part in ("lt", "meta", "model")]
+    def _key(self, version: str, part: str) -> str:
+        return self._tagged(f"v:{version}:{part}")
+
+    def _lt_key(self, version: str, shard: int | str) -> str:
+        return f"{self.prefix}:v:{version}:lt:{shard}"
+
+    def _version_shards(self, version: str) -> int | None:
+        """The version's number of vector shards, or ``None`` once it has expired."""
+        shards = self._shards.get(version)
+        if shards is None:
+            with self._errors():
+                raw = self._r.hget(self._key(version, "meta"), "lt_shards")
+            if raw is None:
+                return None
+            shards = self._shards[version] = int(raw)
+        return shards
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -193,20 +246,35 @@ class LongTermStore:
             raise ServiceError(f"Redis at {self.location} is unreachable: {e}{hint}") from None
         except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
             raise ServiceError(f"Redis at {self.location} refused a command: {e}") from None
+        except redis.exceptions.RedisClusterException as e:  # no node answers, a slot without a node
+            raise ServiceError(f"Redis Cluster at {self.location}: {e}") from None
 
     # Reading.
     def current_version(self) -> str | None:
         """The version readers should use now, or ``None`` before the first publish."""
         with self._errors():
-            v = self._r.get(f"{self.prefix}:current")
+            v = self._r.get(self._tagged("current"))
         return v.decode() if v is not None else None
 
     def get_many(self, version: str, user_ids: Sequence[str]) -> list[LongTerm | None]:
-        """Long-term entries of ``user_ids`` in ``version`` in one round trip; ``None`` = no entry."""
-        if not user_ids:
-            return []
+        """Long-term entries of ``user_ids`` in ``version`` in one round trip (the first read of a version
+        also fetches its shard count); ``None`` = no entry."""
+        if not user_ids or (shards := self._version_shards(version)) is None:
+            return [None] * len(user_ids)
         with self._errors():
-            raw = self._r.hmget(self._key(version, "lt"), list(user_ids))
+            if shards == 1:
+                raw = self._r.hmget(self._lt_key(version, 0), list(user_ids))
+            else:  # one HMGET per shard, sent together (a cluster client sends each node its own)
+                positions: dict[int, list[int]] = {}  # shard -> indexes into user_ids
+                for i, u in enumerate(user_ids):
+                    positions.setdefault(lt_shard(u, shards), []).append(i)
+                pipe = self._r.pipeline(transaction=False)
+                for shard, idx in positions.items():
+                    pipe.hmget(self._lt_key(version, shard), [user_ids[i] for i in idx])
+                raw = [None] * len(user_ids)
+                for idx, values in zip(positions.values(), pipe.execute()):
+                    for i, b in zip(idx, values):
+                        raw[i] = b
         return [None if b is None else decode_long_term(b) for b in raw]
 
     def meta(self, version: str) -> dict[str, str]:
@@ -223,17 +291,22 @@ class LongTermStore:
 
     def versions(self) -> list[str]:
         """Versions still in Redis (current, expiring, or being written), oldest first."""
-        pattern = f"{self.prefix}:v:*:meta"
-        with self._errors():
-            keys = [k.decode() for k in self._r.scan_iter(match=pattern, count=1000)]
-        found = (k[len(self.prefix) + 3 : -len(":meta")] for k in keys)
+        found = (self._version_of(k) for k in self._scan(self._key("*", "meta")))
         return sorted((v for v in found if parse_seq(v) is not None), key=parse_seq)
+
+    def _scan(self, pattern: str) -> list[str]:
+        with self._errors():  # a cluster client scans every primary
+            return [k.decode() for k in self._r.scan_iter(match=pattern, count=1000)]
+
+    def _version_of(self, key: str) -> str:
+        """The version named by a version key (meta, model or a vector shard)."""
+        return key.rsplit(":v:", 1)[1].split(":", 1)[0]  # a version id has no colon
 
     # Writing.
     def new_version(self) -> str:
         """A fresh version id, higher than any handed out before on this Redis."""
         with self._errors():
-            seq = self._r.incr(f"{self.prefix}:version_seq")
+            seq = self._r.incr(self._tagged("version_seq"))
         return f"v{seq:06d}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
 
     def _claim(self, version: str) -> int:
@@ -245,7 +318,7 @@ class LongTermStore:
         seq = parse_seq(version)
         if seq is None:
             raise VersionError(f"bad version id {version!r}: expected v<number>[-label], e.g. v42-nightly")
-        keys = [f"{self.prefix}:version_seq", f"{self.prefix}:current", self._key(version, "meta")]
+        keys = [self._tagged("version_seq"), self._tagged("current"), self._key(version, "meta")]
         with self._errors():
             status, current = self._claim_script(keys=keys, args=[seq, _PENDING_TTL_MS])
         if status == 0:
@@ -281,15 +354,19 @@ class LongTermStore:
         dim = _check_vectors(vectors)
         version = version or self.new_version()
         seq = self._claim(version)
-        lt, meta_key, model_key = self._version_keys(version)
+        meta_key, model_key = self._key(version, "meta"), self._key(version, "model")
         fields = {
             **{k: str(v) for k, v in (meta or {}).items()},
             "seq": str(seq),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dim": str(dim),
             "n_users": str(len(vectors)),
+            "lt_shards": str(self.lt_shards),
             "format": LT_FORMAT,
         }
+        by_shard: dict[str, list[str]] = {}
+        for u in vectors:
+            by_shard.setdefault(self._lt_key(version, lt_shard(u, self.lt_shards)), []).append(u)
         t0 = time.perf_counter()
         with self._errors():
             pipe = self._r.pipeline(transaction=False)
@@ -298,21 +375,24 @@ class LongTermStore:
                 pipe.hset(model_key, mapping=dict(model_files))
             for key in (meta_key, model_key):
                 pipe.pexpire(key, _PENDING_TTL_MS)
-            users = list(vectors)
-            for i, start in enumerate(range(0, len(users), _CHUNK)):
-                chunk = users[start : start + _CHUNK]
-                pipe.hset(lt, mapping={u: encode_long_term(vectors[u]) for u in chunk})
-                if i == 0:
-                    pipe.pexpire(lt, _PENDING_TTL_MS)
-                if (i + 1) % _CHUNKS_PER_ROUND_TRIP == 0:
-                    pipe.execute()
+            writes = 0
+            for lt, users in by_shard.items():
+                for start in range(0, len(users), _CHUNK):
+                    pipe.hset(lt, mapping={u: encode_long_term(vectors[u]) for u in users[start : start + _CHUNK]})
+                    if start == 0:
+                        pipe.pexpire(lt, _PENDING_TTL_MS)
+                    writes += 1
+                    if writes % _CHUNKS_PER_ROUND_TRIP == 0:
+                        pipe.execute()
+            for lt in by_shard:  # before the switch: current never names a version that can expire
+                pipe.persist(lt)
             pipe.execute()
-            keys = [f"{self.prefix}:current", lt, meta_key, model_key]
+            keys = [self._tagged("current"), meta_key, model_key]
             status, previous = self._switch(keys=keys, args=[version, seq])
             seconds = time.perf_counter() - t0
             previous = previous.decode() or None
             if status != 1:
-                self._r.delete(*keys[1:])  # never served, and no longer servable
+                self._r.delete(meta_key, model_key, *by_shard)  # never served, and no longer servable
             if status == 0:
                 raise VersionError(f"version {version} is not newer than the current version {previous}")
             if status == -1:
@@ -324,12 +404,14 @@ class LongTermStore:
         return result
 
     def _expire_older(self, seq: int, grace_s: float) -> None:
+        # Every key of an older version: meta and model by the tag, vector shards by their own pattern
+        # (which also finds the shards of a publish that died before its switch).
         # LT: never extends an expiry already set (earlier supersessions, aborted publishes).
+        keys = self._scan(self._key("*", "*")) + self._scan(self._lt_key("*", "*"))
         pipe = self._r.pipeline(transaction=False)
-        for v in self.versions():
-            if parse_seq(v) < seq:
-                for key in self._version_keys(v):
-                    pipe.pexpire(key, max(1, int(grace_s * 1000)), lt=True)
+        for key in keys:
+            if (found := parse_seq(self._version_of(key))) is not None and found < seq:
+                pipe.pexpire(key, max(1, int(grace_s * 1000)), lt=True)
         pipe.execute()
 
 

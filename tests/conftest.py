@@ -1,7 +1,9 @@
 """Shared fixtures: the real local Kafka and Redis, and per-test isolation on them.
 
 Integration tests are marked ``@pytest.mark.integration`` and take ``services`` (directly or through
-``fresh_topics``, ``redis_db``, ``redis_prefix`` or ``live_settings``). The services come from the same
+``fresh_topics``, ``redis_db``, ``redis_prefix`` or ``live_settings``). A test also marked
+``@pytest.mark.redis_cluster`` runs twice: on the single Redis and on the local Redis Cluster
+(``redis_db`` is parametrized ``single`` / ``cluster``). The services come from the same
 code as ``slsrec local up``; when they cannot start, every test that needs them
 fails with the reason. An integration test that skips counts as failed: CI must not go green without
 the services.
@@ -35,16 +37,26 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"integration test skipped, which counts as a failure: {reason}"
 
 
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("redis_cluster") and "redis_db" in metafunc.fixturenames:
+        metafunc.parametrize("redis_db", ["single", "cluster"], indirect=True)
+
+
+def _hold(what: str, **group) -> Iterator[list[local.ServiceStatus]]:
+    """A :func:`slsrec.local.session` of one group of services, or the test fails saying why."""
+    stack = contextlib.ExitStack()
+    try:
+        statuses = stack.enter_context(local.session(**group))
+    except Exception as e:  # a ServiceError names the service and shows its log tail
+        pytest.fail(f"{what} could not start: {e}", pytrace=False)
+    with stack:
+        yield statuses
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[list[local.ServiceStatus]]:
     """Kafka and Redis, up and answering, with the project's topics (a :func:`slsrec.local.session`)."""
-    stack = contextlib.ExitStack()
-    try:
-        statuses = stack.enter_context(local.session())
-    except Exception as e:  # a ServiceError names the service and shows its log tail
-        pytest.fail(f"local Kafka/Redis could not start: {e}", pytrace=False)
-    with stack:
-        yield statuses
+    yield from _hold("local Kafka/Redis")
 
 
 @pytest.fixture
@@ -60,11 +72,26 @@ def fresh_topics(services, topic_prefix) -> Iterator[Settings]:
         yield settings
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[list[local.ServiceStatus]]:
+    """The local Redis Cluster (`slsrec local up --redis-cluster`), with leases of its own: started
+    here when it is not running, and stopped by the last test session that started it."""
+    yield from _hold("local Redis Cluster", redis_cluster=True)
+
+
 @pytest.fixture
-def redis_db(services) -> Iterator[str]:
-    """URL of a Redis database that no other running test uses, empty at the start and at the end."""
-    with local.scratch_redis_db() as url:
-        yield url
+def redis_db(request, services) -> Iterator[str]:
+    """URL of a Redis database that no other running test uses, empty at the start and at the end.
+
+    Parametrized ``cluster`` (``@pytest.mark.redis_cluster``): the local Redis Cluster, held alone.
+    """
+    if getattr(request, "param", "single") == "cluster":
+        request.getfixturevalue("redis_cluster")
+        with local.scratch_redis_cluster() as url:
+            yield url
+    else:
+        with local.scratch_redis_db() as url:
+            yield url
 
 
 @pytest.fixture
@@ -89,13 +116,7 @@ def live_settings(fresh_topics, redis_db) -> Settings:
 def secure_services() -> Iterator[list[local.ServiceStatus]]:
     """The secure pair (`slsrec local up --secure`): Kafka with SASL/SCRAM over TLS, Redis with an ACL
     user over TLS. Separate from the plain services, with leases of their own."""
-    stack = contextlib.ExitStack()
-    try:
-        statuses = stack.enter_context(local.session(secure=True))
-    except Exception as e:
-        pytest.fail(f"secure local Kafka/Redis could not start: {e}", pytrace=False)
-    with stack:
-        yield statuses
+    yield from _hold("secure local Kafka/Redis", secure=True)
 
 
 @pytest.fixture

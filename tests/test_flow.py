@@ -237,6 +237,22 @@ def test_snapshots_of_another_session_format_are_refused_before_the_flow_starts(
         _recovery(settings, 1)
 
 
+def test_each_cluster_member_makes_only_its_own_recovery_partition(tmp_path):
+    """Pods of a StatefulSet keep their partition on their own volume: Bytewax needs every partition
+    once in the cluster, so process 1 of 3 makes part-1 (of 3) alone; a local cluster's parent makes all."""
+    import sqlite3
+
+    volume = Settings(recovery_dir=tmp_path / "pod-1")
+    _recovery(volume, 3, process_id=1)
+    _recovery(volume, 3, process_id=1)  # a restart finds it
+    assert sorted(p.name for p in volume.recovery_dir.glob("*.sqlite3")) == ["part-1.sqlite3"]
+    with sqlite3.connect(volume.recovery_dir / "part-1.sqlite3") as db:
+        assert db.execute("SELECT part_index, part_count FROM parts").fetchall() == [(1, 3)]
+    shared = Settings(recovery_dir=tmp_path / "shared")
+    _recovery(shared, 3)
+    assert sorted(p.name for p in shared.recovery_dir.glob("*.sqlite3")) == [f"part-{i}.sqlite3" for i in range(3)]
+
+
 def new_products_stream(n_events: int, jump_at: int | None, seed: int = 0) -> Topic:
     """Users browsing known items; from ``jump_at`` on, 40% of the clicks are products the model has
     never seen (a catalogue change: the unknown-item rate jumps from 2%)."""

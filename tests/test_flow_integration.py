@@ -49,6 +49,7 @@ def tiny_published_run(settings, tmp_path, seed: int):
     return run
 
 
+@pytest.mark.redis_cluster
 def test_replayed_sessions_equal_the_offline_model(live_settings, tmp_path):
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery", "top_k": 8})
     torch.manual_seed(11)
@@ -120,6 +121,7 @@ def test_serve_without_a_published_version_says_what_to_do(live_settings):
         serve(live_settings, None, recovery=False, tail=False)
 
 
+@pytest.mark.redis_cluster
 def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
     """`slsrec serve --processes 2`: the cluster shares the partitions; nothing lost or doubled."""
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
@@ -144,6 +146,7 @@ def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
         assert ts == sorted(ts)
 
 
+@pytest.mark.redis_cluster
 def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing(redis_db, tmp_path):
     """Without --run the flow serves the published version; on a machine without the run directory, it
     rebuilds the model from the files the publisher stored in Redis."""
@@ -208,3 +211,38 @@ def test_a_flow_killed_mid_stream_resumes_its_sessions_and_answers_every_event(l
         before.setdefault(e["user_id"], set()).add(e["item_id"])
     after = [r for r in recs if int(r.event_id[1:]) >= 300]
     assert after and all(not before[r.user_id] & {i.item_id for i in r.items} for r in after)
+
+
+def test_a_users_events_are_answered_by_one_worker_in_order_across_a_restart(live_settings, tmp_path):
+    """`slsrec serve --processes 3`, twice on the same recovery directory: every answer names its worker
+    (header slsrec-worker); each user's answers come from one worker, in the order of the user's events."""
+    from flows.kafka_sink import WORKER_HEADER
+
+    settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
+    run = tiny_published_run(settings, tmp_path, seed=6)
+    producer, now, users = Producer(settings.kafka_config()), int(time.time() * 1000), [f"user{u}" for u in range(24)]
+
+    def send(first: int, last: int) -> None:  # events first..last-1 of every user, users interleaved
+        for k in range(first, last):
+            for u in users:
+                event = {"event_id": f"{u}-{k}", "user_id": u, "item_id": f"sku{k % N_ITEMS + 1}",
+                         "ts": now - 100_000 + k, "event_type": "click"}
+                producer.produce(settings.topic_clicks, json.dumps(event).encode(), key=u.encode())
+        producer.flush(30)
+
+    send(0, 4)
+    serve(settings, run, processes=3, tail=False)
+    send(4, 8)
+    serve(settings, run, processes=3, tail=False)  # resumes after the first run's events
+
+    answers = consume_all(settings, settings.topic_recommendations, 8 * len(users))
+    assert len(answers) == 8 * len(users)
+    by_user: dict[str, list[tuple[str, int]]] = {}
+    for m in answers:  # a user's answers share a partition (key user_id), read in the order written
+        rec = Recommendation.model_validate_json(m.value())
+        by_user.setdefault(rec.user_id, []).append((dict(m.headers())[WORKER_HEADER].decode(),
+                                                    int(rec.event_id.rsplit("-", 1)[1])))
+    for u in users:
+        assert len({w for w, _ in by_user[u]}) == 1, f"{u} was served by several workers: {by_user[u]}"
+        assert [k for _, k in by_user[u]] == list(range(8)), u
+    assert {w for answers in by_user.values() for w, _ in answers} == {"0", "1", "2"}  # all three took users

@@ -72,6 +72,21 @@ def test_cli_status_reports_each_service_and_its_pid(services):
         assert (f"pid {pids[name]}" if pids[name] else "external") in line
 
 
+def test_redis_cluster_up_twice_starts_nothing_twice_and_env_points_at_it(redis_cluster):
+    before = {s.name: s.pid for s in redis_cluster}
+    again = local.up(redis_cluster=True)  # not the CLI: its up adopts, and the cluster would outlive the tests
+    assert all(s.answering and not s.started for s in again) and {s.name: s.pid for s in again} == before
+    status = runner.invoke(app, ["local", "status", "--redis-cluster"])
+    assert status.exit_code == 0 and status.output.count("answering") == 3, status.output
+    env = runner.invoke(app, ["local", "env", "--redis-cluster"])
+    assert "export SLSREC_REDIS_URL=redis+cluster://127.0.0.1:7001" in env.output
+    from slsrec.store import connect
+
+    client = connect(local.REDIS_CLUSTER_URL)
+    assert sorted(n.port for n in client.get_primaries()) == [7001, 7002, 7003]
+    assert client.cluster_info()["cluster_state"] == "ok"
+
+
 def test_services_bind_loopback_only(services):
     ss = local.ensure_command("ss", "iproute2")
     listening = subprocess.run([ss, "-Hltn"], capture_output=True, text=True, check=True).stdout

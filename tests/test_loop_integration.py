@@ -64,6 +64,7 @@ class Reader:
         self._c.close()
 
 
+@pytest.mark.redis_cluster
 def test_a_version_published_under_live_traffic_is_adopted_without_losing_sessions(live_settings, tmp_path):
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery", "runs_dir": tmp_path / "runs",
                                                 "redis_cache_ttl_s": 0.2, "top_k": 8})

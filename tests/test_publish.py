@@ -12,7 +12,6 @@ import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from typer.testing import CliRunner
 
-from slsrec import local
 from slsrec.checkpoint import load_run, save_run
 from slsrec.cli import app
 from slsrec.data import Interactions, Vocab, load_dataset
@@ -98,8 +97,9 @@ def run_dir(tmp_path, model) -> Path:
 
 
 @pytest.mark.integration
-def test_publish_run_writes_vectors_and_a_loadable_model(run_dir, redis_prefix, tmp_path):
-    store = LongTermStore(f"redis://{local.REDIS.host}:{local.REDIS.port}/0", prefix=redis_prefix)
+@pytest.mark.redis_cluster
+def test_publish_run_writes_vectors_and_a_loadable_model(run_dir, redis_db, tmp_path):
+    store = LongTermStore(redis_db)
     spans = InMemorySpanExporter()
     report = publish_run(run_dir, store, telemetry=setup_telemetry(Settings(), "test", span_exporter=spans))
     version = report.result.version
@@ -125,6 +125,7 @@ def test_publish_run_writes_vectors_and_a_loadable_model(run_dir, redis_prefix, 
 
 
 @pytest.mark.integration
+@pytest.mark.redis_cluster
 def test_publish_command(run_dir, redis_db):
     env = {"SLSREC_REDIS_URL": redis_db}
     first = runner.invoke(app, ["publish", "--run", str(run_dir)], env=env)

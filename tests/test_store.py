@@ -1,6 +1,6 @@
-"""LongTermStore and CachedLongTerm against a real Redis: exact entries (vector and log-normaliser),
-atomic version switch,
-expiry of old versions, versions only moving forward, no secret in errors, logs or repr."""
+"""LongTermStore and CachedLongTerm against a real Redis and a real Redis Cluster: exact entries
+(vector and log-normaliser), atomic version switch, expiry of old versions, versions only moving
+forward, no secret in errors, logs or repr; on the cluster, vectors spread over every primary."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from slsrec import local
 from slsrec.errors import DataError, ServiceError
 from slsrec.settings import Settings
-from slsrec.store import LT_FORMAT, CachedLongTerm, LongTerm, LongTermStore, VersionError, parse_seq
+from slsrec.store import LT_FORMAT, CachedLongTerm, LongTerm, LongTermStore, VersionError, connect, parse_seq
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +26,20 @@ pytestmark = pytest.mark.integration
 REDIS_URL = f"redis://{local.REDIS.host}:{local.REDIS.port}/0"
 
 
+@pytest.fixture(params=["single", "cluster"])
+def store_url(request, services) -> Iterator[str]:
+    """The shared single Redis, or the local Redis Cluster (held by this test alone, emptied after)."""
+    if request.param == "single":
+        yield REDIS_URL
+        return
+    request.getfixturevalue("redis_cluster")
+    with local.scratch_redis_cluster() as url:
+        yield url
+
+
 @pytest.fixture
-def store(redis_prefix) -> Iterator[LongTermStore]:
-    s = LongTermStore(REDIS_URL, prefix=redis_prefix)  # a namespace of its own on the shared Redis
+def store(store_url, redis_prefix) -> Iterator[LongTermStore]:
+    s = LongTermStore(store_url, prefix=redis_prefix)  # a namespace of its own on the shared Redis
     yield s
     s.close()
 
@@ -107,7 +118,7 @@ class _RacingVectors(Mapping):
         return iter(self._v)
 
 
-def test_versions_only_move_forward(store):
+def test_versions_only_move_forward(store, store_url):
     first = store.publish(None, _vectors(10, 4, seed=1)).version
     second = store.publish(None, _vectors(10, 4, seed=2)).version
     assert parse_seq(second) > parse_seq(first) and store.versions() == [first, second]
@@ -139,18 +150,20 @@ def test_versions_only_move_forward(store):
     with pytest.raises(VersionError, match="not newer than the current version"):
         store.publish(None, slow)
     assert store.current_version() == newer[0]
-    # The overtaken version (seq 1002) is deleted; the superseded ones stay for their grace period.
+    # The overtaken version (seq 1002) is deleted, vector shards too; the superseded ones stay for
+    # their grace period.
     assert [parse_seq(v) for v in store.versions()] == [1, 2, 3, 1000, 1003]
+    assert not [k for k in connect(store_url).scan_iter(match=f"{store.prefix}:*") if b":v:v001002-" in k]
 
 
-def test_reader_never_sees_a_half_written_version(store):
+def test_reader_never_sees_a_half_written_version(store, store_url):
     n, dim = 20_000, 8
     users = [f"user-{i}" for i in range(n)]
     probe = users[:: n // 50] + users[-10:]  # includes the last chunk written
     seen, problems, done = [], [], threading.Event()
 
     def read():
-        reader = LongTermStore(REDIS_URL, prefix=store.prefix)
+        reader = LongTermStore(store_url, prefix=store.prefix)
         while not done.is_set():
             version = reader.current_version()
             if version is None:
@@ -173,6 +186,27 @@ def test_reader_never_sees_a_half_written_version(store):
     assert not problems
     assert len(set(seen)) >= 2, "the reader should have observed switches"
     assert [parse_seq(v) for v in seen] == sorted(parse_seq(v) for v in seen)
+
+
+def test_cluster_spreads_vectors_over_every_primary_and_keeps_the_switch_on_one_slot(redis_cluster, redis_prefix):
+    with local.scratch_redis_cluster() as url:
+        store, client = LongTermStore(url, prefix=redis_prefix), connect(url)
+        result = store.publish(None, _vectors(3000, 4, seed=0), model_files={"config.json": b"{}"})
+        keys = [k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*")]
+        shards = [k for k in keys if ":lt:" in k]
+        assert len(shards) == store.lt_shards == 16 * 3 and int(store.meta(result.version)["lt_shards"]) == 48
+        assert len({client.get_node_from_key(k).name for k in shards}) == 3
+        switched_together = [k for k in keys if ":lt:" not in k]  # current, version_seq, meta, model
+        assert len(switched_together) == 4 and len({client.keyslot(k) for k in switched_together}) == 1
+        assert store.get_many(result.version, ["user-7", "user-2999"])[1].n_items > 0
+
+
+def test_orphan_shards_of_a_publish_that_died_before_its_switch_expire_at_the_next_publish(store, store_url):
+    client = connect(store_url)
+    dead = store.new_version()  # its publisher wrote and persisted a shard, then died
+    client.hset(f"{store.prefix}:v:{dead}:lt:0", "user-0", b"x")
+    store.publish(None, _vectors(5, 4, seed=1), grace_s=0.3)
+    assert 0 < client.pttl(f"{store.prefix}:v:{dead}:lt:0") <= 300
 
 
 def test_old_versions_expire_after_grace(store):
