@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,6 +68,7 @@ APP_COMMANDS: dict[str, tuple[str, ...]] = {
     "publisher": ("slsrec", "publish", "--run", DEMO_RUN),
     "flow": ("slsrec", "serve"),
     "replay": ("slsrec", "replay", SAMPLE_CLICKS, "--as-fast-as-possible"),  # topic from settings
+    "api": ("slsrec", "api"),
 }
 
 
@@ -294,21 +296,26 @@ def scratch_topics(settings: Settings, prefix: str) -> Iterator[Settings]:
 
 
 SCRATCH_REDIS_DBS = range(1, 16)  # db 0 is left to the demo and to people
+# The Redis on a port is the machine's, shared by every checkout (a teammate's worktree, CI), so the
+# locks on its databases are the machine's too: under var/run/ two checkouts took the same database.
+SCRATCH_LOCKS = Path(tempfile.gettempdir()) / "slsrec-scratch-redis"
 
 
 @contextmanager
 def scratch_redis_db(secure: bool = False) -> Iterator[str]:
     """URL of a local Redis database no other test or benchmark holds now, empty at start and end.
 
-    Holders coordinate through lock files in ``var/run/``, so parallel test sessions never share one.
+    Holders coordinate through lock files in :data:`SCRATCH_LOCKS`, so parallel test sessions never
+    share one, whichever checkout they run from.
     ``secure``: a database of the secure Redis (the URL then carries the ACL user's password).
     """
     import redis
 
     base = secure_settings().redis_url.get_secret_value() if secure else f"redis://{REDIS.host}:{REDIS.port}/0"
-    RUN.mkdir(parents=True, exist_ok=True)
+    SCRATCH_LOCKS.mkdir(parents=True, exist_ok=True)
+    service = SECURE_REDIS if secure else REDIS
     for db in SCRATCH_REDIS_DBS:
-        with open(RUN / f"{(SECURE_REDIS if secure else REDIS).name}-db-{db}.lock", "w") as f:
+        with open(SCRATCH_LOCKS / f"{service.name}-{service.port}-db-{db}.lock", "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -1,4 +1,6 @@
-"""Versioned long-term vectors (and model files) in Redis: the only module that talks to Redis.
+"""Versioned long-term vectors (and model files) in Redis. With :mod:`slsrec.latest` (the API's latest
+recommendation per user), the only modules that talk to Redis; both report failures through
+:func:`redis_errors`.
 
 Key layout (``prefix`` defaults to ``slsrec``)::
 
@@ -104,6 +106,25 @@ def redis_location(url: SecretStr | str) -> str:
     return f"{parts.hostname}:{parts.port or 6379}"
 
 
+@contextlib.contextmanager
+def redis_errors(location: str, tls: bool) -> Iterator[None]:
+    """Redis failures as one clear line naming host:port (redis-py never prints the password)."""
+    try:
+        yield
+    except redis.AuthenticationError as e:
+        raise ServiceError(f"Redis at {location} refused the credentials: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        if isinstance(e.__context__, ssl.SSLError):
+            raise ServiceError(f"Redis at {location}: TLS handshake failed (is ssl_ca_certs in the Redis URL "
+                               f"the CA that signed the server's certificate?): {e}") from None
+        # A TLS port hangs up on a plaintext client without a word.
+        hint = (" (if that port serves TLS, use a rediss:// URL)"
+                if isinstance(e.__context__, ConnectionResetError) and not tls else "")
+        raise ServiceError(f"Redis at {location} is unreachable: {e}{hint}") from None
+    except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
+        raise ServiceError(f"Redis at {location} refused a command: {e}") from None
+
+
 class LongTerm(NamedTuple):
     """One user's published long-term state (``SLSRec.long_state`` of one user, as numpy)."""
 
@@ -176,23 +197,8 @@ class LongTermStore:
     def _version_keys(self, version: str) -> list[str]:
         return [self._key(version, part) for part in ("lt", "meta", "model")]
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Redis failures as one clear line naming host:port (redis-py never prints the password)."""
-        try:
-            yield
-        except redis.AuthenticationError as e:
-            raise ServiceError(f"Redis at {self.location} refused the credentials: {e}") from None
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            if isinstance(e.__context__, ssl.SSLError):
-                raise ServiceError(f"Redis at {self.location}: TLS handshake failed (is ssl_ca_certs in the Redis URL "
-                                   f"the CA that signed the server's certificate?): {e}") from None
-            # A TLS port hangs up on a plaintext client without a word.
-            hint = (" (if that port serves TLS, use a rediss:// URL)"
-                    if isinstance(e.__context__, ConnectionResetError) and not self._tls else "")
-            raise ServiceError(f"Redis at {self.location} is unreachable: {e}{hint}") from None
-        except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
-            raise ServiceError(f"Redis at {self.location} refused a command: {e}") from None
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return redis_errors(self.location, self._tls)
 
     # Reading.
     def current_version(self) -> str | None:
