@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -44,11 +46,13 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from hashlib import blake2b
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
+import cachetools
 from fastapi import FastAPI, Path as PathParam, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
@@ -71,6 +75,8 @@ CONSUME_BATCH = 500  # records per Redis round trip at most
 CONSUME_WAIT_S = 0.05  # the longest a record waits for its batch: part of the live update's delay
 ACTIVITY_WINDOW_S = 60
 READY_TIMEOUT_S = 60.0
+CACHE_USERS = 200_000  # users whose latest recommendation one API process keeps in memory (~2 kB each)
+CACHE_TTL_S = 60.0  # how long such a copy is used; then Redis is asked again
 SSE_QUEUE = 16  # updates a slow browser may fall behind before the oldest is dropped (it gets the newest)
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 UserId = PathParam(min_length=1, max_length=MAX_ID_CHARS, pattern=NO_CONTROL, description="the user's id")
@@ -100,6 +106,8 @@ class Metrics:
         self.invalid = PromCounter("slsrec_api_invalid_records", "records on the topic that are no Recommendation",
                                    registry=r)
         self.updates = PromCounter("slsrec_api_updates", "updates received from the Redis channel", registry=r)
+        self.lookups = PromCounter("slsrec_api_lookups", "latest recommendations looked up, by where they were found",
+                                   ["source"], registry=r)
         self.streams = Gauge("slsrec_api_sse_streams", "open Server-Sent Events streams", registry=r)
 
 
@@ -141,13 +149,24 @@ class Activity:
 
 
 class Broadcaster:
-    """Hands each update from the Redis channel to the open SSE streams of its user."""
+    """Follows the Redis channel: hands each update to the SSE streams of its user, keeps the recent
+    ones in memory for GETs, and counts updates per user for the page.
+
+    The memory copy is exact because every write to Redis is announced on the channel (``put_many``
+    sets, then publishes): while subscribed, a delivered update replaces the copy. It is used only
+    while the subscription stands and dropped whenever it breaks (an update may have been missed); a
+    value read from Redis on a miss is kept only if no update for that user arrived meanwhile. An
+    entry lives ``CACHE_TTL_S`` at most, so it never outlives the Redis key by more than that.
+    """
 
     def __init__(self, latest: LatestStore, metrics: Metrics):
         self.latest = latest
         self.metrics = metrics
         self.activity = Activity()
         self._streams: dict[str, set[asyncio.Queue]] = {}
+        self._recent: cachetools.TTLCache = cachetools.TTLCache(CACHE_USERS, CACHE_TTL_S)
+        self._following = False
+        self._from_memory, self._from_redis = metrics.lookups.labels("memory"), metrics.lookups.labels("redis")
 
     def subscribe(self, user_id: str) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue(SSE_QUEUE)
@@ -162,23 +181,87 @@ class Broadcaster:
             self._streams.pop(user_id, None)
         self.metrics.streams.dec()
 
+    async def latest_of(self, user_id: str) -> bytes | None:
+        """The user's latest recommendation JSON: from memory when it is there, else from Redis."""
+        if self._following and (body := self._recent.get(user_id)) is not None:
+            self._from_memory.inc()
+            return body
+        self._from_redis.inc()
+        body = await self.latest.get(user_id)
+        if body is not None and self._following and user_id not in self._recent:
+            self._recent[user_id] = body
+        return body
+
     def deliver(self, user_id: str, body: bytes) -> None:
         self.metrics.updates.inc()
         self.activity.add(user_id, time.monotonic())
+        self._recent[user_id] = body
         for q in self._streams.get(user_id, ()):
             if q.full():  # a browser that cannot keep up needs the newest, not every one
                 q.get_nowait()
             q.put_nowait(body)
 
+    def _follow(self, following: bool) -> None:
+        self._following = following
+        self._recent.clear()
+
     async def run(self) -> None:
         """Follow the channel until cancelled; reconnect when Redis goes away."""
         while True:
             try:
-                async for user_id, body in self.latest.changes():
+                async for user_id, body in self.latest.changes(on_subscribed=lambda: self._follow(True)):
                     self.deliver(user_id, body)
             except ServiceError as e:
                 log.warning("live updates paused: %s; retrying in 1 s", e)
-                await asyncio.sleep(1.0)
+            finally:
+                self._follow(False)
+            await asyncio.sleep(1.0)
+
+
+class Answer(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class FastGet:
+    """ASGI middleware: answers ``GET /v1/users/{user_id}/recommendations`` before FastAPI's routing and
+    parameter resolution, which took most of each request's CPU here (``slsrec bench-api``: about
+    460 µs a request through the route on the shared 2 cores, see docs/benchmarks.md). The route
+    documents the same answer in OpenAPI and serves what this passes on (an id it rejects: 422).
+
+    >>> m = FastGet(app=None, answer=None)
+    >>> m.user_of({"type": "http", "method": "GET", "path": "/v1/users/u/1/recommendations"})  # the path is decoded
+    >>> m.user_of({"type": "http", "method": "GET", "path": "/v1/users/u 1/recommendations"})
+    'u 1'
+    >>> m.user_of({"type": "http", "method": "GET", "path": "/v1/users/u\x01/recommendations"}) is None  # the route's 422
+    True
+    """
+
+    _PATH = re.compile(r"/v1/users/([^/]{1,%d})/recommendations" % MAX_ID_CHARS)
+    _ID = re.compile(NO_CONTROL)
+
+    def __init__(self, app, answer: Callable[[str, str | None], Awaitable[Answer]]):
+        self.app = app
+        self.answer = answer
+
+    def user_of(self, scope) -> str | None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return None
+        m = self._PATH.fullmatch(scope["path"])
+        return m[1] if m and self._ID.match(m[1]) else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        user_id = self.user_of(scope)
+        if user_id is None:
+            return await self.app(scope, receive, send)
+        if_none_match = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"), None)
+        status, headers, body = await self.answer(user_id, if_none_match)
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        if status != 304:
+            raw.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
 
 
 class Ingest(threading.Thread):
@@ -259,31 +342,41 @@ def create_app(settings: Settings, *, ingest: bool = True, prefix: str = "slsrec
 
     app = FastAPI(title="SLSRec recommendations", version="1", lifespan=lifespan,
                   description="Each user's latest recommendation from the SLSRec stream, and live updates.")
-    if settings.api_cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.api_cors_origins, allow_methods=["GET"],
-                           allow_headers=["If-None-Match"], expose_headers=["ETag"])
-    not_found = {404: {"model": ApiError, "description": "no recommendation for this user (none yet, or expired)"}}
+    get_seconds = metrics.latency.labels("recommendations")  # label lookups cost more than the update
 
-    def missing(user_id: str) -> JSONResponse:
-        detail = f"no recommendation for user {user_id!r} (none yet, or older than {settings.api_ttl_s} s)"
-        return JSONResponse(ApiError(error="not_found", detail=detail).model_dump(), status_code=404)
+    @functools.cache
+    def answered(code: int):
+        return metrics.requests.labels("recommendations", code)
 
-    @app.get("/v1/users/{user_id}/recommendations", response_model=Recommendation,
-             responses={**not_found, 304: {"description": "unchanged since the ETag in If-None-Match"}})
-    async def recommendations(request: Request, user_id: str = UserId) -> Response:
-        """The user's latest recommendation, with an ``ETag``; ``If-None-Match`` with it answers 304."""
+    async def answer(user_id: str, if_none_match: str | None) -> Answer:
+        """The GET's answer, whichever way the request came (:class:`FastGet` or the route)."""
         t0 = time.perf_counter()
-        body = await latest.get(user_id)
+        body = await broadcaster.latest_of(user_id)
         if body is None:
-            response: Response = missing(user_id)
+            detail = f"no recommendation for user {user_id!r} (none yet, or older than {settings.api_ttl_s} s)"
+            result = Answer(404, {"content-type": "application/json"},
+                            ApiError(error="not_found", detail=detail).model_dump_json().encode())
         else:
             tag = etag(body)
-            headers = {"ETag": tag, "Cache-Control": "no-cache"}
-            response = (Response(status_code=304, headers=headers) if matches(request.headers.get("if-none-match"), tag)
-                        else Response(body, media_type="application/json", headers=headers))
-        metrics.latency.labels("recommendations").observe(time.perf_counter() - t0)
-        metrics.requests.labels("recommendations", response.status_code).inc()
-        return response
+            result = (Answer(304, {"etag": tag, "cache-control": "no-cache"}, b"") if matches(if_none_match, tag)
+                      else Answer(200, {"etag": tag, "cache-control": "no-cache", "content-type": "application/json"},
+                                  body))
+        get_seconds.observe(time.perf_counter() - t0)
+        answered(result.status).inc()
+        return result
+
+    app.add_middleware(FastGet, answer=answer)
+    if settings.api_cors_origins:  # added last, so it wraps FastGet's answers too
+        app.add_middleware(CORSMiddleware, allow_origins=settings.api_cors_origins, allow_methods=["GET"],
+                           allow_headers=["If-None-Match"], expose_headers=["ETag"])
+
+    @app.get("/v1/users/{user_id}/recommendations", response_model=Recommendation,
+             responses={404: {"model": ApiError, "description": "no recommendation for this user (none yet, or expired)"},
+                        304: {"description": "unchanged since the ETag in If-None-Match"}})
+    async def recommendations(request: Request, user_id: str = UserId) -> Response:
+        """The user's latest recommendation, with an ``ETag``; ``If-None-Match`` with it answers 304."""
+        status, headers, body = await answer(user_id, request.headers.get("if-none-match"))
+        return Response(body, status, headers)
 
     @app.get("/v1/users/{user_id}/recommendations/stream", response_model=Recommendation,
              response_description="text/event-stream: `recommendation` events, each data a Recommendation")
@@ -294,7 +387,7 @@ def create_app(settings: Settings, *, ingest: bool = True, prefix: str = "slsrec
         async def events() -> AsyncIterator[dict]:
             sent = None
             try:
-                body = await latest.get(user_id)
+                body = await broadcaster.latest_of(user_id)
                 while True:
                     if body is not None and etag(body) != sent:
                         sent = etag(body)

@@ -1,40 +1,54 @@
-"""``slsrec bench-api``: GET latency of ``slsrec api`` at a fixed request rate, open loop.
+"""``slsrec bench-api``: GET latency of ``slsrec api`` at a fixed request rate, with the flow running.
 
-Requests go out on a fixed schedule (request ``i`` at ``t0 + i / rate``) whether or not earlier ones
-have been answered, and each latency is measured from its *scheduled* send time to the end of its
-response body. A server that stalls therefore shows every request it delayed, not only the one it
-was busy with (no coordinated omission). The client is aiohttp on uvloop, keep-alive connections,
-in this process; the API is one ``slsrec api`` process (started here unless ``--url`` names one),
-on the same machine, so both share its cores.
+Set-up, on scratch topics and a scratch Redis database of the local services: a randomly initialised
+SLSRec of ML-1M size (6,040 users, 3,706 items, d=64) with random long-term states published; the
+flow (``slsrec serve``) and the API (``slsrec api``), each its own process; one click per user
+replayed through the flow, so Redis holds every user's latest recommendation. Then, while a paced
+live stream of clicks (``--flow-rate`` events/s) keeps the flow, the API's consumer and its live
+updates busy, GETs of random users' recommendations go out at ``--rate`` requests/s.
 
-The users requested are read from the API's Redis: run a replay through the flow first (``make
-demo`` or ``slsrec demo --keep-services`` leaves them there). The first ``WARMUP_S`` seconds are
-sent but not measured.
+The load is open loop: request ``i`` leaves at ``t0 + i / rate`` whether or not earlier ones have been
+answered, and its latency runs from that *scheduled* time to the end of its response body, so a
+server that stalls shows every request it delayed (no coordinated omission). The client is a small
+asyncio protocol on uvloop in this process, over keep-alive connections; everything shares this
+machine's cores. The
+first ``WARMUP_S`` seconds are sent but not measured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
+import threading
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from pydantic import SecretStr
 
+from slsrec import local
 from slsrec.api import running_api
-from slsrec.errors import UserError
+from slsrec.bench_stream import _events, _ml1m_sized_run, _paced, _produce, _run_flow
+from slsrec.checkpoint import load_run
+from slsrec.errors import ServiceError
 from slsrec.latest import LatestStore
 from slsrec.settings import Settings
+from slsrec.store import LongTerm, LongTermStore
 
 WARMUP_S = 2.0
 CONNECTIONS = 64  # keep-alive connections at most; a request waiting for one counts that wait
+FILL_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
 class ApiBenchResult:
     machine: str
     load_average: tuple[float, float]  # 1-minute load average at the start and at the end
-    url: str
     users: int
+    flow_rate: float  # clicks/s through the flow during the load
     rate: float  # requests per second asked for
     duration_s: float
     sent: int  # measured requests (after the warm-up)
@@ -49,38 +63,78 @@ class ApiBenchResult:
     max_ms: float
 
 
-def bench(settings: Settings, *, url: str | None = None, rate: float = 1000.0, duration_s: float = 20.0,
-          n_users: int = 1000) -> ApiBenchResult:
+def bench(settings: Settings, *, rate: float = 1000.0, duration_s: float = 20.0, flow_rate: float = 200.0,
+          run: str | None = None) -> ApiBenchResult:
     from slsrec.benchmark import machine
 
-    users = LatestStore(settings.redis_url, settings.api_ttl_s).users(n_users)
-    if not users:
-        raise UserError("Redis holds no recommendations for the API to serve: replay clicks through the flow with "
-                        "the API running first (`slsrec demo --keep-services` does)")
     load_start = os.getloadavg()[0]
-    if url is None:
-        with running_api(settings) as started:
-            lat, lag, status, errors = _run_load(started, users, rate, duration_s)
-            url = started
-    else:
-        lat, lag, status, errors = _run_load(url.rstrip("/"), users, rate, duration_s)
+    with (local.session(settings), tempfile.TemporaryDirectory(prefix="slsrec-bench-api-") as tmp,
+          local.scratch_redis_db() as redis_url,
+          local.scratch_topics(settings, f"bench-api-{uuid.uuid4().hex[:8]}.") as scratch):
+        settings = scratch.model_copy(update={"redis_url": SecretStr(redis_url), "device": "cpu",
+                                              "api_group": f"bench-api-{uuid.uuid4().hex[:8]}"})
+        run_dir = Path(run) if run else _ml1m_sized_run(Path(tmp) / "ml1m-random")
+        loaded = load_run(run_dir)
+        users, items = loaded.users.raw, loaded.items.raw
+        rng = np.random.default_rng(0)
+        d, full = loaded.model.config.d, loaded.model.config.long_len
+        states = {u: LongTerm((rng.normal(size=d) / np.sqrt(d)).astype(np.float32), 0.0, full) for u in users}
+        LongTermStore(settings.redis_url).publish(None, states, meta={"run": str(run_dir.resolve())})
+
+        flow = _run_flow(settings, run_dir, Path(tmp) / "recovery", exit_at_end=False)
+        try:
+            with running_api(settings, Path(tmp) / "api.log") as url:
+                _produce(settings, [(u, items[int(i)]) for u, i in zip(users, rng.integers(len(items), size=len(users)))])
+                _wait_filled(settings, len(users))
+                stop = threading.Event()
+                live = threading.Thread(target=_live_stream, args=(settings, users, items, flow_rate, stop), daemon=True)
+                live.start()
+                try:
+                    lat, lag, status, errors = _run_load(url, [str(u) for u in rng.permutation(users)], rate, duration_s)
+                finally:
+                    stop.set()
+                    live.join(30)
+        finally:
+            flow.terminate()
+            flow.wait(60)
     p50, p90, p99, p999 = np.percentile(lat, [50, 90, 99, 99.9]) if len(lat) else [float("nan")] * 4
-    return ApiBenchResult(machine(), (load_start, os.getloadavg()[0]), url, len(users), rate, duration_s, len(lat),
-                          len(lat) / duration_s, float(np.percentile(lag, 99)) if len(lag) else 0.0, status, errors,
-                          float(p50), float(p90), float(p99), float(p999), float(np.max(lat)) if len(lat) else 0.0)
+    return ApiBenchResult(machine(), (load_start, os.getloadavg()[0]), len(users), flow_rate, rate, duration_s,
+                          len(lat), len(lat) / duration_s, float(np.percentile(lag, 99)) if len(lag) else 0.0, status,
+                          errors, float(p50), float(p90), float(p99), float(p999),
+                          float(np.max(lat)) if len(lat) else 0.0)
+
+
+def _wait_filled(settings: Settings, n: int) -> None:
+    """Until the API's Redis holds a recommendation for ``n`` users."""
+    latest = LatestStore(settings.redis_url, settings.api_ttl_s)
+    deadline = time.monotonic() + FILL_TIMEOUT_S
+    while len(latest.users(n)) < n:
+        if time.monotonic() > deadline:
+            raise ServiceError(f"Redis held {len(latest.users(n))} of {n} users' recommendations after "
+                               f"{FILL_TIMEOUT_S:.0f} s (is the flow running?)")
+        time.sleep(0.5)
+    latest.close()
+
+
+def _live_stream(settings: Settings, users: list[str], items: list[str], rate: float, stop: threading.Event) -> None:
+    """Clicks at ``rate`` per second, one second's worth at a time, until ``stop``."""
+    rng = np.random.default_rng(1)
+    while not stop.is_set():
+        _paced(settings, _events(users, items, max(1, int(rate)), rng), rate)
 
 
 def report(r: ApiBenchResult) -> str:
     codes = ", ".join(f"{code}: {n:,}" for code, n in sorted(r.status.items()))
     rows = [
         ("machine", f"{r.machine}; load average {r.load_average[0]:.1f} at start, {r.load_average[1]:.1f} at end"),
-        ("target", f"{r.url}/v1/users/{{user_id}}/recommendations, {r.users:,} users round robin"),
+        ("target", f"GET /v1/users/{{user_id}}/recommendations of {r.users:,} users, round robin; the flow "
+                   f"meanwhile serves {r.flow_rate:,.0f} clicks/s, which the API stores and announces"),
         ("rate", f"{r.rate:,.0f} req/s asked, {r.achieved_rate:,.0f} req/s answered over {r.duration_s:g} s "
                  f"(client send lag p99 {r.send_lag_p99_ms:.1f} ms)"),
         ("answers", f"{r.sent:,} measured ({codes}; errors {r.errors})"),
         ("latency", f"p50 {r.p50_ms:.2f} ms, p90 {r.p90_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
                     f"p99.9 {r.p999_ms:.2f} ms, max {r.max_ms:.1f} ms (from the scheduled send time)"),
-        ("command", f"slsrec bench-api --rate {r.rate:g} --duration-s {r.duration_s:g} --users {r.users}"),
+        ("command", f"slsrec bench-api --rate {r.rate:g} --duration-s {r.duration_s:g} --flow-rate {r.flow_rate:g}"),
     ]
     return "\n".join(f"{k:<8}  {v}" for k, v in rows)
 
@@ -91,46 +145,87 @@ def _run_load(url: str, users: list[str], rate: float, duration_s: float):
     return uvloop.run(_load(url, users, rate, duration_s))
 
 
-async def _load(url: str, users: list[str], rate: float, duration_s: float):
-    import aiohttp
-    from urllib.parse import quote
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time. A client this small costs the shared
+    cores a few tens of microseconds per request (aiohttp's cost ten times that here, and its own
+    scheduling delay showed up as latency). The API always answers with a Content-Length."""
 
-    paths = [f"{url}/v1/users/{quote(u, safe='')}/recommendations" for u in users]
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._end: int | None = None  # where the current response ends in _buf, once its head is in
+        self._status = 0
+        self._waiter: asyncio.Future | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def request(self, raw: bytes) -> asyncio.Future:
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return self._waiter
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._end is None:
+            head_end = self._buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = bytes(self._buf[:head_end]).lower()
+            self._status = int(head[9:12])
+            length = head.find(b"\r\ncontent-length:")
+            size = int(head[length + 17 : head.find(b"\r\n", length + 2) % (len(head) + 1)]) if length >= 0 else 0
+            self._end = head_end + 4 + size
+        if len(self._buf) >= self._end:
+            del self._buf[: self._end]
+            self._end = None
+            self._waiter.set_result(self._status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionError("the API closed the connection"))
+
+
+async def _load(url: str, users: list[str], rate: float, duration_s: float):
+    from urllib.parse import quote, urlsplit
+
     loop = asyncio.get_running_loop()
-    n = int(rate * (WARMUP_S + duration_s))
-    latencies = np.full(n, np.nan)
-    lag = np.zeros(n)
+    where = urlsplit(url)
+    requests = [(f"GET /v1/users/{quote(u, safe='')}/recommendations HTTP/1.1\r\nHost: {where.netloc}\r\n\r\n").encode()
+                for u in users]
+    idle: asyncio.Queue[_Connection] = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        idle.put_nowait((await loop.create_connection(_Connection, where.hostname, where.port))[1])
+    warm = int(rate * WARMUP_S)
+    n = warm + int(rate * duration_s)
+    latencies, lag = np.full(n, np.nan), np.zeros(n)
     status: dict[int, int] = {}
     errors = 0
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONNECTIONS),
-                                     timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async def one(i: int, at: float) -> None:
-            nonlocal errors
-            lag[i] = loop.time() - at
-            try:
-                async with session.get(paths[i % len(paths)]) as response:
-                    await response.read()
-                    code = response.status
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                errors += i >= warm
-                return
-            latencies[i] = loop.time() - at
-            if i >= warm:
-                status[code] = status.get(code, 0) + 1
+    # perf_counter, not loop.time(): uvloop's clock has 1 ms steps and is read once per loop iteration.
+    async def one(i: int, at: float) -> None:
+        nonlocal errors
+        lag[i] = time.perf_counter() - at
+        conn = await idle.get()  # waiting for a free connection is part of the latency
+        try:
+            code = await asyncio.wait_for(conn.request(requests[i % len(requests)]), 10)
+        except (ConnectionError, asyncio.TimeoutError):
+            errors += i >= warm
+            return  # the connection is dropped
+        idle.put_nowait(conn)
+        latencies[i] = time.perf_counter() - at
+        if i >= warm:
+            status[code] = status.get(code, 0) + 1
 
-        warm = int(rate * WARMUP_S)
-        # Open the connections before the clock starts: connecting is not what is measured.
-        await asyncio.gather(*(one(i, loop.time()) for i in range(min(CONNECTIONS, n))))
-        t0 = loop.time() + 0.05
-        tasks = set()
-        for i in range(n):
-            at = t0 + i / rate
-            if (delay := at - loop.time()) > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(one(i, at))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
+    t0, tasks = time.perf_counter() + 0.05, set()
+    for i in range(n):
+        at = t0 + i / rate
+        if (delay := at - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i, at))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    while not idle.empty():
+        idle.get_nowait().transport.close()
     measured = latencies[warm:]
     return measured[~np.isnan(measured)] * 1000, lag[warm:] * 1000, status, errors

@@ -193,16 +193,16 @@ def api_cmd(
 
 @app.command("bench-api")
 def bench_api_cmd(
-    url: str = typer.Option(None, help="a running API, e.g. http://127.0.0.1:8000 [default: start `slsrec api`]"),
-    rate: float = typer.Option(1000.0, min=1, help="requests per second, sent on schedule (open loop)"),
-    duration_s: float = typer.Option(20.0, min=1, help="seconds measured, after the warm-up"),
-    users: int = typer.Option(1000, min=1, help="distinct users requested (round robin), read from Redis"),
+    rate: float = typer.Option(1000.0, min=1, help="GET requests per second, sent on schedule (open loop)"),
+    duration_s: float = typer.Option(20.0, min=1, help="seconds measured, after a 2 s warm-up"),
+    flow_rate: float = typer.Option(200.0, min=1, help="clicks per second through the flow meanwhile"),
+    run: str = typer.Option(None, help="run directory [default: a random SLSRec of ML-1M size]"),
 ) -> None:
-    """GET latency percentiles of the API at a fixed request rate; needs recommendations in Redis."""
+    """GET latency of `slsrec api` at a fixed request rate while the flow serves a live stream."""
     from slsrec.bench_api import bench, report
     from slsrec.settings import Settings
 
-    typer.echo(report(bench(Settings(), url=url, rate=rate, duration_s=duration_s, n_users=users)))
+    typer.echo(report(bench(Settings(), rate=rate, duration_s=duration_s, flow_rate=flow_rate, run=run)))
 
 
 @app.command("bench-stream")

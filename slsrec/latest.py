@@ -20,7 +20,7 @@ replica consumed the record and whichever replica the browser is connected to.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import redis
 import redis.asyncio
@@ -108,16 +108,23 @@ class LatestStore:
         with self._errors():
             await self._async.ping()
 
-    async def changes(self) -> AsyncIterator[tuple[str, bytes]]:
-        """Every recommendation stored from now on, as (user_id, JSON), until cancelled."""
-        pubsub = self._async.pubsub(ignore_subscribe_messages=True)
+    async def changes(self, on_subscribed: Callable[[], None] = lambda: None) -> AsyncIterator[tuple[str, bytes]]:
+        """Every recommendation stored from now on, as (user_id, JSON), until cancelled; ``on_subscribed``
+        is called once the subscription stands (from then on, nothing stored is missed)."""
+        # Its own connection without a read timeout: a quiet channel is not a failure.
+        listener = redis.asyncio.Redis.from_url(self._url.get_secret_value(), socket_connect_timeout=5,
+                                                socket_timeout=None, health_check_interval=30)
+        pubsub = listener.pubsub(ignore_subscribe_messages=True)
         try:
             with self._errors():
                 await pubsub.subscribe(self.channel)
+                await pubsub.get_message(timeout=5)  # the confirmation, which the listener would skip
+                on_subscribed()
                 async for message in pubsub.listen():
                     yield split_change(message["data"])
         finally:
             await pubsub.aclose()
+            await listener.aclose()
 
     def users(self, limit: int) -> list[str]:
         """Up to ``limit`` users that have a latest recommendation (for load tests and examples)."""
