@@ -150,7 +150,7 @@ def serve_cmd(
     """
     import logging
 
-    from flows.recommend import serve
+    from flows.cluster import serve
     from slsrec.kafka_check import check_kafka
     from slsrec.settings import Settings
     from slsrec.store import LongTermStore

@@ -191,27 +191,38 @@ class DriftMonitor:
 
         ``ts`` is the event's epoch ms; ``model_version`` the version that served it.
         """
+        return [a for _, a in self.update_many({k: [v] for k, v in signals.items()}, [ts], model_version)]
+
+    def update_many(
+        self, signals: Mapping[str, Sequence[float | bool | None]], ts: Sequence[int], model_version: str | None = None
+    ) -> list[tuple[int, DriftAlert]]:
+        """Feed a batch of events' signals, one sequence per signal aligned with ``ts``; return
+        ``(event position, alert)`` in event order. The same as :meth:`update` per event, one loop per
+        signal (signals are independent)."""
         unknown = signals.keys() - self._tracks.keys()
         if unknown:
             raise ValueError(f"no detector for signal(s) {sorted(unknown)}; monitored: {sorted(self._tracks)}")
         alerts = []
-        for name, x in signals.items():
-            if x is None:
-                continue
-            x = float(x)
-            if math.isnan(x):
-                raise ValueError(f"signal {name!r} is NaN; pass None for an event that says nothing about it")
+        for name, xs in signals.items():
             t = self._tracks[name]
-            t.detector.update(x)
-            t.n += 1
-            t.total += x
-            t.recent.append(x)
-            if t.detector.drift_detected:
-                alerts.append(self._alert(name, t, ts, model_version))
-                # The River detector restarts itself at its next update; restart the statistics with it.
-                t.n, t.total = 0, 0.0
-                t.recent.clear()
+            update, recent = t.detector.update, t.recent
+            for n, x in enumerate(xs):
+                if x is None:
+                    continue
+                x = float(x)
+                if x != x:
+                    raise ValueError(f"signal {name!r} is NaN; pass None for an event that says nothing about it")
+                update(x)
+                t.n += 1
+                t.total += x
+                recent.append(x)
+                if t.detector.drift_detected:
+                    alerts.append((n, self._alert(name, t, ts[n], model_version)))
+                    # The River detector restarts itself at its next update; restart the statistics with it.
+                    t.n, t.total = 0, 0.0
+                    recent.clear()
         self._n_alerts += len(alerts)
+        alerts.sort(key=lambda a: a[0])  # stable: per event, in signal order
         return alerts
 
     def _alert(self, name: str, t: _Track, ts: int, model_version: str | None) -> DriftAlert:

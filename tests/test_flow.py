@@ -8,20 +8,22 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
-from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from flows.recommend import _recovery, get_flow
+from flows.cluster import _recovery
+from flows.kafka_source import Record
+from flows.recommend import get_flow
+from schemas.events import DeadLetter, Recommendation, SessionClosed
 from schemas.drift import DriftAlert
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor
 from slsrec.errors import CheckpointError
 from slsrec.model import SLSRec, SLSRecConfig
-from slsrec.serving import Recommender
+from slsrec.serving import Recommender, SessionTable
 from slsrec.settings import Settings
 from slsrec.store import LongTerm
 from slsrec.telemetry import setup_telemetry
@@ -52,28 +54,52 @@ class Topic:
         self.messages: list = []
         self.offsets: dict[int, int] = {}
 
-    def send(self, value: bytes | None, partition: int) -> KafkaSourceMessage:
+    def send(self, value: bytes | None, partition: int) -> Record:
         offset = self.offsets.get(partition, 0)
         self.offsets[partition] = offset + 1
-        msg = KafkaSourceMessage(None, value, topic="clicks", partition=partition, offset=offset)
+        msg = Record(value, "clicks", partition, offset)
         self.messages.append(msg)
         return msg
 
-    def click(self, event_id, user, item, ts, partition, **extra) -> KafkaSourceMessage:
+    def click(self, event_id, user, item, ts, partition, **extra) -> Record:
         body = {"event_id": event_id, "user_id": user, "item_id": item, "ts": ts, "event_type": "click", **extra}
         return self.send(json.dumps(body).encode(), partition)
 
 
-def run(model, messages, batch_size=64, recovery=None, telemetry=None, drift=None, alerts=None) -> tuple[list, list, list]:
-    recs, dlq, sessions = [], [], []
+def polls(messages: list, size: int) -> list:
+    """The records as the Kafka source hands them on: lists of up to ``size`` (one poll), aborts apart."""
+    out, poll = [], []
+    for m in messages:
+        if isinstance(m, Record) and len(poll) < size:
+            poll.append(m)
+            continue
+        out += [poll] if poll else []
+        poll = [m] if isinstance(m, Record) else []
+        out += [] if isinstance(m, Record) else [m]
+    return out + ([poll] if poll else [])
+
+
+def run(model, messages, batch_size=64, recovery=None, telemetry=None, drift=None, alerts=None,
+        poll=7) -> tuple[list, list, list]:
+    """Run the flow over ``messages``; the Kafka messages it writes, read back through the contract:
+    (recommendations, dead letters, closed sessions); drift alerts go to ``alerts``."""
+    batches: list[list] = []
     settings = Settings(batch_size=batch_size, batch_timeout_ms=5)
     rec = Recommender(model, ITEMS, lookup, model_version="run-a", gap_ms=GAP_MS, max_segment=5, top_k=5,
                       telemetry=telemetry, drift=drift)
-    flow = get_flow(settings, rec, source=TestingSource(messages), sink=TestingSink(recs),
-                    dlq_sink=TestingSink(dlq), sessions_sink=TestingSink(sessions),
-                    drift_sink=TestingSink([] if alerts is None else alerts), telemetry=telemetry)
+    flow = get_flow(settings, rec, source=TestingSource(polls(messages, poll)), sink=TestingSink(batches),
+                    telemetry=telemetry)
     run_main(flow, epoch_interval=timedelta(0), recovery_config=recovery)
-    return recs, dlq, sessions
+    contract = {settings.topic_recommendations: Recommendation, settings.topic_dlq: DeadLetter,
+                settings.topic_sessions: SessionClosed, settings.topic_drift: DriftAlert}
+    read = {topic: [] for topic in contract}
+    for m in (m for batch in batches for m in batch):
+        record = contract[m.topic].model_validate_json(m.value)
+        assert m.key == (None if m.topic == settings.topic_dlq else
+                         record.worker_id.encode() if m.topic == settings.topic_drift else record.user_id.encode())
+        read[m.topic].append(record)
+    (alerts if alerts is not None else []).extend(read[settings.topic_drift])
+    return read[settings.topic_recommendations], read[settings.topic_dlq], read[settings.topic_sessions]
 
 
 def test_every_event_gets_a_recommendation_or_a_dead_letter(model):
@@ -93,8 +119,7 @@ def test_every_event_gets_a_recommendation_or_a_dead_letter(model):
         (t.click("e-old", "u1", "i1", 900_000_000_000, partition=1), "ts before 2000-01-01"),
         (t.click("e-ctl", "u\x07", "i1", T0, partition=2), "control characters in user_id"),
     ]
-    broken = KafkaSourceMessage(None, b"?", topic="clicks", partition=2, offset=99)
-    err = KafkaError(ConfluentKafkaError(ConfluentKafkaError._MSG_TIMED_OUT), broken)
+    err = Record(b"?", "clicks", 2, 99, f"kafka: {ConfluentKafkaError(ConfluentKafkaError._MSG_TIMED_OUT).str()}")
     dup = t.click("e4", "u1", "i5", T0 + 4000, partition=1)  # e4 again: the producer retried
 
     recs, dlq, sessions = run(model, t.messages + [err])
@@ -206,7 +231,7 @@ def test_snapshots_of_another_session_format_are_refused_before_the_flow_starts(
     _recovery(settings, 1)  # a fresh directory: partitions and the format marker
     _recovery(settings, 1)  # the same format resumes
     (settings.recovery_dir / "session-format").unlink()  # as an older slsrec left it
-    with pytest.raises(CheckpointError, match="session format 1 .*reads format 2"):
+    with pytest.raises(CheckpointError, match=f"session format 1 .*reads format {SessionTable.FORMAT}"):
         _recovery(settings, 1)
 
 
@@ -274,7 +299,7 @@ def test_each_worker_owns_exactly_one_shard(workers):
     from bytewax.dataflow import Dataflow
     from bytewax.run import cli_main
 
-    from flows.recommend import keep_state, shard_keys
+    from flows.shards import keep_state, shard_keys
 
     keys = shard_keys(workers)
     seen: dict[str, int] = {}

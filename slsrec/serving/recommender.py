@@ -1,0 +1,512 @@
+"""The recommender: the model in eval mode applied to micro-batches of click events.
+
+No Bytewax here. ``flows/recommend.py`` wires these into named steps; every rule (sessions,
+duplicates, unknown items, cold start, exclusion of seen items) is testable on plain lists.
+
+A micro-batch holds events of many users. Events of one user are applied in order: wave ``i`` is
+the ``i``-th event of every user in the batch, and each wave costs one batched encoder ``step``, one
+``fuse`` and one scoring matmul for all its users: :meth:`Recommender.update_many` applies a wave
+to the sessions, :meth:`Recommender.recommend_many` ranks for it. Recommendations are
+:class:`slsrec.codec.Recommendation` records, serialised once by the flow.
+
+>>> import torch
+>>> from slsrec.data import Vocab
+>>> from slsrec.model import SLSRec, SLSRecConfig
+>>> torch.manual_seed(0) and None
+>>> model = SLSRec(SLSRecConfig(n_users=2, n_items=5, d=8))
+>>> rec = Recommender(model, Vocab(list("abcde"), padding=True), lambda users: (None, [None] * len(users)),
+...                   model_version="m1", gap_ms=60_000, max_segment=20, top_k=3)
+>>> t0 = 1_700_000_000_000
+>>> clicks = [click("e1", "u1", "a", t0), click("e2", "u1", "b", t0 + 1000), click("e2", "u1", "b", t0 + 1000),
+...           click("e3", "u1", "new-product", t0 + 2000)]
+>>> table = SessionTable()
+>>> out = rec.process(table, clicks)
+>>> [(type(o).__name__, getattr(o, "reason", None)) for o in out]
+[('Recommendation', None), ('Recommendation', None), ('DeadLetter', 'duplicate'), ('Recommendation', None)]
+>>> sorted(i.item_id for i in out[1].items), out[1].cold_start, out[3].unknown_item  # a, b excluded
+(['c', 'd', 'e'], True, True)
+>>> closed = rec.close_idle(table, wall_ms=rec.clock.wall_at_max_ms + 60_001)
+>>> [i.item_id for i in closed[0].items], table.sessions
+(['a', 'b', 'new-product'], {})
+"""
+
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from opentelemetry import metrics, trace
+
+from schemas.drift import DriftAlert
+from schemas.events import DeadLetter, SessionClosed
+from slsrec.codec import Click, RankedItem, Recommendation, encode
+from slsrec.data import Vocab
+from slsrec.drift import DriftMonitor, Quality, next_item_quality
+from slsrec.model import LongState, score
+from slsrec.serving.sessions import Session, SessionTable, session_closed
+from slsrec.sessions import Boundary, boundary
+from slsrec.store import LongTerm
+from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
+
+
+log = logging.getLogger(__name__)
+
+# user ids -> (long-term version or None, one published LongTerm state or None per user)
+LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["LongTerm | None"]]]
+
+
+class Published(NamedTuple):
+    """A published version's model, loaded and ready to replace the served one in one step."""
+
+    version: str
+    model: torch.nn.Module
+    items: Vocab
+    users: Vocab
+
+
+# () -> a newer version whose model is loaded, or None; polled before every micro-batch
+VersionSource = Callable[[], "Published | None"]
+
+
+class Origin(NamedTuple):
+    """Where an event came from, so that a dead letter names the exact Kafka record."""
+
+    raw: bytes
+    topic: str
+    partition: int | None
+    offset: int | None
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def dead_letter(origin: Origin, reason: str) -> DeadLetter:
+    return DeadLetter(raw=origin.raw, topic=origin.topic, partition=origin.partition, offset=origin.offset,
+                      reason=reason, ts=int(now_ms()))
+
+
+def click(event_id: str, user_id: str, item_id: str, ts: int, event_type: str = "click",
+          topic: str = "clicks", partition: int = 0, offset: int = 0) -> tuple[Click, Origin]:
+    """A click with its origin, as the flow passes it to :meth:`Recommender.process` (for tests)."""
+    ev = Click(event_id, user_id, item_id, ts, event_type)
+    return ev, Origin(encode(ev), topic, partition, offset)
+
+
+Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
+
+
+@dataclass
+class Wave:
+    """The events of one wave that get a recommendation (at most one per user), column by column."""
+
+    rows: list[int]  # positions in the micro-batch
+    sessions: list[Session]
+    known: list[int | None]  # the item's index, None for an item the model does not know
+    dts: list[float]  # seconds since the session's previous event; 0 at its first
+    longs: list[LongTerm | None]  # the published long-term state, None for a cold start
+
+
+@dataclass
+class Clock:
+    """Event time for closing idle sessions: the newest event ts seen plus the wall time since.
+
+    It follows event time while events flow (a replay at any speed) and keeps moving when the stream
+    goes quiet. One per worker, shared by its shards, so a shard with few users still sees time pass.
+    """
+
+    max_ts: int | None = None
+    wall_at_max_ms: float = 0.0
+
+    def observe(self, ts: int, wall_ms: float) -> None:
+        if self.max_ts is None or ts > self.max_ts:
+            self.max_ts, self.wall_at_max_ms = ts, wall_ms
+
+    def now(self, wall_ms: float) -> int | None:
+        if self.max_ts is None:
+            return None
+        return self.max_ts + int(max(0.0, wall_ms - self.wall_at_max_ms))
+
+
+@dataclass
+class Stats:
+    """Counters since start: every event ends as exactly one recommendation or dead letter."""
+
+    events: int = 0
+    recommendations: int = 0
+    duplicates: int = 0
+    unknown_items: int = 0
+    cold_starts: int = 0
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    scored: int = 0  # events scored against the previous top-K of their session
+    hits: int = 0  # ... whose item was in it (online HR@K = hits / scored)
+    drift_alerts: int = 0
+    switches: int = 0  # versions adopted after the start
+    reencoded: int = 0  # sessions re-encoded by a new model
+    reencode_ms: float = 0.0  # time spent re-encoding them
+
+    @property
+    def unknown_item_rate(self) -> float:
+        return self.unknown_items / self.events if self.events else 0.0
+
+    @property
+    def online_hr(self) -> float:
+        return self.hits / self.scored if self.scored else 0.0
+
+
+class Recommender:
+    """The model in eval mode plus the item table, applied to micro-batches of click events.
+
+    Parameters
+    ----------
+    model : SLSRec
+        Provides ``short_encoder.init_state/step``, ``short_vector``, ``fuse``, ``item_embeddings``.
+    items : Vocab
+        The model's raw item id <-> index (0 = padding).
+    long_term : callable
+        ``user_ids -> (version | None, [LongTerm | None, ...])``, one call per micro-batch: each user's
+        published long-term state; ``None`` is a cold start (short-term only, flagged).
+    model_version : str
+        Named in every recommendation.
+    gap_ms, max_segment : int
+        The session rule of :func:`slsrec.sessions.boundary`.
+    top_k : int
+    exclude_seen : bool
+        Drop the session's items from its ranking.
+    device : str
+    telemetry : Telemetry, optional
+        Counters, latency histogram and one span per micro-batch (no-op by default).
+    versions : callable, optional
+        Polled before every micro-batch; a :class:`Published` it returns replaces the model, the item
+        table and ``model_version`` at once (the long-term lookup moves to the same version). Each open
+        session is re-encoded by the new model from the item ids it holds at its user's next event
+        (batched with the other users of that micro-batch), so the switch itself does not stall the
+        stream and idle sessions cost nothing.
+    drift : DriftMonitor, optional
+        Fed every recommended event's signals; its alerts join the output after their event's
+        recommendation.
+    users : Vocab, optional
+        The model's user ids: a session longer than one segment folds its closed segments into the
+        user's long-term state with the user's embedding as the pooling query. Without it (or for a
+        user the model does not know) the published state alone is the long-term input.
+    max_open_sessions : int, optional
+        Per table (one per worker): past it, the least recently active sessions are closed early after
+        each micro-batch (``SessionClosed`` with reason ``"evicted"``). ``None``: no cap.
+    max_session_events : int, optional
+        A session that holds this many events is closed (reason ``"evicted"``) before its next event,
+        which opens a new one. ``None``: no cap.
+    """
+
+    def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
+                 gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
+                 telemetry: Telemetry | None = None, versions: VersionSource | None = None,
+                 drift: DriftMonitor | None = None, users: Vocab | None = None, max_open_sessions: int | None = None,
+                 max_session_events: int | None = None):
+        self.long_term = long_term
+        self.versions = versions
+        self.drift = drift
+        self.gap_ms = gap_ms
+        self.max_segment = max_segment
+        self.top_k = top_k
+        self.exclude_seen = exclude_seen
+        self.device = device
+        self.max_open_sessions = max_open_sessions
+        self.max_session_events = max_session_events
+        self.stats = Stats()
+        self.clock = Clock()
+        self.telemetry = telemetry or Telemetry(metrics.NoOpMeterProvider(), trace.NoOpTracerProvider())
+        self._use(model, items, model_version, users)
+
+    @torch.no_grad()
+    def _use(self, model: torch.nn.Module, items: Vocab, model_version: str, users: Vocab | None) -> None:
+        """Serve ``model`` from now on (the tables derived from it change with it)."""
+        self.model = model.to(self.device).eval()
+        self.items = items
+        self.users = users
+        self.model_version = model_version
+        self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
+        self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
+        self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
+        self.telemetry.set_versions(model=model_version)
+        self._announce = True
+
+    def follow(self) -> None:
+        """Adopt a newer published version if its model is loaded. Called before every micro-batch,
+        and by the flow's sweep while the stream is quiet."""
+        new = self.versions() if self.versions is not None else None
+        if new is not None and not hasattr(new.model, "short_encoder"):
+            log.warning("version %s holds a %s, which cannot serve the stream: staying on %s",
+                        new.version, type(new.model).__name__, self.model_version)
+        elif new is not None:
+            log.info("serving version %s (was %s); open sessions are re-encoded at their next event",
+                     new.version, self.model_version)
+            self._use(new.model, new.items, new.version, new.users)
+            self.max_segment = new.model.config.max_segment
+            self.stats.switches += 1
+
+    @torch.no_grad()
+    def reencode(self, table: SessionTable, sessions: Sequence[Session]) -> None:
+        """Rebuild these sessions' states with the served model from the item ids they hold.
+
+        The same rules as :meth:`process` (:func:`slsrec.sessions.boundary`, unknown items kept but not
+        stepped), so a session continues exactly as if the new model had served it from its first
+        event. The sessions are stepped together, one batched ``step`` per position of the longest
+        segment.
+        """
+        t0 = time.perf_counter()
+        index = self.items.index
+        segments: list[list[tuple[int, float]]] = []  # per session: (item index, dt seconds) of its current segment
+        for s in sessions:
+            seg: list[tuple[int, float]] = []
+            seen, prev = [], None
+            for item_id, ts, _ in s.events:
+                # One session's events: only the segment rule can cut them (no gap inside a session).
+                if boundary(prev, ts, len(seg), None, self.max_segment) is Boundary.SEGMENT:
+                    seg = []
+                idx = index(item_id)
+                if idx is not None:
+                    seg.append((idx, 0.0 if prev is None else max(0, ts - prev) / 1000.0))
+                    seen.append(idx)
+                prev = ts if prev is None else max(prev, ts)
+            s.seen, s.seg_len, s.model_version = array("q", seen), len(seg), self.model_version
+            table.states[s.slot] = self._init_state
+            segments.append(seg)
+        for p in range(max((len(seg) for seg in segments), default=0)):
+            rows = [j for j, seg in enumerate(segments) if len(seg) > p]
+            slots = [sessions[j].slot for j in rows]
+            state = torch.from_numpy(table.states[slots]).to(self.device)  # (b, d)
+            item = torch.tensor([segments[j][p][0] for j in rows], device=self.device)  # (b,)
+            dt = torch.tensor([segments[j][p][1] for j in rows], device=self.device)  # (b,)
+            table.states[slots] = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
+        self.stats.reencoded += len(sessions)
+        self.stats.reencode_ms += (time.perf_counter() - t0) * 1000
+        if self._announce:  # once per model: later batches re-encode their own few users the same way
+            self._announce = False
+            log.info("model %s: re-encoded %d open sessions in %.1f ms", self.model_version, len(sessions),
+                     (time.perf_counter() - t0) * 1000)
+
+    @torch.no_grad()
+    def process(self, table: SessionTable, clicks: Sequence[tuple[Click, Origin]],
+                wall_ms: float | None = None) -> list[Output]:
+        """Apply a micro-batch to one shard's sessions; the outputs follow the input order.
+
+        Each event yields one ``Recommendation`` (:class:`slsrec.codec.Recommendation`, serialised
+        with :func:`slsrec.codec.encode`), or one ``DeadLetter`` when its event_id is already in the
+        user's session (never applied twice); a ``SessionClosed`` precedes the event that opens a new
+        session after the gap. Wave ``i`` is the ``i``-th event of every user in the batch:
+        :meth:`update_many` applies it, :meth:`recommend_many` ranks for it.
+        """
+        if not clicks:
+            return []
+        wall_ms = now_ms() if wall_ms is None else wall_ms
+        self.follow()
+        self.clock.observe(max(ev.ts for ev, _ in clicks), wall_ms)
+        out: list[list] = [[] for _ in clicks]
+        per_user: dict[str, list[int]] = {}
+        for i, (ev, _) in enumerate(clicks):
+            per_user.setdefault(ev.user_id, []).append(i)
+        stale = [s for u in per_user if (s := table.sessions.get(u)) is not None and s.model_version != self.model_version]
+        if stale:
+            self.reencode(table, stale)
+        tel, opened, closed = self.telemetry, self.stats.sessions_opened, self.stats.sessions_closed
+        with tel.batch_span([ev.event_id for ev, _ in clicks]) as span:
+            t0 = time.perf_counter()
+            version, vectors = self.long_term(list(per_user))
+            t1 = time.perf_counter()
+            long_of = dict(zip(per_user, vectors))
+            queues = list(per_user.values())
+            for w in range(max(len(q) for q in queues)):
+                wave = self.update_many(table, clicks, [q[w] for q in queues if len(q) > w], long_of, out)
+                if wave.rows:
+                    self.recommend_many(table, wave, clicks, version, out)
+            span.set_attribute(ATTR_REDIS_MS, (t1 - t0) * 1000)
+            span.set_attribute(ATTR_MODEL_MS, (time.perf_counter() - t1) * 1000)
+        results = [o for per_event in out for o in per_event] + self.evict(table)
+        recs = [o for o in results if type(o) is Recommendation]
+        tel.recommendations_out.add(len(recs))
+        for r in recs:
+            tel.e2e_latency.record(r.emit_ts - r.event_ts)
+        if len(recs) < len(clicks):
+            tel.dead_letters.add(len(clicks) - len(recs), {"reason": "duplicate"})
+        for a in results:
+            if isinstance(a, DriftAlert):
+                tel.drift_alerts.add(1, {"signal": a.signal, "detector": a.detector})
+        tel.sessions_active.add((self.stats.sessions_opened - opened) - (self.stats.sessions_closed - closed))
+        return results
+
+    def update_many(self, table: SessionTable, clicks: Sequence[tuple[Click, Origin]], positions: list[int],
+                    long_of: dict[str, LongTerm | None], out: list[list]) -> Wave:
+        """Apply one wave (at most one event per user) to the sessions: duplicates are dead-lettered,
+        sessions close and open by :func:`slsrec.sessions.boundary` (or the events cap), and the
+        encoder steps every known item in one batched call. Returns the events to recommend for."""
+        wave = Wave([], [], [], [], [])
+        init, index, sessions = self._init_state, self.items.index, table.sessions
+        cap = self.max_session_events
+        for i in positions:
+            ev, origin = clicks[i]
+            s = sessions.get(ev.user_id)
+            if s is not None and s.has_event(ev.event_id):
+                self.stats.duplicates += 1
+                out[i].append(dead_letter(origin, "duplicate"))
+                continue
+            b = boundary(None if s is None else s.last_ts, ev.ts, 0 if s is None else s.seg_len, self.gap_ms,
+                         self.max_segment)
+            full = s is not None and cap is not None and s.n_events >= cap
+            if b is Boundary.SESSION or full:
+                if s is not None:
+                    out[i].append(self._close(table, s, "evicted" if b is not Boundary.SESSION else "gap"))
+                    b = Boundary.SESSION
+                s = table.open(ev.user_id, ev.ts, init, self.model_version)
+                self.stats.sessions_opened += 1
+            else:
+                if b is Boundary.SEGMENT:
+                    table.states[s.slot], s.seg_len = init, 0
+                table.touch(s)
+            wave.dts.append(0.0 if b is Boundary.SESSION else max(0, ev.ts - s.last_ts) / 1000.0)  # seconds
+            s.last_ts = max(s.last_ts, ev.ts)
+            s.record(ev.event_id, ev.item_id, ev.ts, ev.event_type)
+            idx = index(ev.item_id)
+            if idx is not None:  # else a new product: kept in the session for retraining, not stepped
+                s.seen.append(idx)
+            wave.rows.append(i)
+            wave.sessions.append(s)
+            wave.known.append(idx)
+            wave.longs.append(long_of[ev.user_id])
+        self.stats.events += len(positions)
+        self.stats.unknown_items += wave.known.count(None)
+        step = [j for j, k in enumerate(wave.known) if k is not None]
+        if step:
+            slots = [wave.sessions[j].slot for j in step]
+            state = torch.from_numpy(table.states[slots]).to(self.device)  # (b, d)
+            item = torch.tensor([wave.known[j] for j in step], device=self.device)  # (b,)
+            dt = torch.tensor([wave.dts[j] for j in step], device=self.device)  # (b,)
+            table.states[slots] = self.model.short_encoder.step(state, item, dt).cpu().numpy()  # (b, d)
+            for j in step:
+                wave.sessions[j].seg_len += 1
+        return wave
+
+    def recommend_many(self, table: SessionTable, wave: Wave, clicks: Sequence[tuple[Click, Origin]],
+                       version: str | None, out: list[list]) -> None:
+        """Fuse, rank and write one recommendation per event of the wave (then its drift alerts)."""
+        users, alphas = self._fuse(table, wave)  # (B, d), (B,)
+        top_scores, top_items = self._rank(users, wave.sessions)  # (B, K), (B, K)
+        emit, raw, model_version = int(now_ms()), self._raw_ids, self.model_version
+        tops = []
+        for j, i in enumerate(wave.rows):
+            ev, cold = clicks[i][0], wave.longs[j] is None
+            items = [RankedItem(raw[k], x) for k, x in zip(top_items[j], top_scores[j]) if x != -math.inf]
+            tops.append(items)
+            out[i].append(Recommendation(ev.user_id, ev.event_id, items, model_version, None if cold else version,
+                                         cold, alphas[j], wave.known[j] is None, ev.ts, emit))
+        cold = [v is None for v in wave.longs]
+        self.stats.recommendations += len(wave.rows)
+        self.stats.cold_starts += sum(cold)
+        for i, alert in self._watch(wave, clicks, tops, alphas, cold):
+            out[i].append(alert)
+
+    def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[RankedItem]],
+               alphas: list[float], cold: list[bool]) -> list[tuple[int, DriftAlert]]:
+        """Online quality of each event against its session's previous top-K, and the drift signals."""
+        quality: list[Quality | None] = []
+        for s, i, top in zip(wave.sessions, wave.rows, tops):
+            # None: the first event of a session
+            quality.append(next_item_quality(clicks[i][0].item_id, s.last_top) if s.last_top else None)
+            s.last_top = tuple(t.item_id for t in top)
+        scored = [q for q in quality if q is not None]
+        self.stats.scored += len(scored)
+        self.stats.hits += sum(q.hit for q in scored)
+        if self.drift is None:
+            return []
+        signals = {"hit": [None if q is None else q.hit for q in quality],
+                   "ndcg": [None if q is None else q.ndcg for q in quality],
+                   "alpha": [None if c else a for a, c in zip(alphas, cold)], "cold_start": cold,
+                   "unknown_item": [k is None for k in wave.known]}
+        alerts = self.drift.update_many({k: v for k, v in signals.items() if k in self.drift.detectors},
+                                        ts=[clicks[i][0].ts for i in wave.rows], model_version=self.model_version)
+        self.stats.drift_alerts += len(alerts)
+        for _, a in alerts:
+            log.warning("drift: %s (%s) moved from %s to %s after %d values", a.signal, a.detector, a.mean_before,
+                        a.mean_after, a.n_seen)
+        return [(wave.rows[n], a) for n, a in alerts]
+
+    def _long_state(self, sessions: list[Session], longs: list[LongTerm | None]) -> LongState:
+        """Each row's long-term input: the published state, with the session's closed segments folded in
+        (the model's ``extend_long``; rows of users the model has no embedding for keep the published one)."""
+        state = self.model.empty_long(len(sessions))  # (B, d), (B,), (B,)
+        warm = [j for j, v in enumerate(longs) if v is not None]
+        if warm:
+            state.mean[warm] = torch.from_numpy(np.stack([longs[j].vector for j in warm])).to(self.device)
+            state.log_z[warm] = torch.tensor([longs[j].log_norm for j in warm], device=self.device)
+            state.n[warm] = torch.tensor([float(longs[j].n_items) for j in warm], device=self.device)
+        user_of = {} if self.users is None else {j: self.users.index(s.user_id) for j, s in enumerate(sessions)
+                                                 if len(s.seen) > s.seg_len}
+        fold = [j for j, u in user_of.items() if u is not None]
+        if not fold:
+            return state
+        closed = [sessions[j].seen[: len(sessions[j].seen) - sessions[j].seg_len] for j in fold]
+        items = torch.zeros(len(fold), max(map(len, closed)), dtype=torch.long, device=self.device)  # (b, K)
+        for r, c in enumerate(closed):
+            items[r, : len(c)] = torch.tensor(c)  # oldest first, 0-padded at the end
+        sub = self.model.extend_long(LongState(state.mean[fold], state.log_z[fold], state.n[fold]), items,
+                                     torch.tensor([user_of[j] for j in fold], device=self.device))
+        state.mean[fold], state.log_z[fold], state.n[fold] = sub.mean, sub.log_z, sub.n
+        return state
+
+    def _fuse(self, table: SessionTable, wave: Wave) -> tuple[torch.Tensor, list[float]]:
+        state = torch.from_numpy(table.states[[s.slot for s in wave.sessions]]).to(self.device)  # (B, d)
+        short = self.model.short_vector(state)  # (B, d)
+        long, has_long = self.model.long_vector(self._long_state(wave.sessions, wave.longs))  # (B, d), (B,)
+        seg_len = torch.tensor([s.seg_len for s in wave.sessions], device=self.device)  # (B,)
+        dt = torch.tensor(wave.dts, device=self.device)  # (B,)
+        users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=has_long)
+        return users, alpha.clamp(0.0, 1.0).tolist()  # (B, d), B floats
+
+    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[list, list]:
+        """Top-K (scores, item indices) per row; padding and excluded items score -inf."""
+        scores = score(users, self._item_emb)  # (B, n_items+1)
+        if self.exclude_seen:
+            lengths = np.fromiter((len(s.seen) for s in sessions), np.int64, len(sessions))
+            cols = np.frombuffer(b"".join(s.seen for s in sessions), np.int64).copy()  # every session's items
+            scores[torch.from_numpy(np.repeat(np.arange(len(sessions)), lengths)), torch.from_numpy(cols)] = -math.inf
+        top = torch.topk(scores, min(self.top_k, scores.shape[1] - 1), dim=1)
+        return top.values.tolist(), top.indices.tolist()
+
+    def _close(self, table: SessionTable, s: Session, reason: str) -> SessionClosed:
+        table.close(s)
+        self.stats.sessions_closed += 1
+        return session_closed(s, reason)
+
+    def observe(self, events: Sequence[Click], wall_ms: float | None = None) -> None:
+        """Advance the clock with events that arrived but may wait in a batch."""
+        self.clock.observe(max(ev.ts for ev in events), now_ms() if wall_ms is None else wall_ms)
+
+    def close_idle(self, table: SessionTable, wall_ms: float | None = None) -> list[SessionClosed]:
+        """Close every session idle for longer than the gap (by :class:`Clock`); drop its state.
+
+        The table is in order of last activity, so the scan stops at the first session still open: a
+        sweep costs what it closes, not what is open. (A session whose events arrived out of time
+        order may close one sweep later, or at its user's next event by the gap rule.)
+        """
+        clock = self.clock.now(now_ms() if wall_ms is None else wall_ms)
+        if clock is None:
+            return []
+        idle = list(itertools.takewhile(lambda s: clock - s.last_ts > self.gap_ms, table))
+        self.telemetry.sessions_active.add(-len(idle))
+        return [self._close(table, s, "gap") for s in idle]
+
+    def evict(self, table: SessionTable) -> list[SessionClosed]:
+        """Close the least recently active sessions beyond ``max_open_sessions`` (reason ``"evicted"``)."""
+        over = 0 if self.max_open_sessions is None else len(table) - self.max_open_sessions
+        if over <= 0:
+            return []
+        return [self._close(table, s, "evicted") for s in list(itertools.islice(table, over))]
