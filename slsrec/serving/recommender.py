@@ -51,6 +51,7 @@ from schemas.events import DeadLetter, SessionClosed
 from slsrec.codec import Click, RankedItem, Recommendation, encode
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, Quality, next_item_quality
+from slsrec.explain import score_parts
 from slsrec.model import LongState, score
 from slsrec.serving.sessions import Session, SessionTable, session_closed
 from slsrec.sessions import Boundary, boundary
@@ -75,6 +76,15 @@ class Published(NamedTuple):
 
 # () -> a newer version whose model is loaded, or None; polled before every micro-batch
 VersionSource = Callable[[], "Published | None"]
+
+
+class Fused(NamedTuple):
+    """One wave's fusion: the user vectors and the parts they were fused from (for the explanation)."""
+
+    user: torch.Tensor  # (B, d)
+    alpha: torch.Tensor  # (B,) in [0, 1]
+    long: torch.Tensor  # (B, d), zero where cold
+    short: torch.Tensor  # (B, d)
 
 
 class Origin(NamedTuple):
@@ -398,16 +408,21 @@ class Recommender:
     def recommend_many(self, table: SessionTable, wave: Wave, clicks: Sequence[tuple[Click, Origin]],
                        version: str | None, out: list[list]) -> None:
         """Fuse, rank and write one recommendation per event of the wave (then its drift alerts)."""
-        users, alphas = self._fuse(table, wave)  # (B, d), (B,)
-        top_scores, top_items = self._rank(users, wave.sessions)  # (B, K), (B, K)
+        fused = self._fuse(table, wave)
+        top = torch.topk(self._scores(fused.user, wave.sessions), min(self.top_k, len(self._raw_ids) - 1), dim=1)
+        long_part, short_part = score_parts(fused.long, fused.short, fused.alpha, self._item_emb[top.indices])  # (B, K)
+        top_scores, top_items, longs, shorts = (t.tolist() for t in (top.values, top.indices, long_part, short_part))
+        alphas = fused.alpha.tolist()
         emit, raw, model_version = int(now_ms()), self._raw_ids, self.model_version
         tops = []
         for j, i in enumerate(wave.rows):
-            ev, cold = clicks[i][0], wave.longs[j] is None
-            items = [RankedItem(raw[k], x) for k, x in zip(top_items[j], top_scores[j]) if x != -math.inf]
+            ev, cold, s = clicks[i][0], wave.longs[j] is None, wave.sessions[j]
+            items = [RankedItem(raw[k], x, lp, sp) for k, x, lp, sp in zip(top_items[j], top_scores[j], longs[j], shorts[j])
+                     if x != -math.inf]  # fewer than K items may be left after exclusion
             tops.append(items)
+            segment = [raw[k] for k in s.seen[len(s.seen) - s.seg_len:]] if s.seg_len else []  # the GRU state's input
             out[i].append(Recommendation(ev.user_id, ev.event_id, items, model_version, None if cold else version,
-                                         cold, alphas[j], wave.known[j] is None, ev.ts, emit))
+                                         cold, alphas[j], segment, wave.known[j] is None, ev.ts, emit))
         cold = [v is None for v in wave.longs]
         self.stats.recommendations += len(wave.rows)
         self.stats.cold_starts += sum(cold)
@@ -462,24 +477,23 @@ class Recommender:
         state.mean[fold], state.log_z[fold], state.n[fold] = sub.mean, sub.log_z, sub.n
         return state
 
-    def _fuse(self, table: SessionTable, wave: Wave) -> tuple[torch.Tensor, list[float]]:
+    def _fuse(self, table: SessionTable, wave: Wave) -> Fused:
         state = torch.from_numpy(table.states[[s.slot for s in wave.sessions]]).to(self.device)  # (B, d)
         short = self.model.short_vector(state)  # (B, d)
         long, has_long = self.model.long_vector(self._long_state(wave.sessions, wave.longs))  # (B, d), (B,)
         seg_len = torch.tensor([s.seg_len for s in wave.sessions], device=self.device)  # (B,)
         dt = torch.tensor(wave.dts, device=self.device)  # (B,)
         users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=has_long)
-        return users, alpha.clamp(0.0, 1.0).tolist()  # (B, d), B floats
+        return Fused(users, alpha.clamp(0.0, 1.0), long, short)
 
-    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[list, list]:
-        """Top-K (scores, item indices) per row; padding and excluded items score -inf."""
+    def _scores(self, users: torch.Tensor, sessions: list[Session]) -> torch.Tensor:
+        """Every item's score per row (B, n_items+1); padding and excluded items score -inf."""
         scores = score(users, self._item_emb)  # (B, n_items+1)
         if self.exclude_seen:
             lengths = np.fromiter((len(s.seen) for s in sessions), np.int64, len(sessions))
             cols = np.frombuffer(b"".join(s.seen for s in sessions), np.int64).copy()  # every session's items
             scores[torch.from_numpy(np.repeat(np.arange(len(sessions)), lengths)), torch.from_numpy(cols)] = -math.inf
-        top = torch.topk(scores, min(self.top_k, scores.shape[1] - 1), dim=1)
-        return top.values.tolist(), top.indices.tolist()
+        return scores
 
     def _close(self, table: SessionTable, s: Session, reason: str) -> SessionClosed:
         table.close(s)
