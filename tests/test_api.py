@@ -244,12 +244,13 @@ def chromium() -> str:
 def test_the_live_page_follows_the_busiest_user_and_explains_each_item(world, chromium, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    stop = threading.Event()
+    stop, last = threading.Event(), {}
 
     def replay() -> None:  # a live stream: "ben" is the busiest user, others click now and then
         n = 0
         while not stop.is_set():
-            world.click("ben" if n % 3 else USERS[n // 3 % len(USERS)], f"sku{n % N_ITEMS + 1}")
+            user = "ben" if n % 3 else USERS[n // 3 % len(USERS)]
+            last[user] = world.click(user, f"sku{n % N_ITEMS + 1}")
             world.producer.flush(5)
             n += 1
             time.sleep(0.25)
@@ -271,8 +272,7 @@ def test_the_live_page_follows_the_busiest_user_and_explains_each_item(world, ch
             stop.set()
             traffic.join(10)
             world.producer.flush(10)
-            time.sleep(2.0)  # the last recommendation reaches the page
-            rec = world.get("ben").json()
+            rec = world.wait_for("ben", last["ben"]).json()
             expect(page.get_by_test_id("event")).to_contain_text(rec["event_id"] + " ", timeout=10_000)
             page.screenshot(path=str(tmp_path / "live-page.png"))
 

@@ -8,6 +8,7 @@ let source = null;   // EventSource of the watched user
 let updates = 0;
 
 function text(el, value) { el.textContent = value ?? "—"; }
+const fmt = (x) => (Math.abs(x) < 5e-4 ? 0 : x).toFixed(3);  // no "-0.000"
 
 function watch(user) {
   if (!user || user === watched) return;
@@ -57,11 +58,12 @@ function show(rec) {
     row.dataset.testid = "item";
     row.dataset.item = item.item_id;
     const [l, s] = shares(item);
-    row.innerHTML = `<td>${k + 1}</td><td class="id"></td><td class="num">${item.score.toFixed(3)}</td>
+    const neg = (x) => (x < 0 ? " neg" : "");
+    row.innerHTML = `<td>${k + 1}</td><td class="id"></td><td class="num">${fmt(item.score)}</td>
       <td><div class="bar" title="long ${(100 * l).toFixed(0)}% / short ${(100 * s).toFixed(0)}%">
-        <div class="long" style="width:${(100 * l).toFixed(1)}%"></div>
-        <div class="short" style="width:${(100 * s).toFixed(1)}%"></div></div></td>
-      <td class="num long-part">${item.long_score.toFixed(3)}</td><td class="num short-part">${item.short_score.toFixed(3)}</td>`;
+        <div class="long${neg(item.long_score)}" style="width:${(100 * l).toFixed(1)}%"></div>
+        <div class="short${neg(item.short_score)}" style="width:${(100 * s).toFixed(1)}%"></div></div></td>
+      <td class="num long-part">${fmt(item.long_score)}</td><td class="num short-part">${fmt(item.short_score)}</td>`;
     row.querySelector(".id").textContent = item.item_id;  // ids are data: never HTML
     return row;
   }));
