@@ -456,10 +456,15 @@ def serve_api(settings: Settings) -> None:
                 log_level="info")
 
 
+class ApiProcess(NamedTuple):
+    url: str  # e.g. http://127.0.0.1:41234
+    pid: int
+
+
 @contextlib.contextmanager
-def running_api(settings: Settings, log_path: Path | None = None) -> Iterator[str]:
+def running_api(settings: Settings, log_path: Path | None = None) -> Iterator[ApiProcess]:
     """`slsrec api` in a child process on a free loopback port, with these settings, until the block ends.
-    Yields its base URL once it is ready; its output goes to ``log_path`` (default: a temporary file)."""
+    Yields it once it is ready; its output goes to ``log_path`` (default: a temporary file)."""
     import tempfile
 
     with socket.socket() as s:
@@ -475,7 +480,7 @@ def running_api(settings: Settings, log_path: Path | None = None) -> Iterator[st
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, proc, log_path)
-            yield url
+            yield ApiProcess(url, proc.pid)
         finally:
             proc.terminate()
             try:

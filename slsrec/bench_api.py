@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import tempfile
 import threading
 import time
@@ -61,6 +62,8 @@ class ApiBenchResult:
     p99_ms: float
     p999_ms: float
     max_ms: float
+    api_cpu_us: float  # CPU of the API process per request sent (its consumer and live updates included)
+    memory_share: float  # lookups answered from the process's memory rather than Redis
 
 
 def bench(settings: Settings, *, rate: float = 1000.0, duration_s: float = 20.0, flow_rate: float = 200.0,
@@ -83,14 +86,18 @@ def bench(settings: Settings, *, rate: float = 1000.0, duration_s: float = 20.0,
 
         flow = _run_flow(settings, run_dir, Path(tmp) / "recovery", exit_at_end=False)
         try:
-            with running_api(settings, Path(tmp) / "api.log") as url:
+            with running_api(settings, Path(tmp) / "api.log") as api:
                 _produce(settings, [(u, items[int(i)]) for u, i in zip(users, rng.integers(len(items), size=len(users)))])
                 _wait_filled(settings, len(users))
                 stop = threading.Event()
                 live = threading.Thread(target=_live_stream, args=(settings, users, items, flow_rate, stop), daemon=True)
                 live.start()
                 try:
-                    lat, lag, status, errors = _run_load(url, [str(u) for u in rng.permutation(users)], rate, duration_s)
+                    cpu0 = _cpu_s(api.pid)
+                    lat, lag, status, errors = _run_load(api.url, [str(u) for u in rng.permutation(users)], rate,
+                                                         duration_s)
+                    api_cpu_s = _cpu_s(api.pid) - cpu0
+                    lookups = _lookups(api.url)
                 finally:
                     stop.set()
                     live.join(30)
@@ -98,10 +105,31 @@ def bench(settings: Settings, *, rate: float = 1000.0, duration_s: float = 20.0,
             flow.terminate()
             flow.wait(60)
     p50, p90, p99, p999 = np.percentile(lat, [50, 90, 99, 99.9]) if len(lat) else [float("nan")] * 4
-    return ApiBenchResult(machine(), (load_start, os.getloadavg()[0]), len(users), flow_rate, rate, duration_s,
-                          len(lat), len(lat) / duration_s, float(np.percentile(lag, 99)) if len(lag) else 0.0, status,
-                          errors, float(p50), float(p90), float(p99), float(p999),
-                          float(np.max(lat)) if len(lat) else 0.0)
+    n_sent = int(rate * (WARMUP_S + duration_s))
+    return ApiBenchResult(
+        f"{platform.machine()}, {os.cpu_count()} cores, {machine()['cpu']}", (load_start, os.getloadavg()[0]),
+        len(users), flow_rate, rate, duration_s, len(lat), len(lat) / duration_s,
+        float(np.percentile(lag, 99)) if len(lag) else 0.0, status, errors, float(p50), float(p90), float(p99),
+        float(p999), float(np.max(lat)) if len(lat) else 0.0, api_cpu_s / n_sent * 1e6,
+        lookups.get("memory", 0.0) / max(1.0, sum(lookups.values())))
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _lookups(url: str) -> dict[str, float]:
+    """The API's ``slsrec_api_lookups_total`` by source (memory, redis), from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        families = text_string_to_metric_families(r.read().decode())
+        return {s.labels["source"]: s.value for f in families if f.name == "slsrec_api_lookups" for s in f.samples
+                if s.name.endswith("_total")}
 
 
 def _wait_filled(settings: Settings, n: int) -> None:
@@ -131,7 +159,9 @@ def report(r: ApiBenchResult) -> str:
                    f"meanwhile serves {r.flow_rate:,.0f} clicks/s, which the API stores and announces"),
         ("rate", f"{r.rate:,.0f} req/s asked, {r.achieved_rate:,.0f} req/s answered over {r.duration_s:g} s "
                  f"(client send lag p99 {r.send_lag_p99_ms:.1f} ms)"),
-        ("answers", f"{r.sent:,} measured ({codes}; errors {r.errors})"),
+        ("answers", f"{r.sent:,} measured ({codes}; errors {r.errors}); {100 * r.memory_share:.1f}% from the API's "
+                    "memory, the rest from Redis"),
+        ("cost", f"{r.api_cpu_us:.0f} µs of API CPU per request (its Kafka consumer and live updates included)"),
         ("latency", f"p50 {r.p50_ms:.2f} ms, p90 {r.p90_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
                     f"p99.9 {r.p999_ms:.2f} ms, max {r.max_ms:.1f} ms (from the scheduled send time)"),
         ("command", f"slsrec bench-api --rate {r.rate:g} --duration-s {r.duration_s:g} --flow-rate {r.flow_rate:g}"),

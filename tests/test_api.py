@@ -113,7 +113,7 @@ def world(services, tmp_path_factory) -> Iterator[World]:
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             with running_api(settings, tmp / "api.log") as api:
-                yield World(settings, api, model.eval(), items, history, Producer(settings.kafka_config()))
+                yield World(settings, api.url, model.eval(), items, history, Producer(settings.kafka_config()))
         finally:
             stop_flow(flow)
 
