@@ -298,3 +298,30 @@ def test_the_live_page_follows_the_busiest_user_and_explains_each_item(world, ch
         traffic.join(10)
     if os.environ.get("SLSREC_UPDATE_SCREENSHOT"):  # docs/img/live-page.png for the README
         shutil.copy(tmp_path / "live-page.png", SCREENSHOT)
+
+
+def test_openapi_cors_and_metrics(redis_db):
+    """The contract is published from schemas/, CORS answers only the configured origins, and the
+    metrics count what was served."""
+    from fastapi.testclient import TestClient
+
+    settings = Settings(redis_url=redis_db, api_cors_origins=["https://shop.example"])
+    with TestClient(create_app(settings, ingest=False)) as client:
+        spec = client.get("/openapi.json").json()
+        get = spec["paths"]["/v1/users/{user_id}/recommendations"]["get"]
+        assert get["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Recommendation")
+        assert {"long_score", "short_score"} <= set(spec["components"]["schemas"]["RankedItem"]["properties"])
+        assert "ApiError" in get["responses"]["404"]["content"]["application/json"]["schema"]["$ref"]
+
+        allowed = client.get("/v1/users/nobody/recommendations", headers={"Origin": "https://shop.example"})
+        assert allowed.status_code == 404 and allowed.headers["access-control-allow-origin"] == "https://shop.example"
+        other = client.get("/v1/users/nobody/recommendations", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        preflight = client.options("/v1/users/u1/recommendations", headers={
+            "Origin": "https://shop.example", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "If-None-Match"})
+        assert preflight.status_code == 200 and "GET" in preflight.headers["access-control-allow-methods"]
+
+        metrics = client.get("/metrics").text
+        assert 'slsrec_api_requests_total{code="404",endpoint="recommendations"} 2.0' in metrics
+        assert client.get("/healthz").json() == {"status": "ok"}
