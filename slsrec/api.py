@@ -292,15 +292,15 @@ class Ingest(threading.Thread):
             while not self._stopping.is_set():
                 msgs = [m for m in consumer.consume(CONSUME_BATCH, CONSUME_WAIT_S) if m.error() is None]
                 if msgs:
-                    self._store([(m.key(), m.value()) for m in msgs])
+                    self._store([m.value() for m in msgs])
                     for m in msgs:  # offsets move only now: a crash before this re-reads the batch
                         consumer.store_offsets(m)
         finally:
             consumer.close()
 
-    def _store(self, msgs: list[tuple[bytes | None, bytes | None]]) -> None:
+    def _store(self, values: list[bytes | None]) -> None:
         records = []
-        for _, value in msgs:
+        for value in values:
             try:
                 records.append((Recommendation.model_validate_json(value).user_id, value))
             except ValidationError as e:
@@ -317,9 +317,9 @@ class Ingest(threading.Thread):
                 self._stopping.wait(1.0)
 
 
-def create_app(settings: Settings, *, ingest: bool = True, prefix: str = "slsrec") -> FastAPI:
+def create_app(settings: Settings, *, ingest: bool = True) -> FastAPI:
     """The API app; ``ingest=False`` serves what Redis holds without consuming Kafka (read replicas)."""
-    latest = LatestStore(settings.redis_url, settings.api_ttl_s, prefix=prefix)
+    latest = LatestStore(settings.redis_url, settings.api_ttl_s)
     metrics = Metrics()
     broadcaster = Broadcaster(latest, metrics)
 
@@ -389,9 +389,9 @@ def create_app(settings: Settings, *, ingest: bool = True, prefix: str = "slsrec
             try:
                 body = await broadcaster.latest_of(user_id)
                 while True:
-                    if body is not None and etag(body) != sent:
-                        sent = etag(body)
-                        yield {"event": "recommendation", "id": sent, "data": body.decode()}
+                    if body is not None and (tag := etag(body)) != sent:
+                        sent = tag
+                        yield {"event": "recommendation", "id": tag, "data": body.decode()}
                     body = await q.get()
             finally:
                 broadcaster.unsubscribe(user_id, q)
