@@ -203,6 +203,11 @@ def _show_api(settings: Settings, got: Collected) -> None:
 
 
 def _wait_for_ctrl_c() -> None:
+    """Until Ctrl-C, or SIGTERM (a service manager's stop), either of which stops what the demo started."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
@@ -339,7 +344,8 @@ def _run(command: tuple[str, ...]) -> None:
 
 
 def stop_flow(proc: subprocess.Popen) -> None:
-    """SIGINT lets Bytewax finish its epoch and snapshot; SIGKILL only if it hangs."""
+    """SIGINT lets Bytewax finish its epoch and snapshot (and uvicorn close its connections); SIGKILL
+    only if it hangs."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:
