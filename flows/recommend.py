@@ -136,7 +136,7 @@ def get_flow(
                         partial(split_by_shard, shard_keys(workers)))
     # (shard, [(Click, Origin)])
     timeout = timedelta(milliseconds=settings.batch_timeout_ms)
-    logic = partial(ShardLogic, recommender, settings.batch_size, timeout, sweep)
+    logic = partial(ShardLogic, recommender, settings.batch_size, timeout, sweep, settings.recovery_dir / "sessions")
     shards = op.stateful_batch("sessions_and_recommend", keyed, logic)
     # (shard, [Recommendation | DeadLetter | SessionClosed | DriftAlert])
     outputs = op.merge("outputs", op.key_rm("unkey", shards), dead_in)

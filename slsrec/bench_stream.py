@@ -38,6 +38,7 @@ from schemas.events import InvalidEvent, decode_click
 from slsrec import local
 from slsrec.benchmark import machine
 from slsrec.checkpoint import load_run, save_run
+from slsrec.codec import Click, to_model
 from slsrec.data import Vocab
 from slsrec.errors import ServiceError
 from slsrec.model import SLSRec, SLSRecConfig
@@ -137,24 +138,48 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
     )
 
 
-def report(r: BenchResult) -> str:
-    return "\n".join([
-        f"machine     {r.machine}; load average {r.load_average[0]:.1f} at start, {r.load_average[1]:.1f} at end",
-        f"model       {r.model}",
-        f"throughput  {r.flow_events_per_s:,.0f} events/s (backlog of {r.events:,} events, 1 worker, CPU); "
-        f"{r.flow_events_per_cpu_s:,.0f} events per CPU second of the flow process",
-        f"latency     p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, max {r.max_ms:.0f} ms "
-        f"at {r.load_events_per_s:,.0f} events/s ({r.latency_events:,} events, a snapshot every "
-        f"{r.snapshot_interval_s:g} s)",
-        "worst       " + ", ".join(f"{p99:.0f} ms at {t} s" for t, p99 in r.worst_seconds)
-        + " (p99 of the slowest seconds of the load; stalls show as one slow second)",
-        f"naive       {r.naive_events_per_s:,.0f} events/s (per event: 1 Redis read, 1 model call; "
-        f"{r.naive_events:,} events)",
-        f"ratio       {r.ratio:.1f}x",
-        "command     " + ("" if r.snapshot_interval_s == Settings.model_fields["snapshot_interval_s"].default
-                             else f"SLSREC_SNAPSHOT_INTERVAL_S={r.snapshot_interval_s:g} ")
-        + f"slsrec bench-stream --events {r.events} --latency-s {r.latency_s:g} --naive-events {r.naive_events}",
-    ])
+def report(results: list[BenchResult], sessions: list[dict] | None = None) -> str:
+    """Every run's figures and their medians as one markdown table (copy it into docs/benchmarks.md),
+    then the serving core against the number of open sessions (``slsrec bench-sessions``)."""
+    r = results[0]
+    cols = [("events/s", lambda x: f"{x.flow_events_per_s:,.0f}"),
+            ("events per CPU s", lambda x: f"{x.flow_events_per_cpu_s:,.0f}"),
+            ("load events/s", lambda x: f"{x.load_events_per_s:,.0f}"),
+            ("p50 ms", lambda x: f"{x.p50_ms:.1f}"), ("p99 ms", lambda x: f"{x.p99_ms:.1f}"),
+            ("max ms", lambda x: f"{x.max_ms:.0f}"), ("worst second p99 ms", lambda x: f"{x.worst_seconds[0][1]:.0f}"),
+            ("naive events/s", lambda x: f"{x.naive_events_per_s:,.0f}"), ("ratio", lambda x: f"{x.ratio:.1f}x"),
+            ("load average", lambda x: f"{x.load_average[0]:.1f}-{x.load_average[1]:.1f}")]
+    median = _median(results)
+    lines = [f"machine     {r.machine}", f"model       {r.model}",
+             f"setup       backlog of {r.events:,} events, 1 worker, CPU; latency at half the rate for "
+             f"{r.latency_s:g} s, a snapshot every {r.snapshot_interval_s:g} s; naive: {r.naive_events:,} events "
+             "(per event: 1 Redis read, 1 model call)", "",
+             "| run | " + " | ".join(name for name, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {k + 1} | " + " | ".join(f(x) for _, f in cols) + " |" for k, x in enumerate(results)]
+    if len(results) > 1:
+        lines.append(f"| median of {len(results)} | " + " | ".join(f(median) for _, f in cols) + " |")
+    if sessions:
+        from slsrec.bench_sessions import report as sessions_report
+        lines += ["", sessions_report(sessions, [x["open_sessions"] for x in sessions[:-1]], sessions[-1]["users"],
+                                      sessions[-1]["cap"], None)]
+    lines += ["", "command     " + ("" if r.snapshot_interval_s == Settings.model_fields["snapshot_interval_s"].default
+                                   else f"SLSREC_SNAPSHOT_INTERVAL_S={r.snapshot_interval_s:g} ")
+              + f"slsrec bench-stream --events {r.events} --latency-s {r.latency_s:g} --naive-events {r.naive_events} "
+              f"--repeats {len(results)}" + ("" if sessions else " --no-sessions")]
+    return "\n".join(lines)
+
+
+def _median(results: list[BenchResult]) -> BenchResult:
+    """Each figure's median over the runs (the worst second: the median of each run's worst)."""
+    def med(get):
+        return float(np.median([get(x) for x in results]))
+    r = results[0]
+    return BenchResult(
+        r.machine, r.model, r.events, med(lambda x: x.flow_events_per_s), med(lambda x: x.flow_events_per_cpu_s),
+        med(lambda x: x.load_events_per_s), r.latency_events, med(lambda x: x.p50_ms), med(lambda x: x.p99_ms),
+        med(lambda x: x.max_ms), r.naive_events, med(lambda x: x.naive_events_per_s),
+        (min(x.load_average[0] for x in results), max(x.load_average[1] for x in results)), r.latency_s,
+        r.snapshot_interval_s, [(0, med(lambda x: x.worst_seconds[0][1]))])
 
 
 # ---- setup ------------------------------------------------------------------------------------------
@@ -306,8 +331,9 @@ def _naive(settings: Settings, run, store: LongTermStore, version: str, n: int) 
             ev = decode_click(m.value())
         except InvalidEvent:
             continue
-        for out in rec.process(table, [(ev, Origin(m.value(), m.topic(), m.partition(), m.offset()))]):
-            p.produce(settings.topic_recommendations, out.model_dump_json().encode(), key=ev.user_id.encode())
+        click = Click(ev.event_id, ev.user_id, ev.item_id, ev.ts, ev.event_type, ev.context)
+        for out in rec.process(table, [(click, Origin(m.value(), m.topic(), m.partition(), m.offset()))]):
+            p.produce(settings.topic_recommendations, to_model(out).model_dump_json().encode(), key=ev.user_id.encode())
             p.poll(0)
         done += 1
     p.flush(30)

@@ -211,12 +211,41 @@ def bench_stream_cmd(
     events: int = typer.Option(100_000, min=1000, help="events in the throughput backlog"),
     latency_s: float = typer.Option(20.0, min=1, help="seconds of paced load for the latency figures"),
     naive_events: int = typer.Option(5_000, min=100, help="events through the naive per-event path"),
+    repeats: int = typer.Option(3, min=1, help="runs; the table shows each and their medians"),
+    sessions: bool = typer.Option(True, help="also the serving core at 10k and 100k open sessions"),
 ) -> None:
     """Throughput and latency of the flow through the local Kafka and Redis, and a naive baseline."""
+    from slsrec.bench_sessions import bench as bench_sessions
     from slsrec.bench_stream import bench, report
     from slsrec.settings import Settings
 
-    typer.echo(report(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events)))
+    results = []
+    for k in range(repeats):
+        results.append(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events))
+        typer.echo(f"run {k + 1} of {repeats}: {results[-1].flow_events_per_s:,.0f} events/s", err=True)
+    rows = bench_sessions([10_000, 100_000], 200_000, 50_000) if sessions else None
+    typer.echo(report(results, rows))
+
+
+@app.command("bench-sessions")
+def bench_sessions_cmd(
+    sizes: str = typer.Option("10000,100000,1000000", help="open sessions per row, comma-separated"),
+    users: int = typer.Option(1_000_000, min=1, help="distinct users streamed through one worker under the cap"),
+    cap: int = typer.Option(100_000, min=1, help="max_open_sessions of the capped run"),
+) -> None:
+    """The serving core against the number of open sessions (cost per event, bytes, snapshot stall),
+    and peak memory of many users under max_open_sessions."""
+    import os
+
+    from slsrec.bench_sessions import bench, report
+
+    try:
+        size_list = [int(x) for x in sizes.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--sizes must be comma-separated integers, got {sizes!r}") from None
+    load = os.getloadavg()[0]
+    rows = bench(size_list, users, cap)
+    typer.echo(report(rows, size_list, users, cap, (load, os.getloadavg()[0])))
 
 
 @app.command("publish")

@@ -41,14 +41,14 @@ class Click(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context: dict[str, str | bool | int | float] | None = None
 
 
-class RankedItem(msgspec.Struct):
+class RankedItem(msgspec.Struct, gc=False):  # no cycles: the collector need not track them
     item_id: str
     score: float
     long_score: float
     short_score: float
 
 
-class Recommendation(msgspec.Struct):
+class Recommendation(msgspec.Struct, gc=False):
     """:class:`schemas.events.Recommendation`, field for field and in its order (the JSON equals)."""
 
     user_id: str

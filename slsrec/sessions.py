@@ -60,6 +60,19 @@ def boundary(prev_ts: int | None, ts: int, segment_len: int, gap_ms: int | None,
     return Boundary.NONE
 
 
+def seconds_since(prev_ts: int | None, ts: int, b: Boundary) -> float:
+    """The time input of an event: seconds since the previous event of its session, 0 where a session
+    starts (the stream forgets a user when the session closes, so training must not use the gap), never
+    negative (an event older than the session's newest counts as 0).
+
+    >>> seconds_since(None, 5_000, Boundary.SESSION), seconds_since(1_000, 3_500, Boundary.NONE)
+    (0.0, 2.5)
+    >>> seconds_since(9_000, 3_500, Boundary.SEGMENT), seconds_since(0, 10**9, Boundary.SESSION)
+    (0.0, 0.0)
+    """
+    return 0.0 if b is Boundary.SESSION or prev_ts is None else max(0, ts - prev_ts) / 1000.0
+
+
 def segment_starts(ts, gap_ms: int | None, max_segment: int) -> np.ndarray:
     """:func:`boundary` applied along one user's time-sorted sequence: ``(n,)`` int8 Boundary codes."""
     out = np.zeros(len(ts), dtype=np.int8)
@@ -121,10 +134,14 @@ def leave_one_out(inter: Interactions) -> Split:
                  np.where(has_eval, end - 1, -1))
 
 
-def _seconds_since_previous(ts: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """float32 seconds since the previous event, 0 where a session starts (a user's first event
-    included): the stream forgets a user when the session closes, so training must not use the gap."""
-    return np.where(codes == Boundary.SESSION, 0.0, np.diff(ts, prepend=0) / 1000.0).astype(np.float32)
+def seconds_since_previous(ts: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """:func:`seconds_since` along time-sorted sequences with their :func:`segment_starts` codes
+    (float32); vectorised, as training applies it to every event.
+
+    >>> seconds_since_previous(np.array([0, 1_000, 3_500, 10**9]), np.array([2, 0, 1, 2])).tolist()
+    [0.0, 1.0, 2.5, 0.0]
+    """
+    return np.where(codes == Boundary.SESSION, 0.0, np.maximum(np.diff(ts, prepend=0), 0) / 1000.0).astype(np.float32)
 
 
 @dataclass
@@ -168,7 +185,7 @@ def batch_from(seqs, users=None, *, T: int | None = None, gap_ms: int | None = D
             ts = np.asarray(ts, dtype=np.int64)
             codes = segment_starts(ts, gap_ms, max_segment)
             items[row, T - len(its):] = its
-            dts[row, T - len(its):] = _seconds_since_previous(ts, codes)
+            dts[row, T - len(its):] = seconds_since_previous(ts, codes)
             seg_start[row, T - len(its):] = codes != Boundary.NONE
     users = torch.as_tensor(range(len(seqs)) if users is None else users, dtype=torch.long)
     return SeqBatch(users, torch.from_numpy(items), torch.from_numpy(dts), torch.from_numpy(seg_start),
@@ -227,7 +244,7 @@ def _padded(split: Split, kind: str, max_len: int, gap_ms: int | None, max_segme
     if codes_key not in split._cache:
         split._cache[codes_key] = _all_starts(inter, gap_ms, max_segment)
     codes = split._cache[codes_key]
-    dts = _seconds_since_previous(inter.ts, codes)
+    dts = seconds_since_previous(inter.ts, codes)
 
     if kind == "train":
         users, stop, target_from = _train_rows(split, max_len, window, rng)

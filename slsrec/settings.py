@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     batch_size: int = Field(512, ge=1)  # micro-batch cap for the batched encoder step
     batch_timeout_ms: int = Field(5, ge=1)  # max wait to fill a micro-batch; 20 ms tripled p50 (bench-stream)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Bounded memory, per worker: past the first, the least recently active sessions close early; a
+    # session holding the second closes before its next event. Both emit SessionClosed(reason="evicted").
+    max_open_sessions: int = Field(1_000_000, ge=1)  # a few hundred bytes each (slsrec bench-memory)
+    max_session_events: int = Field(1_000, ge=1)
 
     # Local state.
     runs_dir: Path = Path("runs")

@@ -84,7 +84,9 @@ def run(model, messages, batch_size=64, recovery=None, telemetry=None, drift=Non
     """Run the flow over ``messages``; the Kafka messages it writes, read back through the contract:
     (recommendations, dead letters, closed sessions); drift alerts go to ``alerts``."""
     batches: list[list] = []
-    settings = Settings(batch_size=batch_size, batch_timeout_ms=5)
+    # Sessions are snapshotted next to Bytewax's recovery database, as `slsrec serve` does.
+    settings = Settings(batch_size=batch_size, batch_timeout_ms=5,
+                        **({} if recovery is None else {"recovery_dir": recovery.db_dir}))
     rec = Recommender(model, ITEMS, lookup, model_version="run-a", gap_ms=GAP_MS, max_segment=5, top_k=5,
                       telemetry=telemetry, drift=drift)
     flow = get_flow(settings, rec, source=TestingSource(polls(messages, poll)), sink=TestingSink(batches),

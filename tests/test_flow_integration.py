@@ -27,8 +27,8 @@ N_ITEMS, DAY_MS = 60, 86_400_000
 USERS = ["ann", "ben", "cid", "dee", "eve"]
 
 
-def consume_all(settings, topic: str, n: int, timeout_s: float = 60.0) -> list:
-    c = Consumer({**settings.kafka_config(), "group.id": f"check-{topic}", "auto.offset.reset": "earliest"})
+def consume_all(settings, topic: str, n: int, timeout_s: float = 60.0, group: str = "check") -> list:
+    c = Consumer({**settings.kafka_config(), "group.id": f"{group}-{topic}", "auto.offset.reset": "earliest"})
     c.subscribe([topic])
     out, deadline = [], time.monotonic() + timeout_s
     while len(out) < n and time.monotonic() < deadline:
@@ -37,6 +37,17 @@ def consume_all(settings, topic: str, n: int, timeout_s: float = 60.0) -> list:
             out.append(m)
     c.close()
     return out
+
+
+def tiny_published_run(settings, tmp_path, seed: int):
+    """A tiny SLSRec run with a published long-term state for every user."""
+    torch.manual_seed(seed)
+    model = SLSRec(SLSRecConfig(n_users=len(USERS), n_items=N_ITEMS, d=8, hidden=8))
+    run = save_run(tmp_path / "tiny", model, name="slsrec", users=Vocab(USERS, padding=False),
+                   items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
+    LongTermStore(settings.redis_url).publish(None, {u: LongTerm(np.ones(8, np.float32), 0.0, 1) for u in USERS},
+                                              meta={"run": str(run)})
+    return run
 
 
 def test_replayed_sessions_equal_the_offline_model(live_settings, tmp_path):
@@ -110,12 +121,7 @@ def test_serve_without_a_published_version_says_what_to_do(live_settings):
 def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
     """`slsrec serve --processes 2`: the cluster shares the partitions; nothing lost or doubled."""
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
-    torch.manual_seed(5)
-    model = SLSRec(SLSRecConfig(n_users=len(USERS), n_items=N_ITEMS, d=8, hidden=8))
-    run = save_run(tmp_path / "tiny", model, name="slsrec", users=Vocab(USERS, padding=False),
-                   items=Vocab([f"sku{k}" for k in range(1, N_ITEMS + 1)], padding=True), dataset="in-test")
-    LongTermStore(settings.redis_url).publish(None, {u: LongTerm(np.ones(8, np.float32), 0.0, 1) for u in USERS},
-                                              meta={"run": str(run)})
+    run = tiny_published_run(settings, tmp_path, seed=5)
     producer, now, sent = Producer(settings.kafka_config()), int(time.time() * 1000), []
     for n in range(200):
         u = f"user{n % 23}"
@@ -158,3 +164,45 @@ def test_serve_defaults_to_the_published_run_even_where_its_directory_is_missing
     assert torch.equal(rec.model.item_embeddings(), model.item_embeddings())
     assert rec.long_term(["a", "b"])[0] == version  # the reader accepts the version of its run
     assert rec.long_term(["a", "b"])[1][1] is None  # b had no history: cold start
+
+
+def test_a_flow_killed_mid_stream_resumes_its_sessions_and_answers_every_event(live_settings, tmp_path):
+    """kill -9 of `slsrec serve`, then a restart: every event is answered (at least once), and the
+    sessions come back from the snapshots (the items seen before the crash stay excluded)."""
+    import os
+    import subprocess
+    import sys
+
+    settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery", "snapshot_interval_s": 0.3})
+    run = tiny_published_run(settings, tmp_path, seed=6)
+    producer, now = Producer(settings.kafka_config()), int(time.time() * 1000)
+    events = [{"event_id": f"e{n}", "user_id": f"user{n % 23}", "item_id": f"sku{n % N_ITEMS + 1}",
+               "ts": now - 100_000 + n, "event_type": "click"} for n in range(600)]
+
+    def send(batch):
+        for e in batch:
+            producer.produce(settings.topic_clicks, json.dumps(e).encode(), key=e["user_id"].encode())
+        producer.flush(30)
+
+    send(events[:300])
+    cmd = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--run", str(run)]
+    with open(tmp_path / "flow.log", "w") as log:
+        flow = subprocess.Popen(cmd, env={**os.environ, **settings.to_env()}, stdout=log, stderr=log)
+        try:
+            assert len(consume_all(settings, settings.topic_recommendations, 300, timeout_s=120, group="wait")) >= 300
+            time.sleep(1.5)  # a few snapshots of the sessions
+        finally:
+            flow.kill()  # SIGKILL: no clean shutdown
+            flow.wait(30)
+    assert list((tmp_path / "recovery" / "sessions").glob("sessions-*.log"))
+    send(events[300:])
+    serve(settings, run, tail=False)
+
+    recs = [Recommendation.model_validate_json(m.value())
+            for m in consume_all(settings, settings.topic_recommendations, 10**6, timeout_s=15)]
+    assert {r.event_id for r in recs} == {e["event_id"] for e in events}  # duplicates allowed, losses not
+    before = {}
+    for e in events[:300]:
+        before.setdefault(e["user_id"], set()).add(e["item_id"])
+    after = [r for r in recs if int(r.event_id[1:]) >= 300]
+    assert after and all(not before[r.user_id] & {i.item_id for i in r.items} for r in after)

@@ -346,3 +346,37 @@ def test_serving_never_imports_training():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & training, (path.name, imported & training)
+
+
+def test_past_max_open_sessions_the_least_recently_active_close_as_evicted(model, items):
+    rec = make(model, items, {}, max_open_sessions=3)
+    table = SessionTable()
+    # u0..u4 in turn, then u1 again: u1 is active once more, so u0 and u2 are the least recent.
+    stream = [click(f"e{u}", f"u{u}", f"i{u + 1}", T0 + 1000 * u) for u in range(5)]
+    out = process(rec, table, stream + [click("e5", "u1", "i9", T0 + 6000)])
+    evicted = [o for o in out if isinstance(o, SessionClosed)]
+    assert [(s.user_id, s.reason, [i.item_id for i in s.items]) for s in evicted] == [
+        ("u0", "evicted", ["i1"]), ("u2", "evicted", ["i3"])]
+    assert list(table.sessions) == ["u3", "u4", "u1"] and len(table) == 3
+    assert sum(isinstance(o, Recommendation) for o in out) == 6  # every event was still answered
+    # An evicted user's next event opens a new session: the answer of a first-ever click.
+    (again,) = process(rec, table, [click("e6", "u0", "i2", T0 + 7000)])[:1]
+    (fresh,) = process(make(model, items, {}), SessionTable(), [click("e6", "u0", "i2", T0 + 7000)])
+    assert rank(again)[0] == rank(fresh)[0] and "i1" in rank(again)[0] + ["i1"]
+    assert rec.stats.sessions_closed == 3 and len(table) == 3
+
+
+def test_a_session_at_max_session_events_closes_before_its_next_event(model, items):
+    rec = make(model, items, {}, max_session_events=3)
+    table = SessionTable()
+    stream = [click(f"e{n}", "u", f"i{n + 1}", T0 + 1000 * n) for n in range(7)]
+    out = process(rec, table, stream)
+    closed = [o for o in out if isinstance(o, SessionClosed)]
+    assert [(s.reason, [i.item_id for i in s.items]) for s in closed] == [
+        ("evicted", ["i1", "i2", "i3"]), ("evicted", ["i4", "i5", "i6"])]
+    assert table.sessions["u"].n_events == 1 and table.sessions["u"].start_ts == T0 + 6000
+    # The event after a close starts from scratch, like the first event of a session.
+    recs = [o for o in out if isinstance(o, Recommendation)]
+    (fresh,) = process(make(model, items, {}), SessionTable(), [stream[3]])
+    assert rank(recs[3])[0] == rank(fresh)[0] and recs[3].alpha == fresh.alpha
+

@@ -11,7 +11,7 @@ import torch
 from slsrec.data import Vocab
 from slsrec.explain import score_parts
 from slsrec.model import score
-from slsrec.sessions import Boundary, SeqBatch, segment_starts
+from slsrec.sessions import Boundary, SeqBatch, seconds_since_previous, segment_starts
 
 
 class Offline(NamedTuple):
@@ -44,13 +44,11 @@ def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: 
     idx = [items.index(i) for i, _ in seq]
     ts = np.array([t for _, t in seq], dtype=np.int64)
     starts = segment_starts(ts, gap_ms, max_segment)
-    # 0 at a session's first event, as in the stream: it drops a user's state when the session
-    # closes, so it cannot know how long the user was away.
-    dts = np.where(starts == Boundary.SESSION, 0, np.diff(ts, prepend=ts[0])) / 1000.0
+    dts = seconds_since_previous(ts, starts)
     batch = SeqBatch(
         user=torch.tensor([user]),
         items=torch.tensor([idx]),  # (1, T)
-        dts=torch.tensor(dts, dtype=torch.float32)[None],  # (1, T)
+        dts=torch.from_numpy(dts)[None],  # (1, T)
         seg_start=torch.from_numpy(starts != Boundary.NONE)[None],  # (1, T)
         targets=torch.zeros(1, len(seq), dtype=torch.long),
     )

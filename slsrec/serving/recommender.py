@@ -52,9 +52,9 @@ from slsrec.codec import Click, RankedItem, Recommendation, encode
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, Quality, next_item_quality
 from slsrec.explain import score_parts
-from slsrec.model import LongState, score
-from slsrec.serving.sessions import Session, SessionTable, session_closed
-from slsrec.sessions import Boundary, boundary
+from slsrec.model import LongState
+from slsrec.serving.sessions import Session, SessionTable, event_hash, session_closed
+from slsrec.sessions import Boundary, boundary, seconds_since
 from slsrec.store import LongTerm
 from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
 
@@ -113,6 +113,30 @@ def click(event_id: str, user_id: str, item_id: str, ts: int, event_type: str = 
 
 
 Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
+TOP_BLOCK = 32  # items per block of `top_k_blocked`
+
+
+def top_k_blocked(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=1)`` for ``scores`` of ``(B, n)``, ``n`` a multiple of TOP_BLOCK.
+
+    The best ``k`` items lie in the ``k`` blocks with the highest maxima (each block holding one of
+    them has a maximum at least the k-th score, and at most ``k`` blocks do), so a top-k over block
+    maxima and one over those blocks' items replace the top-k over all items: about 2x faster on a
+    CPU for 3,706 items.
+
+    >>> s = torch.randn(4, 96)
+    >>> all(torch.equal(a, b) for a, b in zip(top_k_blocked(s, 5), torch.topk(s, 5, dim=1)))
+    True
+    """
+    b, n = scores.shape
+    if k * TOP_BLOCK >= n:
+        top = torch.topk(scores, k, dim=1)
+        return top.values, top.indices
+    blocks = scores.view(b, n // TOP_BLOCK, TOP_BLOCK)  # (B, n_blocks, TOP_BLOCK)
+    best = torch.topk(blocks.amax(dim=2), k, dim=1).indices  # (B, k)
+    candidates = torch.gather(blocks, 1, best[:, :, None].expand(-1, -1, TOP_BLOCK)).reshape(b, -1)  # (B, k*TOP_BLOCK)
+    values, at = torch.topk(candidates, k, dim=1)  # (B, k)
+    return values, torch.gather(best, 1, at // TOP_BLOCK) * TOP_BLOCK + at % TOP_BLOCK
 
 
 @dataclass
@@ -244,7 +268,11 @@ class Recommender:
         self.items = items
         self.users = users
         self.model_version = model_version
-        self._item_emb = model.item_embeddings().detach()  # (n_items+1, d)
+        emb = model.item_embeddings().detach()  # (n_items+1, d)
+        # Padded to whole blocks of `top_k_blocked`; the padding rows score -inf like index 0.
+        self._n_scored = len(emb)
+        self._item_emb = torch.cat([emb, emb.new_zeros((-len(emb)) % TOP_BLOCK, emb.shape[1])])  # (n_pad, d)
+        self._item_emb_np = self._item_emb.cpu().numpy() if self.device == "cpu" else None
         self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
         self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
         self.telemetry.set_versions(model=model_version)
@@ -281,14 +309,16 @@ class Recommender:
             seen, prev = [], None
             for item_id, ts, _ in s.events:
                 # One session's events: only the segment rule can cut them (no gap inside a session).
-                if boundary(prev, ts, len(seg), None, self.max_segment) is Boundary.SEGMENT:
+                b = boundary(prev, ts, len(seg), None, self.max_segment)
+                if b is Boundary.SEGMENT:
                     seg = []
                 idx = index(item_id)
                 if idx is not None:
-                    seg.append((idx, 0.0 if prev is None else max(0, ts - prev) / 1000.0))
+                    seg.append((idx, seconds_since(prev, ts, b)))
                     seen.append(idx)
                 prev = ts if prev is None else max(prev, ts)
             s.seen, s.seg_len, s.model_version = array("q", seen), len(seg), self.model_version
+            s.last_top = array("q")  # indices of the old model's items: the next event goes unscored
             table.states[s.slot] = self._init_state
             segments.append(seg)
         for p in range(max((len(seg) for seg in segments), default=0)):
@@ -341,6 +371,10 @@ class Recommender:
                     self.recommend_many(table, wave, clicks, version, out)
             span.set_attribute(ATTR_REDIS_MS, (t1 - t0) * 1000)
             span.set_attribute(ATTR_MODEL_MS, (time.perf_counter() - t1) * 1000)
+        for u in sorted(per_user, key=lambda u: per_user[u][-1]):  # the table's order: of each user's last event
+            if (s := table.sessions.get(u)) is not None:
+                table.touch(s)
+        table.changed.update(per_user)
         results = [o for per_event in out for o in per_event] + self.evict(table)
         recs = [o for o in results if type(o) is Recommendation]
         tel.recommendations_out.add(len(recs))
@@ -365,7 +399,8 @@ class Recommender:
         for i in positions:
             ev, origin = clicks[i]
             s = sessions.get(ev.user_id)
-            if s is not None and s.has_event(ev.event_id):
+            h = event_hash(ev.event_id)
+            if s is not None and h in s.ids:
                 self.stats.duplicates += 1
                 out[i].append(dead_letter(origin, "duplicate"))
                 continue
@@ -378,13 +413,11 @@ class Recommender:
                     b = Boundary.SESSION
                 s = table.open(ev.user_id, ev.ts, init, self.model_version)
                 self.stats.sessions_opened += 1
-            else:
-                if b is Boundary.SEGMENT:
-                    table.states[s.slot], s.seg_len = init, 0
-                table.touch(s)
-            wave.dts.append(0.0 if b is Boundary.SESSION else max(0, ev.ts - s.last_ts) / 1000.0)  # seconds
+            elif b is Boundary.SEGMENT:
+                table.states[s.slot], s.seg_len = init, 0
+            wave.dts.append(seconds_since(s.last_ts, ev.ts, b))
             s.last_ts = max(s.last_ts, ev.ts)
-            s.record(ev.event_id, ev.item_id, ev.ts, ev.event_type)
+            s.record(h, ev.item_id, ev.ts, ev.event_type)
             idx = index(ev.item_id)
             if idx is not None:  # else a new product: kept in the session for retraining, not stepped
                 s.seen.append(idx)
@@ -409,34 +442,36 @@ class Recommender:
                        version: str | None, out: list[list]) -> None:
         """Fuse, rank and write one recommendation per event of the wave (then its drift alerts)."""
         fused = self._fuse(table, wave)
-        top = torch.topk(self._scores(fused.user, wave.sessions), min(self.top_k, len(self._raw_ids) - 1), dim=1)
-        long_part, short_part = score_parts(fused.long, fused.short, fused.alpha, self._item_emb[top.indices])  # (B, K)
-        top_scores, top_items, longs, shorts = (t.tolist() for t in (top.values, top.indices, long_part, short_part))
+        values, indices = self._rank(fused.user, wave.sessions)  # (B, K), (B, K)
+        long_part, short_part = score_parts(fused.long, fused.short, fused.alpha, self._item_emb[indices])  # (B, K)
+        top_scores, top_items, longs, shorts = (t.tolist() for t in (values, indices, long_part, short_part))
         alphas = fused.alpha.tolist()
         emit, raw, model_version = int(now_ms()), self._raw_ids, self.model_version
         tops = []
         for j, i in enumerate(wave.rows):
-            ev, cold, s = clicks[i][0], wave.longs[j] is None, wave.sessions[j]
-            items = [RankedItem(raw[k], x, lp, sp) for k, x, lp, sp in zip(top_items[j], top_scores[j], longs[j], shorts[j])
-                     if x != -math.inf]  # fewer than K items may be left after exclusion
-            tops.append(items)
+            ev, cold, scores, top, s = clicks[i][0], wave.longs[j] is None, top_scores[j], top_items[j], wave.sessions[j]
+            if scores and scores[-1] == -math.inf:  # fewer than K items were left after exclusion
+                top, scores = top[: scores.index(-math.inf)], scores[: scores.index(-math.inf)]
+            tops.append(top)
             segment = [raw[k] for k in s.seen[len(s.seen) - s.seg_len:]] if s.seg_len else []  # the GRU state's input
-            out[i].append(Recommendation(ev.user_id, ev.event_id, items, model_version, None if cold else version,
-                                         cold, alphas[j], segment, wave.known[j] is None, ev.ts, emit))
+            out[i].append(Recommendation(ev.user_id, ev.event_id,
+                                         list(map(RankedItem, [raw[k] for k in top], scores, longs[j], shorts[j])),
+                                         model_version, None if cold else version, cold, alphas[j], segment,
+                                         wave.known[j] is None, ev.ts, emit))
         cold = [v is None for v in wave.longs]
         self.stats.recommendations += len(wave.rows)
         self.stats.cold_starts += sum(cold)
         for i, alert in self._watch(wave, clicks, tops, alphas, cold):
             out[i].append(alert)
 
-    def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[RankedItem]],
+    def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[int]],
                alphas: list[float], cold: list[bool]) -> list[tuple[int, DriftAlert]]:
         """Online quality of each event against its session's previous top-K, and the drift signals."""
         quality: list[Quality | None] = []
-        for s, i, top in zip(wave.sessions, wave.rows, tops):
-            # None: the first event of a session
-            quality.append(next_item_quality(clicks[i][0].item_id, s.last_top) if s.last_top else None)
-            s.last_top = tuple(t.item_id for t in top)
+        for s, known, top in zip(wave.sessions, wave.known, tops):
+            # None: the first event of a session (an unknown item, index None, is never a hit)
+            quality.append(next_item_quality(known, s.last_top) if s.last_top else None)
+            s.last_top = array("q", top)
         scored = [q for q in quality if q is not None]
         self.stats.scored += len(scored)
         self.stats.hits += sum(q.hit for q in scored)
@@ -486,14 +521,25 @@ class Recommender:
         users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=has_long)
         return Fused(users, alpha.clamp(0.0, 1.0), long, short)
 
-    def _scores(self, users: torch.Tensor, sessions: list[Session]) -> torch.Tensor:
-        """Every item's score per row (B, n_items+1); padding and excluded items score -inf."""
-        scores = score(users, self._item_emb)  # (B, n_items+1)
+    def _scores(self, users: torch.Tensor) -> torch.Tensor:
+        """:func:`slsrec.model.score` against the padded item table: ``(B, n_pad)``, -inf at index 0
+        and the padding. On a CPU through numpy's BLAS: about 2x faster than torch's here (AMD EPYC,
+        docs/benchmarks.md)."""
+        if self._item_emb_np is not None:
+            scores = torch.from_numpy(users.numpy() @ self._item_emb_np.T)  # (B, n_pad)
+        else:
+            scores = users @ self._item_emb.T  # (B, n_pad)
+        scores[:, 0] = scores[:, self._n_scored:] = -math.inf
+        return scores
+
+    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-K (scores, item indices) per row, (B, K) each; padding and excluded items score -inf."""
+        scores = self._scores(users)  # (B, n_pad)
         if self.exclude_seen:
             lengths = np.fromiter((len(s.seen) for s in sessions), np.int64, len(sessions))
             cols = np.frombuffer(b"".join(s.seen for s in sessions), np.int64).copy()  # every session's items
             scores[torch.from_numpy(np.repeat(np.arange(len(sessions)), lengths)), torch.from_numpy(cols)] = -math.inf
-        return scores
+        return top_k_blocked(scores, min(self.top_k, self._n_scored - 1))
 
     def _close(self, table: SessionTable, s: Session, reason: str) -> SessionClosed:
         table.close(s)

@@ -8,14 +8,20 @@ per event is a Python object, so an open session of a few events costs a few hun
 
 from __future__ import annotations
 
+import os
+import pickle
+import struct
+import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from hashlib import blake2b
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
 from schemas.events import SessionClosed, SessionItem
+from slsrec.errors import CheckpointError
 
 # Ids never hold control characters (schemas.events.Id), so these can delimit them.
 _SEP, _END = "\x1f", "\x1e"
@@ -46,7 +52,7 @@ class Session:
 
     def __init__(self, user_id: str, start_ts: int, last_ts: int, slot: int, seg_len: int = 0,
                  log: bytearray | None = None, ids: array | None = None, seen: array | None = None,
-                 last_top: tuple[str, ...] = (), model_version: str | None = None):
+                 last_top: array | None = None, model_version: str | None = None):
         self.user_id = user_id
         self.start_ts = start_ts
         self.last_ts = last_ts
@@ -55,12 +61,13 @@ class Session:
         self.log = bytearray() if log is None else log  # every event, unknown items too
         self.ids = array("q") if ids is None else ids  # event id hashes (`event_hash`)
         self.seen = array("q") if seen is None else seen  # indices of the session's known items
-        self.last_top = last_top  # raw ids recommended at the previous event (online quality)
+        self.last_top = array("q") if last_top is None else last_top  # item indices recommended at the previous event
         self.model_version = model_version  # the model that encoded the state; another one re-encodes it first
 
-    def record(self, event_id: str, item_id: str, ts: int, event_type: str) -> None:
+    def record(self, event_id: str | int, item_id: str, ts: int, event_type: str) -> None:
+        """Append an event; ``event_id`` may be given as its :func:`event_hash` already."""
         self.log += f"{item_id}{_SEP}{ts}{_SEP}{event_type}{_END}".encode()
-        self.ids.append(event_hash(event_id))
+        self.ids.append(event_id if type(event_id) is int else event_hash(event_id))
 
     def has_event(self, event_id: str) -> bool:
         # A scan: sessions hold at most `max_session_events` events, and this one C loop beats a set's bytes.
@@ -103,21 +110,24 @@ class SessionTable:
     >>> t = SessionTable()
     >>> u1 = t.open("u1", 5, np.ones(2, np.float32), "v1")
     >>> u1.record("e1", "a", 5, "view"); u1.record("e2", "new", 9, "view"); u1.seen.append(3)
-    >>> u1.last_ts, u1.seg_len, u1.last_top = 9, 1, ("b", "c")
+    >>> u1.last_ts, u1.seg_len, u1.last_top = 9, 1, array("q", [2, 5])
     >>> _ = t.open("u2", 7, np.zeros(2, np.float32), "v1")
     >>> back = pickle.loads(pickle.dumps(t))
     >>> b1 = back.sessions["u1"]
     >>> b1.events, b1.has_event("e2"), b1.seen, b1.last_top, b1.model_version, b1.seg_len
-    ([('a', 5, 'view'), ('new', 9, 'view')], True, array('q', [3]), ('b', 'c'), 'v1', 1)
+    ([('a', 5, 'view'), ('new', 9, 'view')], True, array('q', [3]), array('q', [2, 5]), 'v1', 1)
     >>> back.state(b1), back.state(back.sessions["u2"]), list(back.sessions)
     (array([1., 1.], dtype=float32), array([0., 0.], dtype=float32), ['u1', 'u2'])
     """
 
-    FORMAT: ClassVar[int] = 3
+    FORMAT: ClassVar[int] = 5
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
         self.states = np.zeros((0, 0), np.float32)  # (capacity, d)
+        # Users whose session opened, closed or changed (the recommender adds every micro-batch's) since
+        # the last `SessionLog.write`.
+        self.changed: set[str] = set()
         self._free: list[int] = []
 
     def __len__(self) -> int:
@@ -139,11 +149,13 @@ class SessionTable:
             self._free = list(range(2 * n - 1, n - 1, -1))
         s = self.sessions[user_id] = Session(user_id, ts, ts, self._free.pop(), model_version=model_version)
         self.states[s.slot] = state
+        self.changed.add(user_id)
         return s
 
     def close(self, s: Session) -> None:
         del self.sessions[s.user_id]
         self._free.append(s.slot)
+        self.changed.add(s.user_id)
 
     def touch(self, s: Session) -> None:
         """Mark ``s`` as the most recently active session."""
@@ -152,30 +164,147 @@ class SessionTable:
     def state(self, s: Session) -> np.ndarray:
         return self.states[s.slot]
 
-    def __getstate__(self) -> dict:
-        ss = list(self.sessions.values())
+    def columns(self, sessions: Iterable[Session] | None = None) -> dict:
+        """``sessions`` (default: all, in table order) as columns: joined buffers, one state matrix."""
+        ss = list(self.sessions.values() if sessions is None else sessions)
+        versions = sorted({s.model_version or "" for s in ss})
+        code = {v: k for k, v in enumerate(versions)}
         return {
-            "d": self.states.shape[1],
-            "user_id": [s.user_id for s in ss], "model_version": [s.model_version for s in ss],
-            "last_top": [s.last_top for s in ss],
-            "ints": np.array([(s.start_ts, s.last_ts, s.seg_len, len(s.log), len(s.ids), len(s.seen)) for s in ss],
-                             dtype=np.int64).reshape(-1, 6),
+            "d": self.states.shape[1], "user_id": [s.user_id for s in ss], "versions": versions,
+            "ints": np.array([(s.start_ts, s.last_ts, s.seg_len, code[s.model_version or ""], len(s.log), len(s.ids),
+                               len(s.seen), len(s.last_top)) for s in ss], dtype=np.int64).reshape(-1, 8),
             "state": self.states[[s.slot for s in ss]],  # (n, d): one array, not n
-            # memcpy, not objects: every session's log, event id hashes and known items, concatenated
+            # memcpy, not objects: every session's log, event id hashes, known and recommended items, concatenated
             "log": b"".join(s.log for s in ss), "ids": b"".join(s.ids for s in ss), "seen": b"".join(s.seen for s in ss),
+            "last_top": b"".join(s.last_top for s in ss),
         }
 
-    def __setstate__(self, c: dict) -> None:
-        log, ids, seen, size = c["log"], c["ids"], c["seen"], array("q").itemsize
-        n = len(c["user_id"])
-        self.states = np.zeros((max(64, 2 * n), c["d"]), np.float32)
-        self.states[:n] = c["state"]
-        self._free = list(range(len(self.states) - 1, n - 1, -1))
-        self.sessions, at_log, at_ids, at_seen = {}, 0, 0, 0  # read positions
-        for j, (start, last, seg_len, n_log, n_ids, n_seen) in enumerate(c["ints"].tolist()):
+    def apply(self, c: dict, deleted: Iterable[str] = ()) -> None:
+        """Put the sessions of :meth:`columns` into the table (replacing those of the same users, which
+        become the most recent), and drop the sessions of ``deleted``."""
+        for user in deleted:
+            if user in self.sessions:
+                self.close(self.sessions[user])
+        size = array("q").itemsize
+        at = {"log": 0, "ids": 0, "seen": 0, "last_top": 0}  # read positions in the joined buffers
+
+        def take(name: str, length: int, width: int):
+            part = c[name][at[name] * width:(at[name] + length) * width]
+            at[name] += length
+            return part
+
+        for j, (start, last, seg_len, version, n_log, n_ids, n_seen, n_top) in enumerate(c["ints"].tolist()):
             user = c["user_id"][j]
-            self.sessions[user] = Session(
-                user, start, last, j, seg_len, bytearray(log[at_log:at_log + n_log]),
-                array("q", ids[at_ids * size:(at_ids + n_ids) * size]),
-                array("q", seen[at_seen * size:(at_seen + n_seen) * size]), c["last_top"][j], c["model_version"][j])
-            at_log, at_ids, at_seen = at_log + n_log, at_ids + n_ids, at_seen + n_seen
+            if user in self.sessions:
+                self.close(self.sessions[user])
+            s = self.open(user, start, c["state"][j], c["versions"][version] or None)
+            s.last_ts, s.seg_len, s.log = last, seg_len, bytearray(take("log", n_log, 1))
+            s.ids, s.seen = array("q", take("ids", n_ids, size)), array("q", take("seen", n_seen, size))
+            s.last_top = array("q", take("last_top", n_top, size))
+
+    def __getstate__(self) -> dict:
+        return self.columns()
+
+    def __setstate__(self, c: dict) -> None:
+        self.__init__()
+        self.apply(c)
+        self.changed.clear()
+
+
+class SessionLog:
+    """A shard's sessions on disk, for recovery: a full base, then per snapshot only what changed.
+
+    Each :meth:`write` appends one record to the current file: the sessions opened or changed since
+    the previous write, and the users whose session closed (``SessionTable.changed``). So a snapshot
+    costs what changed in its epoch, not what is open. When the deltas outgrow ``rebase_bytes`` (and
+    twice the base), the next write starts a new file with a full base; the file before the previous
+    one is then deleted.
+
+    The shard's Bytewax snapshot holds ``(lineage, file number, sequence number)`` only: a resume
+    replays that file up to that record and cuts off the records after it (written for an epoch that
+    never committed). A record: 8-byte sequence number, 8-byte length, a pickled dict.
+
+    >>> import tempfile
+    >>> log, t = SessionLog(Path(tempfile.mkdtemp())), SessionTable()
+    >>> for u in ("a", "b", "c"):
+    ...     t.open(u, 5, np.zeros(2, np.float32), "v1").record("e", "i1", 5, "view")
+    >>> mark = log.write(t)  # the base: 3 sessions
+    >>> t.sessions["b"].record("e2", "i2", 6, "view"); t.changed.add("b"); t.close(t.sessions["c"])
+    >>> mark2 = log.write(t)  # a delta: b changed, c closed
+    >>> log.last_record["upserts"]["user_id"], log.last_record["deleted"]
+    (['b'], ['c'])
+    >>> [(u, s.events) for u, s in SessionLog.resume(log.directory, *mark2).table.sessions.items()]
+    [('a', [('i1', 5, 'view')]), ('b', [('i1', 5, 'view'), ('i2', 6, 'view')])]
+    >>> sorted(SessionLog.resume(log.directory, *mark).table.sessions)  # an older snapshot: the tail is cut
+    ['a', 'b', 'c']
+    """
+
+    HEADER = struct.Struct("<qq")
+
+    def __init__(self, directory: Path, lineage: str | None = None, rebase_bytes: int = 64 << 20):
+        self.directory = Path(directory)
+        self.lineage = lineage or uuid.uuid4().hex
+        self.rebase_bytes = rebase_bytes
+        self.file_no, self.seq, self.table = -1, 0, SessionTable()
+        self.last_record: dict = {}  # what the last write wrote
+        self.last_bytes = 0  # ... and its size on disk
+        self._size = self._base_size = 0
+
+    def path(self, file_no: int) -> Path:
+        return self.directory / f"sessions-{self.lineage}-{file_no}.log"
+
+    def write(self, table: SessionTable) -> tuple[str, int, int]:
+        """Append what changed in ``table`` since the previous write (or a new base); returns the
+        mark that the Bytewax snapshot keeps: (lineage, file number, sequence number)."""
+        self.seq += 1
+        if self.file_no < 0 or self._size > max(self.rebase_bytes, 2 * self._base_size):
+            self.file_no += 1
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.path(self.file_no).write_bytes(b"")
+            self._size = 0
+            self.path(self.file_no - 2).unlink(missing_ok=True)  # a resume may still need the previous file
+            record = {"base": True, "upserts": table.columns(), "deleted": []}
+        else:
+            changed = [table.sessions[u] for u in table.changed if u in table.sessions]
+            changed.sort(key=lambda s: s.last_ts)  # the table's order after a replay: by last event
+            record = {"base": False, "upserts": table.columns(changed),
+                      "deleted": sorted(u for u in table.changed if u not in table.sessions)}
+        data = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(self.path(self.file_no), "ab") as f:
+            f.write(self.HEADER.pack(self.seq, len(data)) + data)
+            f.flush()
+            os.fsync(f.fileno())
+        self.last_bytes = self.HEADER.size + len(data)
+        self._size += self.last_bytes
+        self._base_size = self._size if record["base"] else self._base_size
+        self.last_record = record
+        table.changed.clear()
+        return self.lineage, self.file_no, self.seq
+
+    @classmethod
+    def resume(cls, directory: Path, lineage: str, file_no: int, seq: int) -> SessionLog:
+        """The log as it was at mark ``(lineage, file_no, seq)``, its ``table`` rebuilt; later records are cut."""
+        log = cls(directory, lineage)
+        log.file_no, path = file_no, log.path(file_no)
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: the recovery snapshots need it; move {directory} away to "
+                                  "start without them")
+        with open(path, "r+b") as f:
+            data, at = f.read(), 0
+            while at + cls.HEADER.size <= len(data):
+                n, length = cls.HEADER.unpack_from(data, at)
+                if n > seq or at + cls.HEADER.size + length > len(data):
+                    break
+                record = pickle.loads(data[at + cls.HEADER.size:at + cls.HEADER.size + length])
+                if record["base"]:
+                    log.table = SessionTable()
+                log.table.apply(record["upserts"], record["deleted"])
+                log.seq, at = n, at + cls.HEADER.size + length
+                log._base_size = at if record["base"] else log._base_size
+            if log.seq != seq:
+                raise CheckpointError(f"{path} ends at snapshot {log.seq}, not {seq}: move {directory} away to "
+                                      "start without the recovery snapshots")
+            f.truncate(at)
+        log._size = at
+        log.table.changed.clear()
+        return log

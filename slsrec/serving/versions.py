@@ -201,4 +201,5 @@ def open_recommender(settings: Settings, run: str | Path | None = None, telemetr
                        max_segment=model.config.max_segment, top_k=settings.top_k,
                        exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry,
                        versions=reader.poll if run is None else None, drift=DriftMonitor(worker_id=worker_id),
-                       users=users)
+                       users=users, max_open_sessions=settings.max_open_sessions,
+                       max_session_events=settings.max_session_events)
