@@ -295,7 +295,9 @@ def scratch_topics(settings: Settings, prefix: str) -> Iterator[Settings]:
             fut.result(timeout=30)
 
 
-SCRATCH_REDIS_DBS = range(1, 16)  # db 0 is left to the demo and to people
+# db 0 is left to the demo and to people. Highest first: checkouts of older code lock per checkout
+# (var/run/) and take db 1 first, so they and this one do not meet.
+SCRATCH_REDIS_DBS = range(15, 0, -1)
 # The Redis on a port is the machine's, shared by every checkout (a teammate's worktree, CI), so the
 # locks on its databases are the machine's too: under var/run/ two checkouts took the same database.
 SCRATCH_LOCKS = Path(tempfile.gettempdir()) / "slsrec-scratch-redis"

@@ -89,9 +89,11 @@ async function pollBusiest() {
       return li;
     }));
     markBusiest();
-    // Following: stay with a user while they are among the top three, so the view does not flicker.
-    const top = users.slice(0, 3).map((u) => u.user_id);
-    if ($("follow").checked && users.length && !top.includes(watched)) watch(users[0].user_id);
+    // Following: move to the busiest user once they lead the watched one clearly, so that two users
+    // of about the same activity do not make the view flicker.
+    const current = users.find((u) => u.user_id === watched);
+    if ($("follow").checked && users.length && users[0].user_id !== watched
+        && (!current || users[0].updates > 1.25 * current.updates)) watch(users[0].user_id);
     if (!watched) text($("status"), users.length ? "live" : "waiting for recommendations…");
   } catch (e) {
     text($("status"), "API unreachable");
