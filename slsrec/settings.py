@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Bounded memory, per worker: past the first, the least recently active sessions close early; a
     # session holding the second closes before its next event. Both emit SessionClosed(reason="evicted").
-    max_open_sessions: int = Field(1_000_000, ge=1)  # a few hundred bytes each (slsrec bench-memory)
+    max_open_sessions: int = Field(1_000_000, ge=1)  # about 1 kB each (slsrec bench-sessions)
     max_session_events: int = Field(1_000, ge=1)
 
     # Local state.
