@@ -151,6 +151,18 @@ def test_after_a_replay_the_api_serves_each_users_latest_recommendation(world):
     assert world.get("bad%01id").status_code == 422  # a control character is never an id
 
 
+def test_a_record_that_is_no_recommendation_is_skipped_and_counted(world):
+    for raw in (b"not json", b'{"user_id": "ann"}'):
+        world.producer.produce(world.settings.topic_recommendations, raw, key=b"ann")
+    event_id = world.click("ann", "sku40")  # and the stream goes on
+    world.producer.flush(30)
+    world.wait_for("ann", event_id)
+    deadline = time.monotonic() + 30
+    while 'slsrec_api_invalid_records_total 2.0' not in (text := httpx.get(f"{world.api}/metrics").text):
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.2)
+
+
 def test_a_restarted_api_serves_at_once_from_redis_without_kafka(world):
     """A fresh app that consumes nothing answers from what Redis holds (the restart case)."""
     from fastapi.testclient import TestClient
