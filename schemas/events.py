@@ -88,8 +88,14 @@ class ClickEvent(_Wire):
 
 
 class RankedItem(_Wire):
+    """One recommended item. Its score is ``long_score + short_score``: the parts the user's long-term
+    interest and the current session's short-term intent contributed (``slsrec.explain``); either may
+    be negative."""
+
     item_id: Id
     score: float = Field(allow_inf_nan=False)
+    long_score: float = Field(allow_inf_nan=False)  # alpha * (long-term vector . item)
+    short_score: float = Field(allow_inf_nan=False)  # (1 - alpha) * (short-term vector . item)
 
 
 class Recommendation(_Wire):
@@ -106,6 +112,9 @@ class Recommendation(_Wire):
     long_term_version: str | None = Field(max_length=MAX_ID_CHARS)
     cold_start: bool
     alpha: float = Field(ge=0.0, le=1.0)  # fusion gate: weight of the long-term interest
+    # The session's known items the short-term vector was built from, oldest first: the current segment
+    # (at most the model's max_segment items; earlier segments of a long session count as long-term).
+    short_term_items: list[Id] = Field(max_length=1000)
     unknown_item: bool  # the causing event's item is not in the model's vocabulary
     event_ts: EpochMs
     emit_ts: EpochMs

@@ -193,6 +193,41 @@ def counts_of(flag: str, value: str) -> list[int]:
     return counts
 
 
+@app.command("api")
+def api_cmd(
+    host: str = typer.Option(None, help="address to bind [default: SLSREC_API_HOST, else 127.0.0.1]"),
+    port: int = typer.Option(None, min=1, max=65535, help="port [default: SLSREC_API_PORT, else 8000]"),
+) -> None:
+    """Serve each user's latest recommendation over HTTP, live updates (SSE) and the live page at /."""
+    import logging
+
+    from slsrec.api import serve_api
+    from slsrec.kafka_check import check_kafka
+    from slsrec.latest import LatestStore
+    from slsrec.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {"api_host": host, "api_port": port}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    check_kafka(settings)  # each service's failure as one line, before the server starts
+    LatestStore(settings.redis_url, settings.api_ttl_s).users(1)
+    serve_api(settings)
+
+
+@app.command("bench-api")
+def bench_api_cmd(
+    rate: float = typer.Option(1000.0, min=1, help="GET requests per second, sent on schedule (open loop)"),
+    duration_s: float = typer.Option(20.0, min=1, help="seconds measured, after a 2 s warm-up"),
+    flow_rate: float = typer.Option(200.0, min=1, help="clicks per second through the flow meanwhile"),
+    run: str = typer.Option(None, help="run directory [default: a random SLSRec of ML-1M size]"),
+) -> None:
+    """GET latency of `slsrec api` at a fixed request rate while the flow serves a live stream."""
+    from slsrec.bench_api import bench, report
+    from slsrec.settings import Settings
+
+    typer.echo(report(bench(Settings(), rate=rate, duration_s=duration_s, flow_rate=flow_rate, run=run)))
+
+
 @app.command("bench-stream")
 def bench_stream_cmd(
     run: str = typer.Option(None, help="run directory [default: a random SLSRec of ML-1M size]"),

@@ -44,6 +44,8 @@ class Click(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RankedItem(msgspec.Struct, gc=False):  # no cycles: the collector need not track them
     item_id: str
     score: float
+    long_score: float
+    short_score: float
 
 
 class Recommendation(msgspec.Struct, gc=False):
@@ -56,6 +58,7 @@ class Recommendation(msgspec.Struct, gc=False):
     long_term_version: str | None
     cold_start: bool
     alpha: float
+    short_term_items: list[str]
     unknown_item: bool
     event_ts: int
     emit_ts: int

@@ -1,12 +1,13 @@
 """``make demo``: the whole system end to end on this machine, then everything it started is stopped.
 
 Steps: start local Kafka and Redis -> train a small SLSRec on the synthetic world if ``runs/demo`` is
-missing -> publish its long-term vectors -> start the flow -> replay the bundled clickstream ->
+missing -> publish its long-term vectors -> start the flow and the API (``slsrec api``: its URL and a
+``curl`` line are printed) -> replay the bundled clickstream ->
 collect what came out of Kafka -> print a summary. Then the long-term loop: one retrain cycle
 (``slsrec retrain --once`` on the sessions the flow recorded) publishes a new version, which the
 running flow adopts without a restart -> replay a second clickstream whose users' tastes have
 changed -> print the recommendations per version and the drift alerts read from topic ``drift``.
-The publisher, flow and replay run as the same command lines that ``docker-compose.yml`` runs
+With ``--keep-services`` the flow and the API stay up until Ctrl-C, for the live page. The publisher, flow and replay run as the same command lines that ``docker-compose.yml`` runs
 (:data:`slsrec.local.APP_COMMANDS`).
 
 The second clickstream, ``data/clicks.drift.jsonl``, is written by::
@@ -64,7 +65,8 @@ class Collected:
 
 
 def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bool = False) -> None:
-    """Run the demo; stop the flow, and the services the demo started unless ``keep_services``."""
+    """Run the demo; stop the flow and the API, and the services the demo started unless ``keep_services``
+    (then the flow and the API stay up until Ctrl-C)."""
     from slsrec.store import LongTermStore
 
     if keep_services:
@@ -74,17 +76,19 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
         _say(f"services: Kafka {settings.kafka_bootstrap} and Redis answer (started now: {', '.join(started) or 'none'});"
              f" this run's topics: {settings.topic_clicks}, {settings.topic_recommendations}, ...")
         store = LongTermStore(settings.redis_url)
-        flow = None
+        flow = api = None
         try:
             _ensure_run(epochs)
             _run(local.APP_COMMANDS["publisher"])
             v1 = store.current_version()
             start = _end_offsets(settings)
             flow = _start_flow()
+            api = _start_api(settings)
             _run(local.APP_COMMANDS["replay"])
             n_events = _lines(local.SAMPLE_CLICKS)
             got = _collect(settings, start, n_events)
             _summarise(n_events, got)
+            _show_api(settings, got)
             first_alerts = _drift_alerts(settings, start[settings.topic_drift])
 
             _say("the long-term loop: one retrain cycle on the sessions the flow recorded")
@@ -101,7 +105,13 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
             got2 = _collect(settings, second, n_drift)
             _summarise(n_drift, got2, title="second replay: users whose tastes changed")
             _loop_summary(got, got2, _drift_alerts(settings, start[settings.topic_drift]), first_alerts)
+            if keep_services:
+                _show_api(settings, got2)
+                _say("the flow and the API stay up until Ctrl-C (replay more: slsrec replay data/clicks.sample.jsonl)")
+                _wait_for_ctrl_c()
         finally:
+            if api is not None:
+                stop_flow(api)
             if flow is not None:
                 stop_flow(flow)
 
@@ -162,6 +172,47 @@ def _start_flow() -> subprocess.Popen:
         time.sleep(0.5)
     stop_flow(proc)
     raise ServiceError(f"the flow did not start within {FLOW_READY_TIMEOUT_S:.0f} s; log {log_path}")
+
+
+def _start_api(settings: Settings) -> subprocess.Popen:
+    """Start `slsrec api` (log: var/log/demo-api.log) and wait until it is ready."""
+    from slsrec.api import wait_ready
+
+    _say("api: " + " ".join(local.APP_COMMANDS["api"]))
+    log_path = local.LOG / "demo-api.log"
+    proc = subprocess.Popen(_argv(local.APP_COMMANDS["api"]), cwd=local.ROOT, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(_api_url(settings), proc, log_path)
+    except ServiceError:
+        stop_flow(proc)
+        raise
+    return proc
+
+
+def _api_url(settings: Settings) -> str:
+    return f"http://{settings.api_host}:{settings.api_port}"
+
+
+def _show_api(settings: Settings, got: Collected) -> None:
+    """The API's URL and one curl line for a user of the replay."""
+    url = _api_url(settings)
+    user = got.recommendations[-1]["user_id"] if got.recommendations else "USER_ID"
+    _say(f"api: {url}/ (the live page), {url}/docs (the endpoints)")
+    _say(f"curl -i {url}/v1/users/{user}/recommendations")
+
+
+def _wait_for_ctrl_c() -> None:
+    """Until Ctrl-C, or SIGTERM (a service manager's stop), either of which stops what the demo started."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("stopping the flow and the API")
 
 
 def _wait_for_switch(version: str) -> str:
@@ -293,7 +344,8 @@ def _run(command: tuple[str, ...]) -> None:
 
 
 def stop_flow(proc: subprocess.Popen) -> None:
-    """SIGINT lets Bytewax finish its epoch and snapshot; SIGKILL only if it hangs."""
+    """SIGINT lets Bytewax finish its epoch and snapshot (and uvicorn close its connections); SIGKILL
+    only if it hangs."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
         try:

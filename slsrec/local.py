@@ -74,6 +74,7 @@ APP_COMMANDS: dict[str, tuple[str, ...]] = {
     "publisher": ("slsrec", "publish", "--run", DEMO_RUN),
     "flow": ("slsrec", "serve"),
     "replay": ("slsrec", "replay", SAMPLE_CLICKS, "--as-fast-as-possible"),  # topic from settings
+    "api": ("slsrec", "api"),
 }
 
 

@@ -93,6 +93,8 @@ class Output(NamedTuple):
     user: Tensor  # (B, T, d) user vector after each position; score items with user @ E.T
     alpha: Tensor | None  # (B, T) weight of the long-term vector, None for models without fusion
     aux_loss: Tensor  # scalar, already weighted, 0 in eval mode; add it to the recommendation loss
+    long: Tensor | None = None  # (B, T, d) the long-term vector the gate fused (zero where cold), for explanations
+    short: Tensor | None = None  # (B, T, d) the short-term vector it fused
 
 
 def score(user: Tensor, items: Tensor) -> Tensor:
@@ -357,7 +359,7 @@ class SLSRec(nn.Module):
         short = zero if cfg.fusion == "long" else self.short_vector(self.short_encoder(x, batch.dts, seg))  # (B, T, d)
         user, alpha = self.fusion(long, has_long.float(), short, seg.length, batch.dts)
         aux = self._contrastive(e, seg, lo, long, short, seg.real & has_long)
-        return Output(user * seg.real.unsqueeze(-1), alpha * seg.real, aux)  # padding -> 0
+        return Output(user * seg.real.unsqueeze(-1), alpha * seg.real, aux, long, short)  # padding -> 0
 
     def _contrastive(self, e: Tensor, seg: Segments, lo: Tensor, long: Tensor, short: Tensor, valid: Tensor) -> Tensor:
         """The weighted contrastive loss against the proxies (mean long-term item, mean of the last k)."""

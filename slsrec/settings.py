@@ -12,6 +12,7 @@ False
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +61,14 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(10.0, gt=0)
     history_dir: Path = Path("var/history")
 
+    # The HTTP API (`slsrec api`): each user's latest recommendation, read from `recommendations`.
+    api_host: str = "127.0.0.1"  # loopback by default, as every local service; 0.0.0.0 in a container
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_group: str = "slsrec-api"  # its consumer group: replicas of the API share the partitions
+    api_ttl_s: int = Field(7 * 24 * 3600, ge=1)  # a user's latest recommendation is served this long after it was made
+    # Origins (scheme://host[:port]) whose pages may call the API, e.g. '["https://shop.example"]'; none by default.
+    api_cors_origins: list[str] = []
+
     # Telemetry: OTLP when an endpoint is set; `console` prints spans and metrics instead.
     otel_endpoint: str | None = None
     otel_console: bool = False
@@ -84,7 +93,8 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             if value is not None:
-                env[f"SLSREC_{name.upper()}"] = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+                env[f"SLSREC_{name.upper()}"] = (value.get_secret_value() if isinstance(value, SecretStr)
+                                                 else json.dumps(value) if isinstance(value, list) else str(value))
         return env
 
     def torch_device(self) -> str:

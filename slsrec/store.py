@@ -1,4 +1,6 @@
-"""Versioned long-term vectors (and model files) in Redis: the only module that talks to Redis.
+"""Versioned long-term vectors (and model files) in Redis. With :mod:`slsrec.latest` (the API's latest
+recommendation per user), the only modules that talk to Redis; both report failures through
+:func:`redis_errors`.
 
 Key layout (``prefix`` defaults to ``slsrec``; ``{prefix}`` in braces is literal, a hash tag)::
 
@@ -56,6 +58,7 @@ from urllib.parse import urlsplit
 import cachetools
 import numpy as np
 import redis
+import redis.asyncio
 from pydantic import SecretStr
 
 from slsrec.errors import DataError, ServiceError, UserError
@@ -118,13 +121,25 @@ def redis_location(url: SecretStr | str) -> str:
     return f"{parts.hostname}:{parts.port or 6379}"
 
 
-def connect(url: str, **options) -> redis.Redis | redis.RedisCluster:
-    """A redis-py client for ``url``: a :class:`redis.RedisCluster` for ``redis+cluster://`` (or
-    ``rediss+cluster://``) URLs, which finds every node from the one named, else a :class:`redis.Redis`."""
+def connect(url: str, *, aio: bool = False, **options):
+    """A redis-py client for ``url`` (asyncio's with ``aio``): a ``RedisCluster`` for ``redis+cluster://``
+    (or ``rediss+cluster://``) URLs, which finds every node from the one named, else a ``Redis``."""
+    lib = redis.asyncio if aio else redis
     scheme, sep, rest = url.partition("://")
     if scheme in CLUSTER_SCHEMES:
-        return redis.RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}{sep}{rest}", **options)
-    return redis.Redis.from_url(url, **options)
+        return lib.RedisCluster.from_url(f"{CLUSTER_SCHEMES[scheme]}{sep}{rest}", **options)
+    return lib.Redis.from_url(url, **options)
+
+
+def node_url(url: str) -> str:
+    """The URL of the one node that ``url`` names: pub/sub needs a node, and on a cluster a message
+    published on any node reaches the subscribers of every node.
+
+    >>> node_url("redis+cluster://127.0.0.1:7001"), node_url("redis://h:1/2")
+    ('redis://127.0.0.1:7001', 'redis://h:1/2')
+    """
+    scheme, sep, rest = url.partition("://")
+    return f"{CLUSTER_SCHEMES.get(scheme, scheme)}{sep}{rest}"
 
 
 def lt_shard(user_id: str, shards: int) -> int:
@@ -134,6 +149,27 @@ def lt_shard(user_id: str, shards: int) -> int:
     (0, 46)
     """
     return zlib.crc32(user_id.encode()) % shards
+
+
+@contextlib.contextmanager
+def redis_errors(location: str, tls: bool) -> Iterator[None]:
+    """Redis failures as one clear line naming host:port (redis-py never prints the password)."""
+    try:
+        yield
+    except redis.AuthenticationError as e:
+        raise ServiceError(f"Redis at {location} refused the credentials: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        if isinstance(e.__context__, ssl.SSLError):
+            raise ServiceError(f"Redis at {location}: TLS handshake failed (is ssl_ca_certs in the Redis URL "
+                               f"the CA that signed the server's certificate?): {e}") from None
+        # A TLS port hangs up on a plaintext client without a word.
+        hint = (" (if that port serves TLS, use a rediss:// URL)"
+                if isinstance(e.__context__, ConnectionResetError) and not tls else "")
+        raise ServiceError(f"Redis at {location} is unreachable: {e}{hint}") from None
+    except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
+        raise ServiceError(f"Redis at {location} refused a command: {e}") from None
+    except redis.exceptions.RedisClusterException as e:  # no node answers, a slot without a node
+        raise ServiceError(f"Redis Cluster at {location}: {e}") from None
 
 
 class LongTerm(NamedTuple):
@@ -229,25 +265,8 @@ class LongTermStore:
             shards = self._shards[version] = int(raw)
         return shards
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Redis failures as one clear line naming host:port (redis-py never prints the password)."""
-        try:
-            yield
-        except redis.AuthenticationError as e:
-            raise ServiceError(f"Redis at {self.location} refused the credentials: {e}") from None
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            if isinstance(e.__context__, ssl.SSLError):
-                raise ServiceError(f"Redis at {self.location}: TLS handshake failed (is ssl_ca_certs in the Redis URL "
-                                   f"the CA that signed the server's certificate?): {e}") from None
-            # A TLS port hangs up on a plaintext client without a word.
-            hint = (" (if that port serves TLS, use a rediss:// URL)"
-                    if isinstance(e.__context__, ConnectionResetError) and not self._tls else "")
-            raise ServiceError(f"Redis at {self.location} is unreachable: {e}{hint}") from None
-        except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
-            raise ServiceError(f"Redis at {self.location} refused a command: {e}") from None
-        except redis.exceptions.RedisClusterException as e:  # no node answers, a slot without a node
-            raise ServiceError(f"Redis Cluster at {self.location}: {e}") from None
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return redis_errors(self.location, self._tls)
 
     # Reading.
     def current_version(self) -> str | None:

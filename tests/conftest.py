@@ -18,12 +18,18 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 from pydantic import SecretStr
 
 from slsrec import local
 from slsrec.settings import Settings
+
+if TYPE_CHECKING:
+    from schemas.events import Recommendation
+    from slsrec.serving import Offline
 
 
 
@@ -126,3 +132,15 @@ def secure_live_settings(secure_services, topic_prefix, tmp_path) -> Iterator[Se
                                                       "history_dir": tmp_path / "history"})
     with local.scratch_topics(base, topic_prefix) as settings, local.scratch_redis_db(secure=True) as url:
         yield settings.model_copy(update={"redis_url": SecretStr(url)})
+
+
+def assert_equals_offline(got: Recommendation, want: Offline) -> None:
+    """The stream's record equals the offline model's answer (slsrec.serving.recommend_offline): the
+    ranking, the gate and the explanation. Shared by the unit and the end-to-end tests."""
+    assert [i.item_id for i in got.items] == want.items
+    np.testing.assert_allclose([i.score for i in got.items], want.scores, atol=1e-4)
+    assert got.alpha == pytest.approx(want.alpha, abs=1e-4)
+    np.testing.assert_allclose([i.long_score for i in got.items], want.long_scores, atol=1e-4)
+    np.testing.assert_allclose([i.short_score for i in got.items], want.short_scores, atol=1e-4)
+    np.testing.assert_allclose([i.long_score + i.short_score for i in got.items], want.scores, atol=1e-4)  # the split
+    assert got.short_term_items == want.short_term_items

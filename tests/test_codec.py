@@ -76,17 +76,19 @@ def test_any_input_gets_the_same_answer_from_both_paths(raw):
 
 
 # Scores below 1e16 in size: above, pydantic writes 1e+16 where msgspec writes 1e16 (the same JSON number).
-items = st.lists(st.builds(RankedItem, st.text(min_size=1, max_size=20).filter(lambda s: s.isprintable()),
-                           st.floats(-1e16, 1e16, exclude_min=True, exclude_max=True)), max_size=12)
+score = st.floats(-1e16, 1e16, exclude_min=True, exclude_max=True)
+item_id = st.text(min_size=1, max_size=20).filter(lambda s: s.isprintable())
+items = st.lists(st.builds(RankedItem, item_id, score, score, score), max_size=12)
 
 
 @settings(max_examples=200, deadline=None)
-@given(items, st.floats(0.0, 1.0), st.booleans(), st.text(min_size=1, max_size=10).filter(str.isprintable))
-def test_the_fast_encoder_writes_what_pydantic_writes(ranked, alpha, cold, user):
+@given(items, st.floats(0.0, 1.0), st.booleans(), st.text(min_size=1, max_size=10).filter(str.isprintable),
+       st.lists(item_id, max_size=5))
+def test_the_fast_encoder_writes_what_pydantic_writes(ranked, alpha, cold, user, session):
     now = int(time.time() * 1000)
     rec = FastRecommendation(user_id=user, event_id="e-1", items=ranked, model_version="v000001-x",
                              long_term_version=None if cold else "v000001-x", cold_start=cold, alpha=alpha,
-                             unknown_item=not cold, event_ts=now - 5, emit_ts=now)
+                             short_term_items=session, unknown_item=not cold, event_ts=now - 5, emit_ts=now)
     model = to_model(rec)  # validates against the contract
     assert isinstance(model, Recommendation)
     assert encode(rec) == model.model_dump_json().encode()

@@ -14,6 +14,7 @@ import yaml
 
 from slsrec import local
 from slsrec.errors import ServiceError
+from slsrec.settings import Settings
 
 COMPOSE = local.ROOT / "docker-compose.yml"
 # Broker settings that differ by design: addresses inside the compose network, and the data folder.
@@ -86,3 +87,15 @@ def test_published_ports_are_loopback_only(compose):
     for name, port in published:
         host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
         assert host_ip == "127.0.0.1", (name, port)
+
+
+def test_api_listens_in_its_container_and_is_published_on_loopback(compose):
+    api = compose["services"]["api"]
+    assert api["environment"]["SLSREC_API_HOST"] == "0.0.0.0"  # else the published port reaches nothing
+    port = Settings().api_port
+    (published,) = api["ports"]  # "127.0.0.1:8000:8000/tcp", or its long form
+    if isinstance(published, dict):
+        published = f"{published['host_ip']}:{published['published']}:{published['target']}"
+    assert published.removesuffix("/tcp") == f"127.0.0.1:{port}:{port}"
+    assert f"127.0.0.1:{port}/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["depends_on"]["topics"]["condition"] == "service_completed_successfully"

@@ -104,14 +104,17 @@ def test_printable_unicode_ids_are_fine():
 
 
 def test_recommendation_names_one_version_or_cold_start():
-    rec = dict(user_id="u", event_id="e", items=[{"item_id": "a", "score": 2.5}, {"item_id": "b", "score": 1.0}],
-               model_version="v000003-20261129T103000Z", long_term_version="v000003-20261129T103000Z",
-               cold_start=False, alpha=0.4, unknown_item=False, event_ts=NOW_MS, emit_ts=NOW_MS + 3)
+    items = [{"item_id": "a", "score": 2.5, "long_score": 1.0, "short_score": 1.5},
+             {"item_id": "b", "score": 1.0, "long_score": -0.5, "short_score": 1.5}]
+    rec = dict(user_id="u", event_id="e", items=items, model_version="v000003-20261129T103000Z",
+               long_term_version="v000003-20261129T103000Z", cold_start=False, alpha=0.4,
+               short_term_items=["x", "y"], unknown_item=False, event_ts=NOW_MS, emit_ts=NOW_MS + 3)
     r = Recommendation(**rec)
     assert Recommendation.model_validate_json(r.model_dump_json()) == r
     assert Recommendation(**{**rec, "long_term_version": None, "cold_start": True, "alpha": 0.0}).cold_start
     for bad in ({"long_term_version": None}, {"cold_start": True}, {"alpha": 1.5},
-                {"items": [{"item_id": "a", "score": float("nan")}]}):
+                {"items": [{**items[0], "score": float("nan")}]}, {"items": [{"item_id": "a", "score": 2.5}]},
+                {"short_term_items": ["bad\x00id"]}):
         with pytest.raises(ValueError):
             Recommendation(**{**rec, **bad})
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_equals_offline
 from schemas.events import DeadLetter, Recommendation, SessionClosed
 from slsrec.codec import Recommendation as FastRecommendation
 from slsrec.codec import to_model
@@ -81,26 +82,22 @@ def test_stream_equals_offline_forward(model, items, user):
     table = SessionTable()
     for n, (it, ts) in enumerate(session):
         (out,) = process(rec, table, [click(f"e{n}", uid, it, ts)])
-        want_items, want_scores, want_alpha = recommend_offline(
-            model, items, user, hist, session[: n + 1], gap_ms=GAP_MS, max_segment=model.config.max_segment)
-        got_items, got_scores = rank(out)
-        assert got_items == want_items
-        np.testing.assert_allclose(got_scores, want_scores, atol=1e-4)
-        assert out.alpha == pytest.approx(want_alpha, abs=1e-4) and 0 < out.alpha < 1
-        assert not out.cold_start and out.long_term_version == "v1"
-        assert not set(got_items) & {it for it, _ in session[: n + 1]}  # the session's items are excluded
+        assert_equals_offline(out, recommend_offline(model, items, user, hist, session[: n + 1], gap_ms=GAP_MS,
+                                              max_segment=model.config.max_segment))
+        assert 0 < out.alpha < 1 and not out.cold_start and out.long_term_version == "v1"
+        assert not set(rank(out)[0]) & {it for it, _ in session[: n + 1]}  # the session's items are excluded
+        assert out.short_term_items == [it for it, _ in session[: n + 1]]  # one segment: the whole session
 
 
 def test_cold_start_equals_offline_without_history(model, items):
     session = [("i3", T0), ("i9", T0 + 4_000), ("i1", T0 + 9_000)]
     rec = make(model, items, {})
     outs = process(rec, SessionTable(), [click(f"e{n}", "new-user", it, ts) for n, (it, ts) in enumerate(session)])
-    want_items, want_scores, want_alpha = recommend_offline(
-        model, items, 0, [], session, gap_ms=GAP_MS, max_segment=model.config.max_segment)
-    assert rank(outs[-1])[0] == want_items
-    np.testing.assert_allclose(rank(outs[-1])[1], want_scores, atol=1e-4)
+    want = recommend_offline(model, items, 0, [], session, gap_ms=GAP_MS, max_segment=model.config.max_segment)
+    assert_equals_offline(outs[-1], want)
     assert all(o.cold_start and o.long_term_version is None and o.alpha == 0.0 for o in outs)
-    assert want_alpha == 0.0 and rec.stats.cold_starts == 3
+    assert want.alpha == 0.0 and rec.stats.cold_starts == 3
+    assert all(i.long_score == 0.0 for i in outs[-1].items)  # no long-term side at all
 
 
 def random_stream(n_events: int, n_users: int, seed: int) -> list:
@@ -327,11 +324,11 @@ def test_a_long_session_folds_its_closed_segment_into_the_long_term_state_as_for
     rec = make(model, items, {"u2": long_term_vector(model, items, 2, hist_items)}, users=users)
     outs = process(rec, SessionTable(), [click(f"e{n}", "u2", it, ts) for n, (it, ts) in enumerate(session)])
     for n in (4, 5, 7):  # the last event of the first segment, the first and last of the second
-        want_items, want_scores, want_alpha = recommend_offline(
-            model, items, 2, hist, session[: n + 1], gap_ms=GAP_MS, max_segment=model.config.max_segment)
-        assert rank(outs[n])[0] == want_items, n
-        np.testing.assert_allclose(rank(outs[n])[1], want_scores, atol=1e-4)
-        assert outs[n].alpha == pytest.approx(want_alpha, abs=1e-4)
+        want = recommend_offline(model, items, 2, hist, session[: n + 1], gap_ms=GAP_MS,
+                                 max_segment=model.config.max_segment)
+        assert_equals_offline(outs[n], want)
+        # The short-term side is the current segment only: the closed one counts as long-term.
+        assert outs[n].short_term_items == [it for it, _ in session[5 if n >= 5 else 0: n + 1]], n
 
 
 def test_serving_never_imports_training():

@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from slsrec.data import Vocab
+from slsrec.explain import score_parts
 from slsrec.model import score
 from slsrec.sessions import Boundary, SeqBatch, seconds_since_previous, segment_starts
+
+
+class Offline(NamedTuple):
+    """The offline answer after the last session event: what a ``Recommendation`` carries."""
+
+    items: list[str]  # the top-K, best first
+    scores: list[float]
+    alpha: float  # the fusion gate
+    long_scores: list[float]  # each score's long-term part (slsrec.explain)
+    short_scores: list[float]  # and its short-term part
+    short_term_items: list[str]  # the current segment's items: the short-term vector's input
 
 
 @torch.no_grad()
 def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: Sequence[tuple[str, int]],
                       session: Sequence[tuple[str, int]], *, gap_ms: int, max_segment: int, top_k: int = 10,
-                      exclude_seen: bool = True) -> tuple[list[str], list[float], float]:
+                      exclude_seen: bool = True) -> Offline:
     """The offline answer for one user: the model's full ``forward`` over history + session.
 
     This is the reference the stream must match (``Recommender`` uses the published long-term
@@ -24,8 +37,8 @@ def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: 
 
     Returns
     -------
-    items, scores, alpha
-        The top-K after the last session event, best first, and the fusion gate there.
+    Offline
+        The top-K after the last session event, best first, the fusion gate there, and the explanation.
     """
     seq = list(history) + list(session)
     idx = [items.index(i) for i, _ in seq]
@@ -45,5 +58,9 @@ def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: 
         scores[[items.index(i) for i, _ in session]] = float("-inf")
     top = torch.topk(scores, min(top_k, len(scores) - 1))
     keep = torch.isfinite(top.values)
-    return ([items.raw_of(int(k)) for k in top.indices[keep]], top.values[keep].tolist(),
-            float(out.alpha[0, -1]))
+    ranked = top.indices[keep]  # (K,)
+    long_part, short_part = score_parts(out.long[:, -1], out.short[:, -1], out.alpha[:, -1],
+                                        model.item_embeddings()[ranked][None])  # (1, K) each
+    segment = int(np.flatnonzero(starts != Boundary.NONE)[-1])  # where the last segment begins
+    return Offline([items.raw_of(int(k)) for k in ranked], top.values[keep].tolist(), float(out.alpha[0, -1]),
+                   long_part[0].tolist(), short_part[0].tolist(), [i for i, _ in seq[segment:]])

@@ -51,6 +51,7 @@ from schemas.events import DeadLetter, SessionClosed
 from slsrec.codec import Click, RankedItem, Recommendation, encode
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, Quality, next_item_quality
+from slsrec.explain import score_parts
 from slsrec.model import LongState
 from slsrec.serving.sessions import Session, SessionTable, event_hash, session_closed
 from slsrec.sessions import Boundary, boundary, seconds_since
@@ -75,6 +76,15 @@ class Published(NamedTuple):
 
 # () -> a newer version whose model is loaded, or None; polled before every micro-batch
 VersionSource = Callable[[], "Published | None"]
+
+
+class Fused(NamedTuple):
+    """One wave's fusion: the user vectors and the parts they were fused from (for the explanation)."""
+
+    user: torch.Tensor  # (B, d)
+    alpha: torch.Tensor  # (B,) in [0, 1]
+    long: torch.Tensor  # (B, d), zero where cold
+    short: torch.Tensor  # (B, d)
 
 
 class Origin(NamedTuple):
@@ -431,17 +441,22 @@ class Recommender:
     def recommend_many(self, table: SessionTable, wave: Wave, clicks: Sequence[tuple[Click, Origin]],
                        version: str | None, out: list[list]) -> None:
         """Fuse, rank and write one recommendation per event of the wave (then its drift alerts)."""
-        users, alphas = self._fuse(table, wave)  # (B, d), (B,)
-        top_scores, top_items = self._rank(users, wave.sessions)  # (B, K), (B, K)
+        fused = self._fuse(table, wave)
+        values, indices = self._rank(fused.user, wave.sessions)  # (B, K), (B, K)
+        long_part, short_part = score_parts(fused.long, fused.short, fused.alpha, self._item_emb[indices])  # (B, K)
+        top_scores, top_items, longs, shorts = (t.tolist() for t in (values, indices, long_part, short_part))
+        alphas = fused.alpha.tolist()
         emit, raw, model_version = int(now_ms()), self._raw_ids, self.model_version
         tops = []
         for j, i in enumerate(wave.rows):
-            ev, cold, scores, top = clicks[i][0], wave.longs[j] is None, top_scores[j], top_items[j]
+            ev, cold, scores, top, s = clicks[i][0], wave.longs[j] is None, top_scores[j], top_items[j], wave.sessions[j]
             if scores and scores[-1] == -math.inf:  # fewer than K items were left after exclusion
                 top, scores = top[: scores.index(-math.inf)], scores[: scores.index(-math.inf)]
             tops.append(top)
-            out[i].append(Recommendation(ev.user_id, ev.event_id, list(map(RankedItem, [raw[k] for k in top], scores)),
-                                         model_version, None if cold else version, cold, alphas[j],
+            segment = [raw[k] for k in s.seen[len(s.seen) - s.seg_len:]] if s.seg_len else []  # the GRU state's input
+            out[i].append(Recommendation(ev.user_id, ev.event_id,
+                                         list(map(RankedItem, [raw[k] for k in top], scores, longs[j], shorts[j])),
+                                         model_version, None if cold else version, cold, alphas[j], segment,
                                          wave.known[j] is None, ev.ts, emit))
         cold = [v is None for v in wave.longs]
         self.stats.recommendations += len(wave.rows)
@@ -497,14 +512,14 @@ class Recommender:
         state.mean[fold], state.log_z[fold], state.n[fold] = sub.mean, sub.log_z, sub.n
         return state
 
-    def _fuse(self, table: SessionTable, wave: Wave) -> tuple[torch.Tensor, list[float]]:
+    def _fuse(self, table: SessionTable, wave: Wave) -> Fused:
         state = torch.from_numpy(table.states[[s.slot for s in wave.sessions]]).to(self.device)  # (B, d)
         short = self.model.short_vector(state)  # (B, d)
         long, has_long = self.model.long_vector(self._long_state(wave.sessions, wave.longs))  # (B, d), (B,)
         seg_len = torch.tensor([s.seg_len for s in wave.sessions], device=self.device)  # (B,)
         dt = torch.tensor(wave.dts, device=self.device)  # (B,)
         users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=has_long)
-        return users, alpha.clamp(0.0, 1.0).tolist()  # (B, d), B floats
+        return Fused(users, alpha.clamp(0.0, 1.0), long, short)
 
     def _scores(self, users: torch.Tensor) -> torch.Tensor:
         """:func:`slsrec.model.score` against the padded item table: ``(B, n_pad)``, -inf at index 0
@@ -517,15 +532,14 @@ class Recommender:
         scores[:, 0] = scores[:, self._n_scored:] = -math.inf
         return scores
 
-    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[list, list]:
-        """Top-K (scores, item indices) per row; padding and excluded items score -inf."""
+    def _rank(self, users: torch.Tensor, sessions: list[Session]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-K (scores, item indices) per row, (B, K) each; padding and excluded items score -inf."""
         scores = self._scores(users)  # (B, n_pad)
         if self.exclude_seen:
             lengths = np.fromiter((len(s.seen) for s in sessions), np.int64, len(sessions))
             cols = np.frombuffer(b"".join(s.seen for s in sessions), np.int64).copy()  # every session's items
             scores[torch.from_numpy(np.repeat(np.arange(len(sessions)), lengths)), torch.from_numpy(cols)] = -math.inf
-        values, indices = top_k_blocked(scores, min(self.top_k, self._n_scored - 1))
-        return values.tolist(), indices.tolist()
+        return top_k_blocked(scores, min(self.top_k, self._n_scored - 1))
 
     def _close(self, table: SessionTable, s: Session, reason: str) -> SessionClosed:
         table.close(s)

@@ -1,0 +1,52 @@
+"""Why a user got what they got: each recommended item's score, split into its long- and short-term parts.
+
+The fusion gate (:class:`slsrec.model.Fusion`) makes the user vector
+``user = alpha * long + (1 - alpha) * short``, and an item's score is ``user . e``, so
+
+    score = alpha * (long . e) + (1 - alpha) * (short . e)
+
+exactly: the first term is what the user's long-term interest contributed, the second what the
+current session's intent contributed. Either may be negative (an item the session pulls towards and
+the history pushes away from). A cold-start user has ``alpha = 0`` and no long-term part.
+
+The stream (:class:`slsrec.serving.recommender.Recommender`) and the offline reference
+(:func:`slsrec.serving.offline.recommend_offline`) both call :func:`score_parts`, once per batch, so the test
+that the stream equals the offline model covers the explanation too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def score_parts(long: Tensor, short: Tensor, alpha: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+    """The long- and short-term parts of the scores of each row's ranked items.
+
+    Parameters
+    ----------
+    long, short : (B, d)
+        The long-term and short-term vectors that the gate fused (``long`` zero for cold rows).
+    alpha : (B,)
+        The gate: the weight of the long-term vector.
+    items : (B, K, d)
+        The embeddings of each row's K ranked items.
+
+    Returns
+    -------
+    long_part, short_part : (B, K)
+        ``alpha * (long . e)`` and ``(1 - alpha) * (short . e)``; they add up to the item's score.
+
+    Examples
+    --------
+    >>> long, short = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    >>> items = torch.tensor([[[3.0, 1.0], [-1.0, 1.0]]])  # (1, 2, 2): two items
+    >>> lp, sp = score_parts(long, short, torch.tensor([0.25]), items)
+    >>> lp.tolist(), sp.tolist()
+    ([[0.75, -0.25]], [[1.5, 1.5]])
+    >>> user = short + 0.25 * (long - short)  # the gate's fusion
+    >>> (items[0] @ user[0]).tolist() == (lp + sp)[0].tolist()
+    True
+    """
+    a = alpha.unsqueeze(-1)  # (B, 1)
+    return a * (items @ long.unsqueeze(-1)).squeeze(-1), (1 - a) * (items @ short.unsqueeze(-1)).squeeze(-1)  # (B, K)
