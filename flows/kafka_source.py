@@ -52,10 +52,13 @@ class KafkaPartition(StatefulSourcePartition[list[Record], int]):
             if err is not None and err.code() == KafkaError._PARTITION_EOF:
                 self._eof = True  # the end of a bounded run: emit this poll, stop at the next
                 break
-            batch.append(Record(m.value(), m.topic() or "", m.partition(), m.offset(),
-                                None if err is None else f"kafka: {err.str()}"))
-            if m.offset() is not None and m.offset() >= 0:
-                self._offset = m.offset() + 1  # resume after it
+            # An error without a message has no real position (librdkafka's negative sentinels).
+            part, offset = m.partition(), m.offset()
+            part, offset = (part if part is not None and part >= 0 else None), (
+                offset if offset is not None and offset >= 0 else None)
+            batch.append(Record(m.value(), m.topic() or "", part, offset, None if err is None else f"kafka: {err.str()}"))
+            if offset is not None:
+                self._offset = offset + 1  # resume after it
         return [batch] if batch else []
 
     def snapshot(self) -> int:

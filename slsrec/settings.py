@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     runs_dir: Path = Path("runs")
     recovery_dir: Path = Path("var/recovery")
     # How often the flow snapshots offsets and sessions: the most a restart replays, and a pause of the
-    # stream while the snapshot is written (about 10 ms per MB of sessions, docs/benchmarks.md).
+    # stream while the sessions that changed are written (slsrec bench-sessions, docs/benchmarks.md).
     snapshot_interval_s: float = Field(10.0, gt=0)
     history_dir: Path = Path("var/history")
 
