@@ -44,8 +44,11 @@ import cachetools
 import numpy as np
 import redis
 from pydantic import SecretStr
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
 
-from slsrec.errors import DataError, ServiceError, UserError
+from slsrec.breaker import CircuitBreaker
+from slsrec.errors import DataError, ServiceError, Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,17 @@ class VersionError(UserError):
     """A version id that is malformed, not newer than the current one, or gone."""
 
 
+def _client_options(timeout_s: float | None) -> dict:
+    """redis-py options. By default (publish, retrain, the CLI) a generous timeout and redis-py's own
+    retries with exponential backoff. With ``timeout_s`` (the flow's hot path) every call has that
+    deadline and is never retried inside the call: the caller's :class:`CircuitBreaker` decides when
+    to try again, so a frozen Redis costs one deadline, not a chain of backed-off retries."""
+    if timeout_s is None:
+        return {"socket_connect_timeout": 5, "socket_timeout": 30,
+                "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), 3)}
+    return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
+
+
 @dataclass(frozen=True)
 class PublishResult:
     version: str
@@ -154,12 +168,14 @@ class LongTermStore:
         Key namespace, so several deployments (or tests) can share one Redis.
     """
 
-    def __init__(self, url: SecretStr | str, prefix: str = "slsrec"):
+    def __init__(self, url: SecretStr | str, prefix: str = "slsrec", timeout_s: float | None = None,
+                 breaker: CircuitBreaker | None = None):
         secret = url if isinstance(url, SecretStr) else SecretStr(url)
         self.location = redis_location(secret)
         self._tls = secret.get_secret_value().startswith("rediss://")
         self.prefix = prefix
-        self._r = redis.Redis.from_url(secret.get_secret_value(), socket_connect_timeout=5, socket_timeout=30)
+        self.breaker = breaker
+        self._r = redis.Redis.from_url(secret.get_secret_value(), **_client_options(timeout_s))
         self._claim_script = self._r.register_script(_CLAIM)
         self._switch = self._r.register_script(_SWITCH)
 
@@ -178,21 +194,36 @@ class LongTermStore:
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Redis failures as one clear line naming host:port (redis-py never prints the password)."""
+        """Redis failures as one clear line naming host:port (redis-py never prints the password).
+
+        With a breaker, a call it does not allow fails at once with :class:`Unavailable`, and
+        every call's outcome is recorded (a refused command counts as an answer: Redis is there).
+        """
+        if self.breaker is not None and not self.breaker.allow():
+            raise Unavailable(f"Redis at {self.location}: circuit open after repeated failures")
         try:
             yield
         except redis.AuthenticationError as e:
             raise ServiceError(f"Redis at {self.location} refused the credentials: {e}") from None
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            if isinstance(e.__context__, ssl.SSLError):
-                raise ServiceError(f"Redis at {self.location}: TLS handshake failed (is ssl_ca_certs in the Redis URL "
-                                   f"the CA that signed the server's certificate?): {e}") from None
-            # A TLS port hangs up on a plaintext client without a word.
-            hint = (" (if that port serves TLS, use a rediss:// URL)"
-                    if isinstance(e.__context__, ConnectionResetError) and not self._tls else "")
-            raise ServiceError(f"Redis at {self.location} is unreachable: {e}{hint}") from None
+            if self.breaker is not None:
+                self.breaker.record_failure()
+            raise self._unreachable(e) from None
         except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
+            if self.breaker is not None:
+                self.breaker.record_success()
             raise ServiceError(f"Redis at {self.location} refused a command: {e}") from None
+        if self.breaker is not None:
+            self.breaker.record_success()
+
+    def _unreachable(self, e: redis.RedisError) -> ServiceError:
+        if isinstance(e.__context__, ssl.SSLError):
+            return ServiceError(f"Redis at {self.location}: TLS handshake failed (is ssl_ca_certs in the Redis URL "
+                                f"the CA that signed the server's certificate?): {e}")
+        # A TLS port hangs up on a plaintext client without a word.
+        hint = (" (if that port serves TLS, use a rediss:// URL)"
+                if isinstance(e.__context__, ConnectionResetError) and not self._tls else "")
+        return Unavailable(f"Redis at {self.location} is unreachable: {e}{hint}")
 
     # Reading.
     def current_version(self) -> str | None:
