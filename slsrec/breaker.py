@@ -25,8 +25,8 @@ False
 >>> now[0] = 3.0
 >>> b.allow(), b.record_success(), b.state, b.open_for_s
 (True, None, 'closed', 1.0)
->>> b.opened, b.closed  # transitions since the start
-(2, 1)
+>>> b.opened, b.closed  # closed -> open and back, since the start
+(1, 1)
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -382,15 +382,14 @@ def _check_vectors(vectors: Mapping[str, LongTerm]) -> int:
     return dim or 0
 
 
-_MISSING = object()
-
 
 class CachedLongTerm:
     """A TTL cache in front of :meth:`LongTermStore.get_many`, for the flow's hot path.
 
     Entries are keyed by (version, user_id), so a version switch never serves a stale version's
     entry; ``ttl_s`` bounds how long a newly published user may still look cold. Misses of one call
-    are fetched in one round trip.
+    are fetched in one round trip. An entry past its TTL is kept (until ``maxsize`` pushes it out)
+    for :meth:`stale`, what the flow serves while Redis does not answer.
 
     Parameters
     ----------
@@ -400,15 +399,19 @@ class CachedLongTerm:
         Seconds an entry (a vector or a known absence) is served from memory.
     maxsize
         Entries kept at most; the least recently used go first.
+    clock
+        Monotonic seconds; tests pass their own.
     """
 
-    def __init__(self, store: LongTermStore, ttl_s: float, maxsize: int = 1_000_000):
+    def __init__(self, store: LongTermStore, ttl_s: float, maxsize: int = 1_000_000,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.ttl_s = ttl_s
         self.maxsize = maxsize
+        self.clock = clock
         self.hits = 0
         self.misses = 0
-        self._cache: cachetools.TTLCache = cachetools.TTLCache(maxsize=maxsize, ttl=ttl_s)
+        self._cache: cachetools.LRUCache = cachetools.LRUCache(maxsize=maxsize)  # key -> (fetched at, entry)
 
     @property
     def hit_rate(self) -> float:
@@ -418,9 +421,10 @@ class CachedLongTerm:
         """Like :meth:`LongTermStore.get_many`, answering from memory where it can."""
         out: list[LongTerm | None] = []
         missing: dict[str, list[int]] = {}  # user -> positions in out
+        fresh_after = self.clock() - self.ttl_s
         for i, u in enumerate(user_ids):
-            v = self._cache.get((version, u), _MISSING)
-            if v is not _MISSING:
+            at, v = self._cache.get((version, u), _EXPIRED)
+            if at > fresh_after:
                 out.append(v)
                 self.hits += 1
             else:
@@ -429,8 +433,16 @@ class CachedLongTerm:
                 self.misses += 1
         if missing:
             fetched = self.store.get_many(version, list(missing))
+            now = self.clock()
             for (u, positions), v in zip(missing.items(), fetched):
-                self._cache[(version, u)] = v
+                self._cache[(version, u)] = (now, v)
                 for i in positions:
                     out[i] = v
         return out
+
+    def stale(self, version: str, user_ids: Sequence[str]) -> list[LongTerm | None]:
+        """The entries in memory, however old, without asking the store; ``None`` where there is none."""
+        return [self._cache.get((version, u), _EXPIRED)[1] for u in user_ids]
+
+
+_EXPIRED = (-float("inf"), None)
