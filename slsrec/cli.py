@@ -177,8 +177,15 @@ def serve_cmd(
     try:
         serve(settings, run, processes=processes, process_id=process_id,
               addresses=addresses.split(";") if addresses else None, recovery=recovery, tail=not exit_at_end)
+    except Exception as e:
+        if not isinstance(e.__cause__, KeyboardInterrupt):  # Bytewax wraps the interrupt in its own error
+            raise
     except KeyboardInterrupt:
-        logging.getLogger("slsrec.serve").info("stopped by a signal")
+        pass
+    else:
+        return
+    # Bytewax stops without a last snapshot: a restart resumes from the periodic one (at least once).
+    logging.getLogger("slsrec.serve").info("stopped by a signal")
 
 
 def _wait_for_services(settings, max_wait_s: float = 30.0) -> None:

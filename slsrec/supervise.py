@@ -4,6 +4,8 @@ The same policy as ``deploy/systemd/slsrec-serve.service`` (``Restart=on-failure
 ``RestartPreventExitStatus=2``) and docker-compose's ``restart: unless-stopped``, for where neither
 runs: the demo, ``slsrec chaos`` and ``slsrec serve --supervised``.
 
+- When the child exits, whatever is left of its process group is killed (the workers of a
+  ``kill -9``-ed ``slsrec serve --processes N``), so no orphan ever consumes beside its successor.
 - Exit code 0 (a clean stop) or :data:`NO_RESTART` (2: a configuration, checkpoint or credentials
   error that a restart cannot fix) ends supervision; any other exit, a crash or a kill, restarts it.
 - Restarts back off: ``restart_s``, doubling up to ``max_restart_s``, back to ``restart_s`` once the
@@ -96,6 +98,7 @@ class Supervisor:
         code = self.proc.poll()
         if code is None:
             return None
+        _signal_group(self.proc.pid, signal.SIGKILL)  # what it left behind (workers of a killed parent)
         if self._stopping or code in (0, NO_RESTART) or (
                 self.max_restarts is not None and self.restarts >= self.max_restarts):
             return code

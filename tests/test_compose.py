@@ -86,3 +86,9 @@ def test_published_ports_are_loopback_only(compose):
     for name, port in published:
         host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]
         assert host_ip == "127.0.0.1", (name, port)
+
+
+def test_the_flow_restarts_by_itself_and_has_a_liveness_probe(compose):
+    flow = compose["services"]["flow"]
+    assert flow["restart"] == "unless-stopped"
+    assert flow["healthcheck"]["test"] == ["CMD", "slsrec", "health", "--live"]
