@@ -156,7 +156,7 @@ def serve_cmd(
     import logging
     import signal
 
-    from flows.recommend import serve
+    from flows.cluster import serve
     from slsrec.settings import Settings
     from slsrec.supervise import Supervisor
 

@@ -15,7 +15,8 @@ from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from flows.recommend import _recovery, get_flow
+from flows.cluster import _recovery
+from flows.recommend import get_flow
 from schemas.drift import DriftAlert
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor
@@ -274,7 +275,7 @@ def test_each_worker_owns_exactly_one_shard(workers):
     from bytewax.dataflow import Dataflow
     from bytewax.run import cli_main
 
-    from flows.recommend import keep_state, shard_keys
+    from flows.shards import keep_state, shard_keys
 
     keys = shard_keys(workers)
     seen: dict[str, int] = {}

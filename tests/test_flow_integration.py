@@ -11,7 +11,7 @@ import pytest
 import torch
 from confluent_kafka import Consumer, Producer
 
-from flows.recommend import serve
+from flows.cluster import serve
 from schemas.events import DeadLetter, Recommendation
 from slsrec.checkpoint import save_run
 from slsrec.data import Interactions, Vocab

@@ -1,4 +1,4 @@
-"""Serving math for the stream: per-user sessions and the micro-batched recommender.
+"""The recommender: the model in eval mode applied to micro-batches of click events.
 
 No Bytewax here. ``flows/recommend.py`` wires these into named steps; every rule (sessions,
 duplicates, unknown items, cold start, exclusion of seen items) is testable on plain lists.
@@ -6,7 +6,6 @@ duplicates, unknown items, cold start, exclusion of seen items) is testable on p
 A micro-batch holds events of many users. Events of one user are applied in order: wave ``i`` is
 the ``i``-th event of every user in the batch, and each wave costs one batched encoder ``step``, one
 ``fuse`` and one scoring matmul for all its users.
-
 >>> import torch
 >>> from slsrec.data import Vocab
 >>> from slsrec.model import SLSRec, SLSRecConfig
@@ -28,6 +27,7 @@ the ``i``-th event of every user in the batch, and each wave costs one batched e
 (['a', 'b', 'new-product'], {})
 """
 
+
 from __future__ import annotations
 
 import logging
@@ -35,28 +35,23 @@ import math
 import time
 from array import array
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
-from hashlib import blake2b
-from pathlib import Path
-from typing import ClassVar, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from opentelemetry import metrics, trace
 
 from schemas.drift import DriftAlert
-from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed, SessionItem
-from slsrec.checkpoint import CONFIG, WEIGHTS, load_run
+from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, next_item_quality
-from slsrec.errors import CheckpointError, UserError
 from slsrec.model import LongState, score
-from slsrec.sessions import Boundary, SeqBatch, boundary, segment_starts
-from slsrec.settings import Settings
-from slsrec.store import CachedLongTerm, LongTerm, LongTermStore, parse_seq
+from slsrec.serving.sessions import _SEP, Session, SessionTable, session_closed
+from slsrec.sessions import Boundary, boundary
+from slsrec.store import LongTerm
 from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
+
 
 log = logging.getLogger(__name__)
 
@@ -100,112 +95,6 @@ def click(event_id: str, user_id: str, item_id: str, ts: int, event_type: str = 
     """A click with its origin, as the flow passes it to :meth:`Recommender.process` (for tests)."""
     ev = ClickEvent(event_id=event_id, user_id=user_id, item_id=item_id, ts=ts, event_type=event_type)
     return ev, Origin(ev.model_dump_json().encode(), topic, partition, offset)
-
-
-@dataclass
-class Session:
-    """One user's open session, stored so that a snapshot copies a few buffers per session.
-
-    The events live in ``log``, one line per event (item_id, ts, event_type), appended by
-    :meth:`record`; the event ids are kept as 64-bit hashes in ``ids`` (duplicates are all they are
-    for), the known items in ``seen``. Nothing per event is a Python object that pickle would visit
-    (see :class:`SessionTable`).
-
-    >>> s = Session("u1", 5, 5, np.zeros(2))
-    >>> s.record("e1", "a", 5, "view"); s.record("e2", "new", 9, "click")
-    >>> s.events, s.has_event("e2"), s.has_event("e3")
-    ([('a', 5, 'view'), ('new', 9, 'click')], True, False)
-    """
-
-    user_id: str
-    start_ts: int
-    last_ts: int
-    state: np.ndarray  # (d,) short-term encoder state of the current segment
-    seg_len: int = 0  # known items stepped into `state` since the last boundary
-    log: bytearray = field(default_factory=bytearray)  # every event, unknown items too (see `record`)
-    ids: array = field(default_factory=lambda: array("q"))  # event id hashes (`event_hash`)
-    seen: array = field(default_factory=lambda: array("q"))  # indices of the session's known items
-    last_top: str = ""  # raw ids recommended at the previous event, _SEP-joined (online quality)
-    model_version: str | None = None  # the model that encoded `state`; another one re-encodes it first
-    _id_set: set[int] = field(init=False, repr=False, compare=False)  # `ids`, for O(1) lookups
-
-    def __post_init__(self) -> None:
-        self._id_set = set(self.ids)
-
-    def record(self, event_id: str, item_id: str, ts: int, event_type: str) -> None:
-        self.log += f"{item_id}{_SEP}{ts}{_SEP}{event_type}{_END}".encode()
-        h = event_hash(event_id)
-        self.ids.append(h)
-        self._id_set.add(h)
-
-    def has_event(self, event_id: str) -> bool:
-        return event_hash(event_id) in self._id_set
-
-    @property
-    def events(self) -> list[tuple[str, int, str]]:
-        """(item_id, ts, event_type) in arrival order."""
-        lines = (line.split(_SEP) for line in self.log.decode().split(_END)[:-1])
-        return [(item, int(ts), kind) for item, ts, kind in lines]
-
-
-def event_hash(event_id: str) -> int:
-    """A signed 64-bit hash of an event id, stable across processes (``hash`` is salted per process).
-    Two ids of one session collide with probability about n^2 / 2^65."""
-    return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-# Ids never hold control characters (schemas.events.Id), so these can delimit them.
-_SEP, _END = "\x1f", "\x1e"
-
-
-@dataclass
-class SessionTable:
-    """The open sessions of one shard (what a Bytewax snapshot of the shard holds).
-
-    It pickles as columns: one joined buffer each for all logs, event id hashes and ``seen`` arrays,
-    one matrix of states. Pickling 6,040 sessions one by one took about 100 ms, and packing per-event
-    objects into columns still 120 ms for 200k events: a stall of the stream at every snapshot (the
-    p99 of ``slsrec bench-stream``). ``FORMAT`` names this layout; a change of it bumps the number, so
-    that a flow never resumes from snapshots it cannot read (``flows.recommend``).
-
-    >>> import pickle
-    >>> u1 = Session("u1", 5, 9, np.ones(2, np.float32), 1, seen=array("q", [3]), last_top="b\x1fc", model_version="v1")
-    >>> u1.record("e1", "a", 5, "view"); u1.record("e2", "new", 9, "view")
-    >>> back = pickle.loads(pickle.dumps(SessionTable({"u1": u1, "u2": Session("u2", 7, 7, np.zeros(2))})))
-    >>> b1 = back.sessions["u1"]
-    >>> b1.events, b1.has_event("e2"), b1.seen, b1.last_top.split("\x1f"), b1.model_version, b1.seg_len
-    ([('a', 5, 'view'), ('new', 9, 'view')], True, array('q', [3]), ['b', 'c'], 'v1', 1)
-    >>> b1.state, back.sessions["u2"].state, back.sessions["u2"].seen
-    (array([1., 1.], dtype=float32), array([0., 0.]), array('q'))
-    """
-
-    FORMAT: ClassVar[int] = 2
-    sessions: dict[str, Session] = field(default_factory=dict)
-
-    def __getstate__(self) -> dict:
-        ss = list(self.sessions.values())
-        states = [s.state for s in ss]
-        return {
-            "user_id": [s.user_id for s in ss], "model_version": [s.model_version for s in ss],
-            "last_top": [s.last_top for s in ss],
-            "ints": np.array([(s.start_ts, s.last_ts, s.seg_len, len(s.log), len(s.ids), len(s.seen)) for s in ss],
-                             dtype=np.int64).reshape(-1, 6),
-            "state": states if len({(x.shape, x.dtype) for x in states}) > 1
-            else np.stack(states) if ss else [],  # (n, d): one array, not n
-            # memcpy, not objects: every session's log, event id hashes and known items, concatenated
-            "log": b"".join(s.log for s in ss), "ids": b"".join(s.ids for s in ss), "seen": b"".join(s.seen for s in ss),
-        }
-
-    def __setstate__(self, c: dict) -> None:
-        log, ids, seen, size = c["log"], c["ids"], c["seen"], array("q").itemsize
-        self.sessions, at_log, at_ids, at_seen = {}, 0, 0, 0  # read positions
-        for j, (start, last, seg_len, n_log, n_ids, n_seen) in enumerate(c["ints"].tolist()):
-            user = c["user_id"][j]
-            self.sessions[user] = Session(
-                user, start, last, c["state"][j].copy(), seg_len, bytearray(log[at_log:at_log + n_log]),
-                array("q", ids[at_ids * size:(at_ids + n_ids) * size]),
-                array("q", seen[at_seen * size:(at_seen + n_seen) * size]), c["last_top"][j], c["model_version"][j])
-            at_log, at_ids, at_seen = at_log + n_log, at_ids + n_ids, at_seen + n_seen
 
 
 @dataclass
@@ -254,16 +143,6 @@ class Stats:
     @property
     def online_hr(self) -> float:
         return self.hits / self.scored if self.scored else 0.0
-
-
-def session_closed(s: Session) -> SessionClosed:
-    return SessionClosed(
-        user_id=s.user_id,
-        items=[SessionItem(item_id=i, ts=t, event_type=k) for i, t, k in s.events],
-        start_ts=s.start_ts,
-        end_ts=s.last_ts,
-        reason="gap",
-    )
 
 
 class Recommender:
@@ -578,222 +457,3 @@ class Recommender:
         idle = [s for s in table.sessions.values() if clock - s.last_ts > self.gap_ms]
         self.telemetry.sessions_active.add(-len(idle))
         return [self._close(table, s) for s in idle]
-
-
-@torch.no_grad()
-def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: Sequence[tuple[str, int]],
-                      session: Sequence[tuple[str, int]], *, gap_ms: int, max_segment: int, top_k: int = 10,
-                      exclude_seen: bool = True) -> tuple[list[str], list[float], float]:
-    """The offline answer for one user: the model's full ``forward`` over history + session.
-
-    This is the reference the stream must match (``Recommender`` uses the published long-term
-    vector and the incremental ``step`` instead). ``history`` and ``session`` are ``(item_id, ts)``
-    pairs of known items, oldest first; the session must start after the gap.
-
-    Returns
-    -------
-    items, scores, alpha
-        The top-K after the last session event, best first, and the fusion gate there.
-    """
-    seq = list(history) + list(session)
-    idx = [items.index(i) for i, _ in seq]
-    ts = np.array([t for _, t in seq], dtype=np.int64)
-    starts = segment_starts(ts, gap_ms, max_segment)
-    # 0 at a session's first event, as in the stream: it drops a user's state when the session
-    # closes, so it cannot know how long the user was away.
-    dts = np.where(starts == Boundary.SESSION, 0, np.diff(ts, prepend=ts[0])) / 1000.0
-    batch = SeqBatch(
-        user=torch.tensor([user]),
-        items=torch.tensor([idx]),  # (1, T)
-        dts=torch.tensor(dts, dtype=torch.float32)[None],  # (1, T)
-        seg_start=torch.from_numpy(starts != Boundary.NONE)[None],  # (1, T)
-        targets=torch.zeros(1, len(seq), dtype=torch.long),
-    )
-    out = model.eval()(batch)
-    scores = score(out.user[:, -1], model.item_embeddings())[0]  # (n_items+1,)
-    if exclude_seen:
-        scores[[items.index(i) for i, _ in session]] = float("-inf")
-    top = torch.topk(scores, min(top_k, len(scores) - 1))
-    keep = torch.isfinite(top.values)
-    return ([items.raw_of(int(k)) for k in top.indices[keep]], top.values[keep].tolist(),
-            float(out.alpha[0, -1]))
-
-
-class LongTermReader:
-    """The production long-term lookup: the current Redis version, read through the TTL cache.
-
-    ``slsrec:current`` is re-read at most every ``ttl_s``; only a version with a higher sequence number
-    than the one in use is taken (versions only move forward). Two modes:
-
-    - ``load`` given (``slsrec serve`` without ``--run``): a new version's model is loaded in a
-      background thread (``load(version)``) while the stream goes on with the version in use;
-      :meth:`poll` then hands it to the :class:`Recommender`, and the vectors switch with the model.
-    - otherwise the served model is fixed (``--run``): new versions published for ``run`` switch the
-      vectors only; a version of another run holds vectors of another model, meaningless to this
-      one, so the reader stays on the version it has and says a restart without ``--run`` follows it.
-
-    Parameters
-    ----------
-    store : LongTermStore
-    ttl_s : float
-        How stale a cached vector (or the current version id) may be.
-    run : str, optional
-        The served run directory; versions whose ``meta["run"]`` names another run are not used.
-    telemetry : Telemetry, optional
-    load : callable, optional
-        ``version -> Published``; follow every new version, model included.
-    version : str, optional
-        The version in use at the start (its model already served).
-    """
-
-    def __init__(self, store: LongTermStore, ttl_s: float, run: str | None = None, telemetry: Telemetry | None = None,
-                 load: Callable[[str], Published] | None = None, version: str | None = None):
-        self.store = store
-        self.telemetry = telemetry
-        self.cache = CachedLongTerm(store, ttl_s)
-        self.ttl_s = ttl_s
-        self.run = None if run is None else Path(run).resolve()
-        self.load = load
-        self.version: str | None = None
-        self._checked_at = -float("inf")
-        self._refused: set[str] = set()
-        self._loading: tuple[str, Future] | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="slsrec-load") if load is not None else None
-        if version is not None:
-            self._use(version)
-
-    def __call__(self, user_ids: Sequence[str]) -> tuple[str | None, list[np.ndarray | None]]:
-        self._check()
-        if self.version is None:
-            return None, [None] * len(user_ids)
-        hits, misses, t0 = self.cache.hits, self.cache.misses, time.perf_counter()
-        vectors = self.cache.get_many(self.version, user_ids)
-        if self.telemetry is not None:
-            self.telemetry.cache_hits.add(self.cache.hits - hits)
-            self.telemetry.cache_misses.add(self.cache.misses - misses)
-            if self.cache.misses > misses:  # one round trip
-                self.telemetry.redis_latency.record((time.perf_counter() - t0) * 1000)
-        return self.version, vectors
-
-    def poll(self) -> Published | None:
-        """A newer version whose model has finished loading (the reader now reads its vectors), or None."""
-        self._check()
-        if self._loading is None or not self._loading[1].done():
-            return None
-        version, future = self._loading
-        self._loading = None
-        try:
-            published = future.result()
-        except UserError as e:  # expired, or published without model files: keep serving what we have
-            self._refused.add(version)
-            log.warning("cannot load version %s (%s): staying on %s", version, e, self.version)
-            return None
-        self._use(version)
-        return published
-
-    def _newer(self, version: str | None) -> bool:
-        if version is None or version == self.version or version in self._refused:
-            return False
-        if self.version is None:
-            return True
-        seq, ours = parse_seq(version), parse_seq(self.version)
-        return seq is not None and (ours is None or seq > ours)
-
-    def _check(self) -> None:
-        if time.monotonic() - self._checked_at < self.ttl_s:
-            return
-        self._checked_at = time.monotonic()
-        current = self.store.current_version()
-        if not self._newer(current):
-            return
-        if self._pool is not None:
-            if self._loading is None:
-                log.info("version %s published: loading its model", current)
-                self._loading = (current, self._pool.submit(self._timed_load, current))
-            return
-        published = self.store.meta(current).get("run")
-        if self.run is not None and published is not None and Path(published).resolve() != self.run:
-            self._refused.add(current)
-            log.warning("long-term version %s was published for run %s, not the served %s: staying on %s; "
-                        "serve without --run to follow every published version", current, published, self.run,
-                        self.version)
-            return
-        self._use(current)
-
-    def _timed_load(self, version: str) -> Published:
-        t0 = time.perf_counter()
-        published = self.load(version)
-        log.info("version %s: model loaded in %.0f ms (in the background)", version, (time.perf_counter() - t0) * 1000)
-        return published
-
-    def _use(self, version: str) -> None:
-        log.info("long-term vectors: version %s", version)
-        self.version = version
-        if self.telemetry is not None:
-            self.telemetry.set_versions(long_term=version)
-
-
-def version_run_dir(store: LongTermStore, version: str, runs_dir: str | Path) -> Path:
-    """The run directory of a published version: ``meta["run"]`` when it is on this machine, else its
-    model files from Redis written to ``{runs_dir}/published/{version}`` (``load_run`` reads either).
-
-    Raises :class:`CheckpointError` when neither exists (the version expired, or was published
-    without model files).
-    """
-    run = store.meta(version).get("run")
-    if run is not None and (Path(run) / WEIGHTS).is_file():
-        return Path(run)
-    files = store.model_files(version)
-    if WEIGHTS not in files or CONFIG not in files:
-        raise CheckpointError(f"version {version}: run {run or '(none)'} is not on this machine and Redis holds "
-                              "no model files for it")
-    out = Path(runs_dir) / "published" / version
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (out / Path(name).name).write_bytes(data)  # name only: a file name never leaves the directory
-    return out
-
-
-def load_version(store: LongTermStore, runs_dir: str | Path, version: str) -> Published:
-    """Load the model published with ``version`` (its run directory, or its model files from Redis)."""
-    loaded = load_run(version_run_dir(store, version, runs_dir))
-    return Published(version, loaded.model, loaded.items, loaded.users)
-
-
-def open_recommender(settings: Settings, run: str | Path | None = None, telemetry: Telemetry | None = None,
-                     worker_id: str = "0") -> Recommender:
-    """The recommender ``slsrec serve`` runs: a model, the Redis long-term lookup, a drift monitor.
-
-    Without ``run``, serves the current Redis version (its run directory, or the model files the
-    publisher stored in Redis when that directory is not on this machine) and follows every newer
-    version without a restart; ``model_version`` is then the version id. With ``run``, serves that
-    run (``model_version`` is its directory name) and reads the versions published for it.
-    """
-    store = LongTermStore(settings.redis_url)
-    reader: LongTermReader
-    if run is None:
-        version = store.current_version()
-        if version is None:
-            raise UserError(f"nothing is published in Redis at {store.location} yet: "
-                            "run `slsrec publish --run runs/NAME` first, or pass --run")
-        published = load_version(store, settings.runs_dir, version)
-        model, items, users, model_version = published.model, published.items, published.users, version
-        reader = LongTermReader(store, settings.redis_cache_ttl_s, telemetry=telemetry,
-                                load=partial(load_version, store, settings.runs_dir), version=version)
-        source = store.meta(version).get("run", version)
-    else:
-        loaded = load_run(run)
-        model, items, users, model_version, source = loaded.model, loaded.items, loaded.users, Path(run).name, str(run)
-        reader = LongTermReader(store, settings.redis_cache_ttl_s, str(run), telemetry)
-    if not hasattr(model, "short_encoder"):
-        raise CheckpointError(f"{source}: a {type(model).__name__} model cannot serve the stream; "
-                              "train an slsrec model")
-    trained_gap = getattr(model.config, "gap_ms", None)
-    gap_ms = settings.session_gap_s * 1000
-    if trained_gap not in (None, gap_ms):
-        log.warning("session gap %d ms differs from the %d ms the model was trained with", gap_ms, trained_gap)
-    return Recommender(model, items, reader, model_version=model_version, gap_ms=gap_ms,
-                       max_segment=model.config.max_segment, top_k=settings.top_k,
-                       exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry,
-                       versions=reader.poll if run is None else None, drift=DriftMonitor(worker_id=worker_id),
-                       users=users)
