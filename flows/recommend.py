@@ -7,7 +7,8 @@ Steps: ``clicks`` (every partition) -> decode and validate (bad input -> ``click
 a hash of the user id into shards -> one stateful step per shard holding its users' sessions, fed in
 micro-batches (one batched model call per wave, see :class:`slsrec.serving.recommender.Recommender`), with a
 sweep that closes idle sessions -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq``,
-and ``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, key worker id).
+and ``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, a
+:class:`schemas.drift.HealthEvent` when it enters or leaves degraded mode; key worker id).
 
 **Versions.** Without ``--run`` the flow follows the published versions: when ``slsrec:current``
 moves to a newer version, its model loads in the background and then replaces the served one
@@ -38,7 +39,7 @@ from bytewax.outputs import Sink
 
 from flows.kafka_source import NoWaitKafkaSource, consumer_error, is_message, origin_of
 from flows.shards import Decoded, Output, ShardLogic, shard_keys, shard_of
-from schemas.drift import DriftAlert
+from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
 from slsrec.serving.recommender import Recommender, dead_letter
 from slsrec.settings import Settings
@@ -75,14 +76,14 @@ def is_session(item: Output) -> bool:
     return isinstance(item, SessionClosed)
 
 
-def is_drift_alert(item: DeadLetter | DriftAlert) -> bool:
-    return isinstance(item, DriftAlert)
+def is_drift_alert(item: DeadLetter | DriftAlert | HealthEvent) -> bool:
+    return isinstance(item, (DriftAlert, HealthEvent))
 
 
 def to_kafka(item: Recommendation | SessionClosed | DeadLetter | DriftAlert) -> KafkaSinkMessage:
     """JSON value; keyed by user_id, a drift alert by worker id (a dead letter keeps no key: its
     user may be unreadable)."""
-    if isinstance(item, DriftAlert):
+    if isinstance(item, (DriftAlert, HealthEvent)):
         return KafkaSinkMessage(item.worker_id.encode(), item.model_dump_json().encode())
     key = None if isinstance(item, DeadLetter) else item.user_id.encode()
     return KafkaSinkMessage(key, item.model_dump_json().encode())
@@ -141,7 +142,7 @@ def get_flow(
     rest = op.branch("sessions", recs.falses, is_session)
     # trues: SessionClosed; falses: DeadLetter (duplicates) | DriftAlert
     alerts = op.branch("drift_alerts", rest.falses, is_drift_alert)
-    # trues: DriftAlert; falses: DeadLetter (duplicates)
+    # trues: DriftAlert | HealthEvent; falses: DeadLetter (duplicates)
     dlq = op.merge("dead_letters", consumer_dlq, decoded.falses, alerts.falses)
     # DeadLetter
     for name, stream, given, topic in (
@@ -153,6 +154,9 @@ def get_flow(
         if given is not None:
             op.output(name, stream, given)
         else:
-            op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, conf))
+            # A broker away for longer than librdkafka's default message timeout (5 min) would drop
+            # outputs silently: wait for it instead (0 = no limit; the write blocks the worker meanwhile).
+            sink_conf = {**conf, "message.timeout.ms": "0"}
+            op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, sink_conf))
             # KafkaSinkMessage(user_id, JSON)
     return flow

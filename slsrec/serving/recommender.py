@@ -42,10 +42,11 @@ import numpy as np
 import torch
 from opentelemetry import metrics, trace
 
-from schemas.drift import DriftAlert
+from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, next_item_quality
+from slsrec.health import Heartbeat
 from slsrec.model import LongState, score
 from slsrec.serving.sessions import _SEP, Session, SessionTable, session_closed
 from slsrec.sessions import Boundary, boundary
@@ -56,6 +57,8 @@ from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
 log = logging.getLogger(__name__)
 
 # user ids -> (long-term version or None, one published LongTerm state or None per user)
+# (a third element, when present and true: degraded, i.e. Redis did not answer and the entries come
+# from the local cache however old, None where nothing is cached)
 LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["LongTerm | None"]]]
 
 
@@ -156,7 +159,9 @@ class Recommender:
         The model's raw item id <-> index (0 = padding).
     long_term : callable
         ``user_ids -> (version | None, [LongTerm | None, ...])``, one call per micro-batch: each user's
-        published long-term state; ``None`` is a cold start (short-term only, flagged).
+        published long-term state; ``None`` is a cold start (short-term only, flagged). A third element,
+        ``degraded``, says that Redis did not answer: the entries are the cached ones (flagged
+        ``long_term="cached"``), ``None`` where none is cached (``"unavailable"``, not a cold start).
     model_version : str
         Named in every recommendation.
     gap_ms, max_segment : int
@@ -180,13 +185,21 @@ class Recommender:
         The model's user ids: a session longer than one segment folds its closed segments into the
         user's long-term state with the user's embedding as the pooling query. Without it (or for a
         user the model does not know) the published state alone is the long-term input.
+    events : callable, optional
+        Called after every micro-batch; the records it returns (``HealthEvent``) join the output.
+    heartbeat : Heartbeat, optional
+        Beaten at every micro-batch and sweep (:mod:`slsrec.health`), ``degraded`` or ``serving``.
     """
 
     def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
                  gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
                  telemetry: Telemetry | None = None, versions: VersionSource | None = None,
-                 drift: DriftMonitor | None = None, users: Vocab | None = None):
+                 drift: DriftMonitor | None = None, users: Vocab | None = None,
+                 events: Callable[[], list[HealthEvent]] | None = None, heartbeat: Heartbeat | None = None):
         self.long_term = long_term
+        self.events = events
+        self.heartbeat = heartbeat
+        self.degraded = False  # the latest micro-batch was served without Redis
         self.versions = versions
         self.drift = drift
         self.gap_ms = gap_ms
@@ -215,6 +228,8 @@ class Recommender:
     def follow(self) -> None:
         """Adopt a newer published version if its model is loaded. Called before every micro-batch,
         and by the flow's sweep while the stream is quiet."""
+        if self.heartbeat is not None:
+            self.heartbeat.beat("degraded" if self.degraded else "serving")
         new = self.versions() if self.versions is not None else None
         if new is not None and not hasattr(new.model, "short_encoder"):
             log.warning("version %s holds a %s, which cannot serve the stream: staying on %s",
@@ -287,7 +302,8 @@ class Recommender:
         tel, opened, closed = self.telemetry, self.stats.sessions_opened, self.stats.sessions_closed
         with tel.batch_span([ev.event_id for ev, _ in clicks]) as span:
             t0 = time.perf_counter()
-            version, vectors = self.long_term(list(per_user))
+            answer = self.long_term(list(per_user))
+            version, vectors, self.degraded = answer[0], answer[1], len(answer) > 2 and answer[2]
             t1 = time.perf_counter()
             long_of = dict(zip(per_user, vectors))
             queues = list(per_user.values())
@@ -307,7 +323,7 @@ class Recommender:
             if isinstance(a, DriftAlert):
                 tel.drift_alerts.add(1, {"signal": a.signal, "detector": a.detector})
         tel.sessions_active.add((self.stats.sessions_opened - opened) - (self.stats.sessions_closed - closed))
-        return results
+        return results + (self.events() if self.events is not None else [])
 
     def _apply_wave(self, table, clicks, wave, long_of, version, out, wall_ms) -> None:
         rows, dts, known = [], [], []  # events that get a recommendation, their dt, item index
@@ -356,7 +372,8 @@ class Recommender:
         top_scores, top_items = self._rank(users, sessions)  # (B, K), (B, K)
         emit, raw = int(now_ms()), self._raw_ids
         for j, i in enumerate(rows):
-            ev, cold = clicks[i][0], longs[j] is None
+            ev, no_long = clicks[i][0], longs[j] is None
+            cold = no_long and not self.degraded  # degraded: whether the user has a vector is unknown
             self.stats.recommendations += 1
             self.stats.cold_starts += cold
             top = [{"item_id": raw[k], "score": x} for k, x in zip(top_items[j], top_scores[j])
@@ -367,17 +384,18 @@ class Recommender:
                 "event_id": ev.event_id,
                 "items": top,
                 "model_version": self.model_version,
-                "long_term_version": None if cold else version,
+                "long_term_version": None if no_long else version,
                 "cold_start": cold,
+                "long_term": ("unavailable" if no_long else "cached") if self.degraded else "fresh",
                 "alpha": alphas[j],
                 "unknown_item": known[j] is None,
                 "event_ts": ev.ts,
                 "emit_ts": emit,
             }))
-            out[i] += self._watch(sessions[j], ev, tuple(t["item_id"] for t in top), None if cold else alphas[j],
-                                  cold, known[j] is None)
+            out[i] += self._watch(sessions[j], ev, tuple(t["item_id"] for t in top), None if no_long else alphas[j],
+                                  None if self.degraded else cold, known[j] is None)
 
-    def _watch(self, s: Session, ev: ClickEvent, top: tuple[str, ...], alpha: float | None, cold: bool,
+    def _watch(self, s: Session, ev: ClickEvent, top: tuple[str, ...], alpha: float | None, cold: bool | None,
                unknown: bool) -> list[DriftAlert]:
         """Online quality of the event against its session's previous top-K, and the drift signals."""
         # None: the first event of a session
