@@ -58,9 +58,10 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
     recovery_config = _recovery(settings, len(addresses or [None])) if recovery else None
     telemetry = setup_telemetry(settings, "slsrec-flow")
     heartbeat = Heartbeat(settings.health_dir, process_id or 0)
-    heartbeat.beat("starting")  # then "serving" (or "degraded") at every batch and sweep
-    rec = open_recommender(settings, run, telemetry, worker_id=str(process_id or 0), heartbeat=heartbeat)
-    flow = get_flow(settings, rec, tail=tail, workers=len(addresses or [None]), telemetry=telemetry)
+    heartbeat.beat("starting")  # then "serving" (or "degraded") every second, from the flow's own tick step
+    rec = open_recommender(settings, run, telemetry, worker_id=str(process_id or 0))
+    flow = get_flow(settings, rec, tail=tail, workers=len(addresses or [None]), telemetry=telemetry,
+                    heartbeat=heartbeat)
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
     # events per CPU second (docs/benchmarks.md).

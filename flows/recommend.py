@@ -28,13 +28,14 @@ twice. Every recommendation names its causing ``event_id``; consumers de-duplica
 from __future__ import annotations
 
 import re
+import time
 from datetime import timedelta
 from functools import partial
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSourceMessage
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import Source
+from bytewax.inputs import SimplePollingSource, Source
 from bytewax.outputs import Sink
 
 from flows.kafka_source import NoWaitKafkaSource, consumer_error, is_message, origin_of
@@ -42,6 +43,7 @@ from flows.shards import Decoded, Output, ShardLogic, shard_keys, shard_of
 from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import DeadLetter, InvalidEvent, Recommendation, SessionClosed, decode_click
 from slsrec.serving.recommender import Recommender, dead_letter
+from slsrec.health import Heartbeat
 from slsrec.settings import Settings
 from slsrec.telemetry import Telemetry
 
@@ -101,6 +103,7 @@ def get_flow(
     tail: bool = True,
     workers: int = 1,
     telemetry: Telemetry | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> Dataflow:
     """Build the flow. Tests inject Bytewax testing sources/sinks; by default all ends are Kafka.
 
@@ -111,6 +114,8 @@ def get_flow(
     ``workers`` (of the whole cluster) sets the shards: one per worker, holding the sessions of its
     users; changing it between runs splits the sessions open at the restart (their old shards close
     them when idle).
+    ``heartbeat``: beaten every second by a tick step of the flow itself, so that it stops when the
+    worker is stuck (e.g. waiting on a blocked sink), not only when the process dies.
     """
     brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
@@ -159,4 +164,19 @@ def get_flow(
             sink_conf = {**conf, "message.timeout.ms": "0"}
             op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, sink_conf))
             # KafkaSinkMessage(user_id, JSON)
+    if heartbeat is not None:
+        ticks = op.input("heartbeat_ticks", flow, Ticks(timedelta(seconds=1)))
+        # float (wall time)
+        op.inspect("heartbeat", ticks, partial(beat, heartbeat, recommender))
     return flow
+
+
+class Ticks(SimplePollingSource):
+    """The wall time, once per ``interval``."""
+
+    def next_item(self) -> float:
+        return time.time()
+
+
+def beat(heartbeat: Heartbeat, rec: Recommender, step_id: str, tick: float) -> None:
+    heartbeat.beat("degraded" if rec.degraded else "serving")

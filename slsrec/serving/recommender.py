@@ -46,7 +46,6 @@ from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import ClickEvent, DeadLetter, Recommendation, SessionClosed
 from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor, next_item_quality
-from slsrec.health import Heartbeat
 from slsrec.model import LongState, score
 from slsrec.serving.sessions import _SEP, Session, SessionTable, session_closed
 from slsrec.sessions import Boundary, boundary
@@ -187,18 +186,15 @@ class Recommender:
         user the model does not know) the published state alone is the long-term input.
     events : callable, optional
         Called after every micro-batch; the records it returns (``HealthEvent``) join the output.
-    heartbeat : Heartbeat, optional
-        Beaten at every micro-batch and sweep (:mod:`slsrec.health`), ``degraded`` or ``serving``.
     """
 
     def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
                  gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
                  telemetry: Telemetry | None = None, versions: VersionSource | None = None,
                  drift: DriftMonitor | None = None, users: Vocab | None = None,
-                 events: Callable[[], list[HealthEvent]] | None = None, heartbeat: Heartbeat | None = None):
+                 events: Callable[[], list[HealthEvent]] | None = None):
         self.long_term = long_term
         self.events = events
-        self.heartbeat = heartbeat
         self.degraded = False  # the latest micro-batch was served without Redis
         self.versions = versions
         self.drift = drift
@@ -228,8 +224,6 @@ class Recommender:
     def follow(self) -> None:
         """Adopt a newer published version if its model is loaded. Called before every micro-batch,
         and by the flow's sweep while the stream is quiet."""
-        if self.heartbeat is not None:
-            self.heartbeat.beat("degraded" if self.degraded else "serving")
         new = self.versions() if self.versions is not None else None
         if new is not None and not hasattr(new.model, "short_encoder"):
             log.warning("version %s holds a %s, which cannot serve the stream: staying on %s",

@@ -16,7 +16,6 @@ from slsrec.breaker import CircuitBreaker
 from slsrec.checkpoint import CONFIG, WEIGHTS, load_run
 from slsrec.drift import DriftMonitor
 from slsrec.errors import CheckpointError, Unavailable, UserError
-from slsrec.health import Heartbeat
 from slsrec.serving.recommender import Published, Recommender
 from slsrec.settings import Settings
 from slsrec.store import CachedLongTerm, LongTermStore, parse_seq
@@ -240,7 +239,7 @@ def load_version(store: LongTermStore, runs_dir: str | Path, version: str) -> Pu
 
 
 def open_recommender(settings: Settings, run: str | Path | None = None, telemetry: Telemetry | None = None,
-                     worker_id: str = "0", heartbeat: Heartbeat | None = None) -> Recommender:
+                     worker_id: str = "0") -> Recommender:
     """The recommender ``slsrec serve`` runs: a model, the Redis long-term lookup, a drift monitor.
 
     Without ``run``, serves the current Redis version (its run directory, or the model files the
@@ -282,4 +281,4 @@ def open_recommender(settings: Settings, run: str | Path | None = None, telemetr
                        max_segment=model.config.max_segment, top_k=settings.top_k,
                        exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry,
                        versions=reader.poll if run is None else None, drift=DriftMonitor(worker_id=worker_id),
-                       users=users, events=reader.take_events, heartbeat=heartbeat)
+                       users=users, events=reader.take_events)
