@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
 from bytewax.inputs import StatefulSourcePartition
 
@@ -22,10 +24,13 @@ class _NoWait:
     (bench-stream: about 15 ms of every 40 ms cycle). Bytewax itself waits 1 ms after an empty batch.
     """
 
-    def __init__(self, consumer):
+    def __init__(self, consumer, on_poll: Callable[[], None] | None = None):
         self._consumer = consumer
+        self._on_poll = on_poll
 
     def consume(self, num_messages: int, timeout: float):
+        if self._on_poll is not None:
+            self._on_poll()
         return self._consumer.consume(num_messages, 0)
 
     def __getattr__(self, name: str):
@@ -33,11 +38,20 @@ class _NoWait:
 
 
 class NoWaitKafkaSource(KafkaSource):
-    """Bytewax's ``KafkaSource`` whose partitions poll without blocking (see :class:`_NoWait`)."""
+    """Bytewax's ``KafkaSource`` whose partitions poll without blocking (see :class:`_NoWait`).
+
+    ``on_poll`` is called at every poll: the worker's heartbeat. Bytewax polls its inputs whenever the
+    worker is free, so the calls stop exactly when the worker is stuck. (A second, timer-driven input
+    for the heartbeat, a ``SimplePollingSource``, made the worker run the Kafka input in 1-3 s bursts.)
+    """
+
+    def __init__(self, *args, on_poll: Callable[[], None] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_poll = on_poll
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> StatefulSourcePartition:
         part = super().build_part(step_id, for_part, resume_state)
-        part._consumer = _NoWait(part._consumer)  # bytewax 0.21's partition keeps its consumer here
+        part._consumer = _NoWait(part._consumer, self.on_poll)  # bytewax 0.21's partition keeps its consumer here
         return part
 
 

@@ -28,14 +28,13 @@ twice. Every recommendation names its causing ``event_id``; consumers de-duplica
 from __future__ import annotations
 
 import re
-import time
 from datetime import timedelta
 from functools import partial
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSourceMessage
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import SimplePollingSource, Source
+from bytewax.inputs import Source
 from bytewax.outputs import Sink
 
 from flows.kafka_source import NoWaitKafkaSource, consumer_error, is_message, origin_of
@@ -114,13 +113,14 @@ def get_flow(
     ``workers`` (of the whole cluster) sets the shards: one per worker, holding the sessions of its
     users; changing it between runs splits the sessions open at the restart (their old shards close
     them when idle).
-    ``heartbeat``: beaten every second by a tick step of the flow itself, so that it stops when the
-    worker is stuck (e.g. waiting on a blocked sink), not only when the process dies.
+    ``heartbeat``: beaten at every poll of the Kafka source (at most once a second), so that it stops
+    when the worker is stuck (e.g. waiting on a blocked sink), not only when the process dies.
     """
     brokers, conf = [settings.kafka_bootstrap], settings.kafka_config()
     flow = Dataflow("slsrec_recommend")
     source = source or NoWaitKafkaSource(brokers, [settings.topic_clicks], tail=tail, add_config=conf,
-                                         raise_on_errors=False)
+                                         raise_on_errors=False,
+                                         on_poll=None if heartbeat is None else partial(beat, heartbeat, recommender))
     raw = op.input("clicks_in", flow, source)
     # KafkaSourceMessage | KafkaError
     split = op.branch("split_consumer_errors", raw, is_message)
@@ -164,19 +164,8 @@ def get_flow(
             sink_conf = {**conf, "message.timeout.ms": "0"}
             op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, sink_conf))
             # KafkaSinkMessage(user_id, JSON)
-    if heartbeat is not None:
-        ticks = op.input("heartbeat_ticks", flow, Ticks(timedelta(seconds=1)))
-        # float (wall time)
-        op.inspect("heartbeat", ticks, partial(beat, heartbeat, recommender))
     return flow
 
 
-class Ticks(SimplePollingSource):
-    """The wall time, once per ``interval``."""
-
-    def next_item(self) -> float:
-        return time.time()
-
-
-def beat(heartbeat: Heartbeat, rec: Recommender, step_id: str, tick: float) -> None:
+def beat(heartbeat: Heartbeat, rec: Recommender) -> None:
     heartbeat.beat("degraded" if rec.degraded else "serving")

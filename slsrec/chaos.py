@@ -145,7 +145,7 @@ class Chaos:
         out = Outcome(fault)
         stream = _Stream()
         prefix = f"chaos-{fault}-{uuid.uuid4().hex[:6]}."
-        with local.scratch_topics(self.settings, prefix) as settings, self._flow(settings, fault) as sup:
+        with local.scratch_topics(self.settings, prefix) as topics, self._flow(topics, fault) as (sup, settings):
             stop = threading.Event()
             readers = [threading.Thread(target=_read, args=(settings, topic, stream, stop), daemon=True)
                        for topic in (settings.topic_recommendations, settings.topic_dlq, settings.topic_drift)]
@@ -170,7 +170,8 @@ class Chaos:
         out.sent, out.recommended = len(stream.sent), len(stream.recs.keys() & stream.sent)
         out.duplicates = sum(n - 1 for n in stream.recs.values())
         out.degraded = stream.degraded
-        out.longest_gap_s = _longest_gap_s(stream.emits, stream.t0_ms, stream.t1_ms)
+        out.longest_gap_s, at = _longest_gap_s(stream.emits, stream.t0_ms, stream.t1_ms)
+        out.notes.append(f"longest gap from t={at:.1f} s")
         if sup.restarts:
             out.notes.append(f"{sup.restarts} restart(s)")
         if fault == "malformed":
@@ -180,7 +181,8 @@ class Chaos:
         return out
 
     @contextmanager
-    def _flow(self, settings: Settings, fault: str) -> Iterator[Supervisor]:
+    def _flow(self, settings: Settings, fault: str) -> Iterator[tuple[Supervisor, Settings]]:
+        """The flow on ``settings``' topics, under a supervisor, ready; and its settings."""
         work = self.folder / fault
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -192,7 +194,7 @@ class Chaos:
         sup.start()
         try:
             _wait_ready(sup, settings, work / "flow.log")
-            yield sup
+            yield sup, settings
         finally:
             sup.stop()
 
@@ -205,7 +207,7 @@ class Chaos:
         rng = np.random.default_rng(0)
 
         def delivered(err, msg) -> None:
-            if err is None and msg.headers() is None:
+            if err is None and msg.value() not in JUNK:
                 stream.sent.add(json.loads(msg.value())["event_id"])
 
         stream.t0_ms = int(time.time() * 1000)
@@ -220,7 +222,7 @@ class Chaos:
                 n += 1
                 if malformed and n % 10 == 0:
                     p.produce(settings.topic_clicks, JUNK[n // 10 % len(JUNK)], key=user.encode(),
-                              headers={"chaos": b"junk"}, on_delivery=delivered)
+                              on_delivery=delivered)
                     stream.junk_sent += 1
             p.poll(0)
             time.sleep(0.005)
@@ -302,15 +304,17 @@ def _read(settings: Settings, topic: str, stream: _Stream, stop: threading.Event
         c.close()
 
 
-def _longest_gap_s(emits: list[int], t0_ms: int, t1_ms: int) -> float:
-    """The longest time without a recommendation inside the streaming window, in seconds.
+def _longest_gap_s(emits: list[int], t0_ms: int, t1_ms: int) -> tuple[float, float]:
+    """The longest time without a recommendation inside the streaming window, and when it began,
+    both in seconds (the latter from the window's start).
 
     >>> _longest_gap_s([1500, 1600, 4000], 1000, 5000)
-    2.4
+    (2.4, 0.6)
     """
     inside = sorted(e for e in emits if t0_ms <= e <= t1_ms)
     points = [t0_ms, *inside, t1_ms]
-    return max(b - a for a, b in zip(points, points[1:])) / 1000
+    gap, at = max((b - a, a) for a, b in zip(points, points[1:]))
+    return gap / 1000, (at - t0_ms) / 1000
 
 
 def _random_run(run_dir: Path, history_csv: Path) -> None:
