@@ -64,6 +64,10 @@ class Outcome:
     degraded: int = 0  # recommendations flagged long_term cached or unavailable
     longest_gap_s: float = 0.0
     flow_up: bool = False
+    restarts: int = 0  # of the flow, by the supervisor
+    health: list[str] = field(default_factory=list)  # HealthEvent states on the drift topic, in order
+    dead_letters: int = 0  # malformed input dead-lettered (Kafka's own errors not counted)
+    junk_sent: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -169,15 +173,16 @@ class Chaos:
                 t.join()
         out.sent, out.recommended = len(stream.sent), len(stream.recs.keys() & stream.sent)
         out.duplicates = sum(n - 1 for n in stream.recs.values())
-        out.degraded = stream.degraded
+        out.degraded, out.restarts, out.health = stream.degraded, sup.restarts, stream.health
+        out.dead_letters, out.junk_sent = stream.dead_letters, stream.junk_sent
         out.longest_gap_s, at = _longest_gap_s(stream.emits, stream.t0_ms, stream.t1_ms)
         out.notes.append(f"longest gap from t={at:.1f} s")
-        if sup.restarts:
-            out.notes.append(f"{sup.restarts} restart(s)")
+        if out.restarts:
+            out.notes.append(f"{out.restarts} restart(s)")
         if fault == "malformed":
-            out.notes.append(f"{stream.dead_letters} of {stream.junk_sent} malformed dead-lettered")
-        if stream.health:
-            out.notes.append("health: " + " -> ".join(stream.health))
+            out.notes.append(f"{out.dead_letters} of {out.junk_sent} malformed dead-lettered")
+        if out.health:
+            out.notes.append("health: " + " -> ".join(out.health))
         return out
 
     @contextmanager
