@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,6 +114,17 @@ class Supervisor:
             self.restarts += 1
             self.start()
         return None
+
+    def keep_running(self) -> None:
+        """Start it, and restart it from a background thread until :meth:`stop` (for a program that
+        does other work meanwhile, as the demo does)."""
+        self.start()
+
+        def watch() -> None:
+            while not self._stopping and self.poll() is None:
+                time.sleep(0.1)
+
+        threading.Thread(target=watch, name="slsrec-supervise", daemon=True).start()
 
     def stop(self) -> int | None:
         """SIGTERM, wait, SIGKILL the group if it hangs; the child's exit code."""

@@ -84,7 +84,9 @@ as a :class:`HealthEvent` (:meth:`take_events`).
 
     def __call__(self, user_ids: Sequence[str]) -> tuple:
         """``(version, entries)``, or ``(version, cached entries, True)`` in degraded mode."""
-        self._check()
+        # Degraded, every batch checks the version first: a Redis back from a restart may be empty, and
+        # reading vectors from it would replace cached ones with absences. (Free while the breaker is open.)
+        self._check(force=self.degraded_reason is not None)
         if self.version is None:
             return None, [None] * len(user_ids)
         if self._lost is None:
@@ -141,8 +143,8 @@ as a :class:`HealthEvent` (:meth:`take_events`).
         seq, ours = parse_seq(version), parse_seq(self.version)
         return seq is not None and (ours is None or seq > ours)
 
-    def _check(self) -> None:
-        if time.monotonic() - self._checked_at < self.ttl_s:
+    def _check(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._checked_at < self.ttl_s:
             return
         self._checked_at = time.monotonic()
         try:
