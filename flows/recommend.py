@@ -161,7 +161,8 @@ def get_flow(
         else:
             # A broker away for longer than librdkafka's default message timeout (5 min) would drop
             # outputs silently: wait for it instead (0 = no limit; the write blocks the worker meanwhile).
-            sink_conf = {**conf, "message.timeout.ms": "0"}
+            # Idempotence: a batch retried after a broker restart is not written twice.
+            sink_conf = {**conf, "message.timeout.ms": "0", "enable.idempotence": "true"}
             op.output(name, op.map(f"{name}_serialize", stream, to_kafka), KafkaSink(brokers, topic, sink_conf))
             # KafkaSinkMessage(user_id, JSON)
     return flow

@@ -63,6 +63,7 @@ class Outcome:
     duplicates: int = 0  # recommendations beyond the first per event
     degraded: int = 0  # recommendations flagged long_term cached or unavailable
     longest_gap_s: float = 0.0
+    gap_in_fault_s: float | None = None  # the longest gap while the service was frozen or gone
     flow_up: bool = False
     restarts: int = 0  # of the flow, by the supervisor
     health: list[str] = field(default_factory=list)  # HealthEvent states on the drift topic, in order
@@ -88,6 +89,7 @@ class _Stream:
     health: list[str] = field(default_factory=list)  # HealthEvent states in order
     t0_ms: int = 0
     t1_ms: int = 0  # the streaming window
+    fault_ms: tuple[int, int] | None = None  # while the service was frozen or gone
 
 
 class Chaos:
@@ -157,7 +159,7 @@ class Chaos:
                 t.start()
             producer = threading.Thread(target=self._produce, args=(settings, stream, fault == "malformed"))
             producer.start()
-            self._apply(fault, sup, producer, out)
+            self._apply(fault, sup, producer, out, stream)
             producer.join()
             deadline = time.monotonic() + self.drain_s
             while time.monotonic() < deadline and len(stream.recs.keys() & stream.sent) < len(stream.sent):
@@ -176,6 +178,8 @@ class Chaos:
         out.degraded, out.restarts, out.health = stream.degraded, sup.restarts, stream.health
         out.dead_letters, out.junk_sent = stream.dead_letters, stream.junk_sent
         out.longest_gap_s, at = _longest_gap_s(stream.emits, stream.t0_ms, stream.t1_ms)
+        if stream.fault_ms is not None:
+            out.gap_in_fault_s = _longest_gap_s(stream.emits, *stream.fault_ms)[0]
         out.notes.append(f"longest gap from t={at:.1f} s")
         if out.restarts:
             out.notes.append(f"{out.restarts} restart(s)")
@@ -235,7 +239,7 @@ class Chaos:
         while p.flush(1.0):
             pass
 
-    def _apply(self, fault: str, sup: Supervisor, producer: threading.Thread, out: Outcome) -> None:
+    def _apply(self, fault: str, sup: Supervisor, producer: threading.Thread, out: Outcome, stream: _Stream) -> None:
         """Apply ``fault`` while the producer streams; keep the supervisor polled meanwhile."""
         start = self.duration_s * 0.2
         t0 = time.monotonic()
@@ -256,22 +260,32 @@ class Chaos:
         elif fault in ("redis-frozen", "kafka-frozen"):
             svc = redis if fault == "redis-frozen" else kafka
             wait_until(start)
+            t0 = _now_ms()
             self.pair.freeze(svc)
             try:
                 wait_until(start + self.outage_s)
             finally:
                 self.pair.thaw(svc)
+            stream.fault_ms = (t0, _now_ms())
         elif fault == "redis-empty":
             wait_until(start)
+            t0 = _now_ms()
             self.pair.restart(redis)
             wait_until(start + self.outage_s)
             out.notes.append(f"republished {self.publish()}")
+            stream.fault_ms = (t0, _now_ms())
         elif fault == "kafka-restart":
             wait_until(start)
+            t0 = _now_ms()
             self.pair.restart(kafka)
+            stream.fault_ms = (t0, _now_ms())
         while producer.is_alive():
             sup.poll()
             producer.join(0.1)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _wait_ready(sup: Supervisor, settings: Settings, log: Path) -> None:
@@ -343,9 +357,9 @@ def _random_run(run_dir: Path, history_csv: Path) -> None:
 
 def table(rows: list[Outcome], describe: Callable[[str], str]) -> str:
     """The chaos table, one row per fault (Markdown, so it pastes into docs/benchmarks.md)."""
-    head = ("| fault | valid sent | recommended | lost | duplicates | degraded recs | longest gap (s) | flow up "
-            "at end | notes |\n|---|---:|---:|---:|---:|---:|---:|---|---|")
+    head = ("| fault | valid sent | recommended | lost | duplicates | degraded recs | longest gap (s) | ... during "
+            "the fault (s) | flow up at end | notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     lines = [f"| {describe(r.fault)} | {r.sent:,} | {r.recommended:,} | {r.lost:,} | {r.duplicates:,} | "
-             f"{r.degraded:,} | {r.longest_gap_s:.2f} | {'yes' if r.flow_up else 'NO'} | {'; '.join(r.notes)} |"
-             for r in rows]
+             f"{r.degraded:,} | {r.longest_gap_s:.2f} | {'-' if r.gap_in_fault_s is None else f'{r.gap_in_fault_s:.2f}'} | "
+             f"{'yes' if r.flow_up else 'NO'} | {'; '.join(r.notes)} |" for r in rows]
     return "\n".join([head, *lines])

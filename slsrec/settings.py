@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     redis_breaker_failures: int = Field(3, ge=1)
     # ... and how long it stays open before one probe call; doubles while probes fail, up to the max.
     redis_breaker_reset_s: float = Field(1.0, gt=0)
-    redis_breaker_max_reset_s: float = Field(30.0, gt=0)
+    redis_breaker_max_reset_s: float = Field(5.0, gt=0)  # a probe costs at most one deadline
 
     # Sessions and serving.
     session_gap_s: int = Field(1800, ge=1)  # inactivity that closes a session (30 min)
