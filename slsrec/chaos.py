@@ -300,11 +300,14 @@ def _wait_ready(sup: Supervisor, settings: Settings, log: Path) -> None:
 
 
 def _read(settings: Settings, topic: str, stream: _Stream, stop: threading.Event) -> None:
-    from confluent_kafka import Consumer
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+    # Every partition assigned from the start, no consumer group: a broker restart cannot leave this
+    # reader waiting on a rebalance, so what it misses the flow really did not write.
     c = Consumer({**settings.kafka_config(), "group.id": f"chaos-{uuid.uuid4().hex[:8]}", "logger": local.QUIET,
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    c.subscribe([topic])
+                  "enable.auto.commit": False})
+    partitions = c.list_topics(topic, timeout=30).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     try:
         while not stop.is_set():
             for m in c.consume(1000, 0.2):
