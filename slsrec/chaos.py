@@ -260,25 +260,25 @@ class Chaos:
         elif fault in ("redis-frozen", "kafka-frozen"):
             svc = redis if fault == "redis-frozen" else kafka
             wait_until(start)
-            t0 = _now_ms()
+            began = _now_ms()
             self.pair.freeze(svc)
             try:
                 wait_until(start + self.outage_s)
             finally:
                 self.pair.thaw(svc)
-            stream.fault_ms = (t0, _now_ms())
+            stream.fault_ms = (began, _now_ms())
         elif fault == "redis-empty":
             wait_until(start)
-            t0 = _now_ms()
+            began = _now_ms()
             self.pair.restart(redis)
             wait_until(start + self.outage_s)
             out.notes.append(f"republished {self.publish()}")
-            stream.fault_ms = (t0, _now_ms())
+            stream.fault_ms = (began, _now_ms())
         elif fault == "kafka-restart":
             wait_until(start)
-            t0 = _now_ms()
+            began = _now_ms()
             self.pair.restart(kafka)
-            stream.fault_ms = (t0, _now_ms())
+            stream.fault_ms = (began, _now_ms())
         while producer.is_alive():
             sup.poll()
             producer.join(0.1)
