@@ -246,6 +246,7 @@ def chaos_cmd(
     """
     import logging
     import os
+    import signal
 
     from slsrec import local
     from slsrec.chaos import FAULTS, Chaos, table
@@ -254,6 +255,8 @@ def chaos_cmd(
     if unknown := [f for f in chosen if f not in FAULTS]:
         raise UserError(f"unknown fault(s) {', '.join(unknown)}: expected some of {', '.join(FAULTS)}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM too ends in the cleanup below: a frozen service thawed, the flow and the pair stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     chaos = Chaos(local.PrivatePair("chaos", kafka_port, redis_port), duration_s=duration_s, outage_s=outage_s,
                   rate=rate, kill_every_s=kill_every_s)
     typer.echo(f"chaos: Kafka {chaos.settings.kafka_bootstrap}, Redis 127.0.0.1:{redis_port} (private); "
