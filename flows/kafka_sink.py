@@ -31,7 +31,12 @@ class _ProducerPartition(StatelessSinkPartition[list[Message]]):
         produce, poll, headers = self._producer.produce, self._producer.poll, self._headers
         for batch in items:
             for m in batch:
-                produce(m.topic, m.value, m.key, headers=headers)
+                while True:
+                    try:
+                        produce(m.topic, m.value, m.key, headers=headers)
+                        break
+                    except BufferError:  # the local queue is full (a broker away): wait, never drop
+                        poll(1)
             poll(0)
         # Delivered before the epoch may close: a resume never skips an output (at least once).
         self._producer.flush()
@@ -44,7 +49,10 @@ class KafkaBatchSink(DynamicSink[list[Message]]):
     """One producer per worker; each item is a list of :class:`Message` (topic, key, value)."""
 
     def __init__(self, config: dict):
-        self.config = config
+        # A broker away for longer than librdkafka's default message timeout (5 min) would drop outputs
+        # silently: wait for it instead (0 = no limit; the write blocks the worker meanwhile).
+        # Idempotence: a batch retried after a broker restart is not written twice.
+        self.config = {**config, "message.timeout.ms": "0", "enable.idempotence": "true"}
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _ProducerPartition:
         return _ProducerPartition(self.config, worker_index)

@@ -13,6 +13,7 @@ as ONE item (the list of a poll's records); Bytewax waits 1 ms after an empty po
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -37,7 +38,9 @@ class Record(NamedTuple):
 class KafkaPartition(StatefulSourcePartition[list[Record], int]):
     """One Kafka partition: each ``next_batch`` is one non-blocking poll, as one item."""
 
-    def __init__(self, config: dict, topic: str, partition: int, offset: int, tail: bool):
+    def __init__(self, config: dict, topic: str, partition: int, offset: int, tail: bool,
+                 on_poll: Callable[[], None] | None = None):
+        self._on_poll = on_poll
         self._consumer = Consumer({**config, "enable.partition.eof": not tail})
         self._consumer.assign([TopicPartition(topic, partition, offset)])
         self._offset = offset
@@ -46,6 +49,8 @@ class KafkaPartition(StatefulSourcePartition[list[Record], int]):
     def next_batch(self) -> list[list[Record]]:
         if self._eof:
             raise StopIteration
+        if self._on_poll is not None:
+            self._on_poll()
         batch = []
         for m in self._consumer.consume(POLL_MAX, 0):
             err = m.error()
@@ -72,9 +77,13 @@ class KafkaBatchSource(FixedPartitionedSource[list[Record], int]):
     """Every partition of ``topics``, read from the start (or the resume offsets).
 
     ``tail=False`` stops at the end of each partition (a backfill, a benchmark, a bounded test).
+    ``on_poll`` is called at every poll: the worker's heartbeat. Bytewax polls its inputs whenever the
+    worker is free, so the calls stop exactly when the worker is stuck. (A second, timer-driven input
+    for the heartbeat made the worker run the Kafka input in 1-3 s bursts.)
     """
 
-    def __init__(self, config: dict, topics: list[str], tail: bool = True):
+    def __init__(self, config: dict, topics: list[str], tail: bool = True, on_poll: Callable[[], None] | None = None):
+        self.on_poll = on_poll
         self.config = {**config, "group.id": "slsrec-flow", "enable.auto.commit": False}  # offsets: in snapshots
         self.topics = topics
         self.tail = tail
@@ -95,4 +104,4 @@ class KafkaBatchSource(FixedPartitionedSource[list[Record], int]):
             raise ServiceError(f"the recovery snapshots read topic {topic!r}, not {self.topics}: "
                                "give this flow its own recovery directory")
         offset = OFFSET_BEGINNING if resume_state is None else resume_state
-        return KafkaPartition(self.config, topic, int(partition), offset, self.tail)
+        return KafkaPartition(self.config, topic, int(partition), offset, self.tail, self.on_poll)

@@ -9,7 +9,8 @@ Batches are the unit of work: an item is everything one poll of a partition retu
 per shard holding its users' sessions, processed in micro-batches (one batched model call per wave,
 see :class:`slsrec.serving.recommender.Recommender`), with a sweep that closes idle sessions ->
 serialised once per batch -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq`` and
-``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, key worker id),
+``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, a
+:class:`schemas.drift.HealthEvent` when it enters or leaves degraded mode; key worker id),
 one producer for all four.
 
 **Versions.** Without ``--run`` the flow follows the published versions: when ``slsrec:current``
@@ -42,9 +43,10 @@ from bytewax.outputs import Sink
 from flows.kafka_sink import KafkaBatchSink, Message
 from flows.kafka_source import KafkaBatchSource, Record
 from flows.shards import Decoded, ShardLogic, shard_keys, split_by_shard
-from schemas.drift import DriftAlert
+from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import DeadLetter, SessionClosed
 from slsrec.codec import Recommendation, decode_clicks, encode
+from slsrec.health import Heartbeat
 from slsrec.serving.recommender import Origin, Output, Recommender, dead_letter
 from slsrec.settings import Settings
 from slsrec.telemetry import Telemetry
@@ -96,7 +98,7 @@ def to_messages(settings: Settings, outputs: list[Output]) -> list[Message]:
             out.append(Message(settings.topic_dlq, None, o.model_dump_json().encode()))
         elif isinstance(o, SessionClosed):
             out.append(Message(settings.topic_sessions, o.user_id.encode(), o.model_dump_json().encode()))
-        elif isinstance(o, DriftAlert):
+        elif isinstance(o, (DriftAlert, HealthEvent)):
             out.append(Message(settings.topic_drift, o.worker_id.encode(), o.model_dump_json().encode()))
     return out
 
@@ -110,6 +112,7 @@ def get_flow(
     tail: bool = True,
     workers: int = 1,
     telemetry: Telemetry | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> Dataflow:
     """Build the flow. Tests inject Bytewax testing sources/sinks; by default both ends are Kafka.
 
@@ -119,9 +122,12 @@ def get_flow(
     bounded test) instead of waiting for new events. ``workers`` (of the whole cluster) sets the
     shards: one per worker, holding the sessions of its users; changing it between runs splits the
     sessions open at the restart (their old shards close them when idle).
+    ``heartbeat``: beaten at every poll of the Kafka source (at most once a second), so that it stops
+    when the worker is stuck (e.g. waiting on a blocked sink), not only when the process dies.
     """
     flow = Dataflow("slsrec_recommend")
-    source = source or KafkaBatchSource(settings.kafka_config(), [settings.topic_clicks], tail=tail)
+    on_poll = None if heartbeat is None else partial(beat, heartbeat, recommender)
+    source = source or KafkaBatchSource(settings.kafka_config(), [settings.topic_clicks], tail=tail, on_poll=on_poll)
     polls = op.input("clicks_in", flow, source)
     # list[Record]: one poll of one partition
     if telemetry is not None:
@@ -145,3 +151,7 @@ def get_flow(
     # [Message(topic, key, JSON)]
     op.output("kafka_out", messages, sink or KafkaBatchSink(settings.kafka_config()))
     return flow
+
+
+def beat(heartbeat: Heartbeat, rec: Recommender) -> None:
+    heartbeat.beat("degraded" if rec.degraded else "serving")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.drift import DriftAlert
+from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import (
     ClickEvent,
     DeadLetter,
@@ -30,6 +30,7 @@ __all__ = [
     "ClickEvent",
     "DeadLetter",
     "DriftAlert",
+    "HealthEvent",
     "InvalidEvent",
     "JSON_DIR",
     "RankedItem",
@@ -50,6 +51,7 @@ WIRE_MODELS: dict[str, type[BaseModel]] = {
     "dead_letter": DeadLetter,
     "session_closed": SessionClosed,
     "drift_alert": DriftAlert,
+    "health_event": HealthEvent,
 }
 
 

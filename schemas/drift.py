@@ -1,6 +1,7 @@
-"""``DriftAlert``: what a drift detector in the flow writes to topic ``drift`` (key: worker id).
+"""What the flow writes to topic ``drift`` (key: worker id): a ``DriftAlert`` when a drift detector
+fires, a ``HealthEvent`` when a worker enters or leaves degraded mode.
 
-Pydantic only, so a consumer (a dashboard, the retrainer's trigger) reads alerts without torch.
+Pydantic only, so a consumer (a dashboard, the retrainer's trigger) reads them without torch.
 
 >>> a = DriftAlert(signal="hit", detector="ADWIN", worker_id="0", ts=1_700_000_000_000,
 ...                n_seen=1500, window=200, mean_before=0.31, mean_after=0.12,
@@ -17,6 +18,8 @@ ts
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,3 +44,26 @@ class DriftAlert(BaseModel):
     mean_after: float
     params: dict[str, float | int | str]  # the detector's constructor arguments
     model_version: str | None = None  # the model version serving when it fired
+
+
+class HealthEvent(BaseModel):
+    """One worker entering or leaving degraded mode.
+
+    ``degraded``: the long-term store stopped answering (down, frozen, past its deadline) or lost the
+    version in use (restarted empty); recommendations go on from the short-term state and the cached
+    long-term vectors, flagged in ``Recommendation.long_term``. ``recovered``: back to normal.
+
+    >>> e = HealthEvent(state="degraded", component="redis", reason="Redis at 127.0.0.1:6379 is unreachable",
+    ...                 worker_id="0", ts=1_700_000_000_000, long_term_version="v000003-20261201T000000Z")
+    >>> HealthEvent.model_validate_json(e.model_dump_json()) == e
+    True
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state: Literal["degraded", "recovered"]
+    component: Literal["redis"]  # the service whose loss degrades the flow
+    reason: str = Field(min_length=1, max_length=1000)  # one line; never a secret (no URL, no password)
+    worker_id: str
+    ts: int = Field(ge=0)  # epoch ms of the change
+    long_term_version: str | None = None  # the version the worker holds (cached vectors are of it)

@@ -102,7 +102,13 @@ class Recommendation(_Wire):
     """The flow's answer to one event, on topic ``recommendations`` (key: ``user_id``).
 
     ``long_term_version`` names the published vector set the user's long-term vector came from; it is
-    ``None`` exactly when ``cold_start`` is set (no vector for this user, short-term only).
+    ``None`` exactly when the recommendation had no long-term vector: ``cold_start`` (the version has
+    none for this user) or ``long_term == "unavailable"``.
+
+    ``long_term`` says where the long-term side came from: ``fresh`` (Redis answered, or its cached
+    answer is younger than the cache TTL), ``cached`` (Redis is slow or down: the last vector this
+    worker read, however old) or ``unavailable`` (Redis is down and nothing was cached for the user:
+    short-term only). The last two are the flow's degraded mode.
     """
 
     user_id: Id
@@ -111,6 +117,7 @@ class Recommendation(_Wire):
     model_version: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     long_term_version: str | None = Field(max_length=MAX_ID_CHARS)
     cold_start: bool
+    long_term: Literal["fresh", "cached", "unavailable"] = "fresh"
     alpha: float = Field(ge=0.0, le=1.0)  # fusion gate: weight of the long-term interest
     # The session's known items the short-term vector was built from, oldest first: the current segment
     # (at most the model's max_segment items; earlier segments of a long session count as long-term).
@@ -121,8 +128,12 @@ class Recommendation(_Wire):
 
     @model_validator(mode="after")
     def _one_version_or_cold(self) -> Recommendation:
-        if self.cold_start != (self.long_term_version is None):
-            raise ValueError("long_term_version must be None exactly when cold_start is set")
+        unavailable = self.long_term == "unavailable"
+        if self.cold_start and unavailable:
+            raise ValueError("cold_start is unknown while the long-term store is unavailable")
+        if (self.cold_start or unavailable) != (self.long_term_version is None):
+            raise ValueError("long_term_version must be None exactly when cold_start is set or long_term is "
+                             "unavailable")
         return self
 
 

@@ -154,18 +154,27 @@ def serve_cmd(
                                       "http://127.0.0.1:4318 [default: SLSREC_OTEL_ENDPOINT, else none]"),
     otel_console: bool = typer.Option(None, "--otel-console/--no-otel-console",
                                       help="print spans and metrics to stdout [default: SLSREC_OTEL_CONSOLE]"),
+    supervised: bool = typer.Option(False, "--supervised", help="restart it when it crashes or is killed, as "
+                                    "deploy/systemd/slsrec-serve.service does"),
 ) -> None:
-    """Run the streaming flow: clicks -> sessions + model -> recommendations (Ctrl-C stops).
+    """Run the streaming flow: clicks -> sessions + model -> recommendations (Ctrl-C or SIGTERM stops).
 
     Without --run it serves the published version and follows every newer one without a restart.
+    Exit codes: 0 stopped by a signal (or --exit-at-end), 2 an error a restart cannot fix
+    (configuration, checkpoint, credentials); anything else is worth a restart. A Kafka or Redis
+    that does not answer is waited for, never a reason to exit.
     """
     import logging
+    import signal
 
     from flows.cluster import cluster_addresses, serve
-    from slsrec.kafka_check import check_kafka
     from slsrec.settings import Settings
-    from slsrec.store import LongTermStore
+    from slsrec.supervise import Supervisor
 
+    if supervised:
+        argv = [sys.executable, "-c", "from slsrec.cli import main; main()",
+                *[a for a in sys.argv[1:] if a != "--supervised"]]
+        raise typer.Exit(Supervisor(argv).run())
     if (process_id is None) != (addresses is None):
         raise UserError("--process-id and --addresses go together (one process of a cluster)")
     listed = cluster_addresses(addresses, processes) if addresses else None
@@ -174,12 +183,107 @@ def serve_cmd(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {"otel_endpoint": otel_endpoint, "otel_console": otel_console}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    # Inside the flow, a refused password or certificate would surface as a Bytewax traceback or as
-    # librdkafka retrying forever: check both services first, each failure one line.
-    check_kafka(settings)
-    LongTermStore(settings.redis_url).current_version()
-    serve(settings, run, processes=processes, process_id=process_id, addresses=listed, recovery=recovery,
-          tail=not exit_at_end)
+    _wait_for_services(settings)
+    # SIGTERM (systemd, Docker, Kubernetes) stops the flow as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        serve(settings, run, processes=processes, process_id=process_id,
+              addresses=listed, recovery=recovery, tail=not exit_at_end)
+    except Exception as e:
+        if not isinstance(e.__cause__, KeyboardInterrupt):  # Bytewax wraps the interrupt in its own error
+            raise
+    except KeyboardInterrupt:
+        pass
+    else:
+        return
+    # Bytewax stops without a last snapshot: a restart resumes from the periodic one (at least once).
+    logging.getLogger("slsrec.serve").info("stopped by a signal")
+
+
+def _wait_for_services(settings, max_wait_s: float = 30.0) -> None:
+    """Check Kafka and Redis before the flow starts: inside it, a refused password or certificate
+    would surface as a Bytewax traceback or as librdkafka retrying forever. Each failure is one line;
+    a service that does not answer (down, starting) is waited for with backoff instead."""
+    import logging
+    import time
+
+    from slsrec.errors import Unavailable
+    from slsrec.kafka_check import check_kafka
+    from slsrec.store import LongTermStore
+
+    delay = 1.0
+    while True:
+        try:
+            check_kafka(settings)
+            LongTermStore(settings.redis_url).current_version()
+            return
+        except Unavailable as e:
+            logging.getLogger("slsrec.serve").warning("%s: trying again in %.0f s", e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_wait_s)
+
+
+@app.command("health")
+def health_cmd(
+    live: bool = typer.Option(False, "--live", help="every flow process beats (not stuck, not dead)"),
+    ready: bool = typer.Option(False, "--ready", help="live, and every process consumes and recommends"),
+) -> None:
+    """Probe the running flow's health files (SLSREC_HEALTH_DIR): exit 0 if live / ready, else 1."""
+    from slsrec.health import probe
+    from slsrec.settings import Settings
+
+    if live == ready:
+        raise UserError("give one of --live or --ready")
+    settings = Settings()
+    ok, line = probe(settings.health_dir, settings.health_max_age_s, ready=ready)
+    typer.echo(line)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("chaos")
+def chaos_cmd(
+    faults: str = typer.Option(None, help="comma-separated faults to run [default: kill-flow, redis-frozen, "
+                               "redis-empty, kafka-frozen, kafka-restart, malformed]"),
+    duration_s: float = typer.Option(120.0, min=5, help="seconds of streaming per fault"),
+    outage_s: float = typer.Option(60.0, min=1, help="seconds Redis / Kafka stay frozen, Redis empty"),
+    rate: float = typer.Option(500.0, min=1, help="valid events per second"),
+    kill_every_s: float = typer.Option(30.0, min=1, help="period of kill -9 in kill-flow"),
+    kafka_port: int = typer.Option(19092, help="the private Kafka's port (its controller: the next one)"),
+    redis_port: int = typer.Option(16379, help="the private Redis's port"),
+    keep_services: bool = typer.Option(False, "--keep-services", help="leave the private Kafka and Redis running"),
+) -> None:
+    """Break Kafka, Redis and the flow under a live stream; print one table of what reached the user.
+
+    Runs against a private Kafka and Redis (var/chaos/), never the shared ones.
+    """
+    import logging
+    import os
+    import signal
+
+    from slsrec import local
+    from slsrec.chaos import FAULTS, Chaos, table
+
+    chosen = [f.strip() for f in faults.split(",") if f.strip()] if faults else list(FAULTS)
+    if unknown := [f for f in chosen if f not in FAULTS]:
+        raise UserError(f"unknown fault(s) {', '.join(unknown)}: expected some of {', '.join(FAULTS)}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM too ends in the cleanup below: a frozen service thawed, the flow and the pair stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    chaos = Chaos(local.PrivatePair("chaos", kafka_port, redis_port), duration_s=duration_s, outage_s=outage_s,
+                  rate=rate, kill_every_s=kill_every_s)
+    typer.echo(f"chaos: Kafka {chaos.settings.kafka_bootstrap}, Redis 127.0.0.1:{redis_port} (private); "
+               f"{rate:g} events/s for {duration_s:g} s per fault; load average {os.getloadavg()[0]:.1f}")
+    rows = []
+    try:
+        chaos.setup()
+        for fault in chosen:
+            typer.echo(f"... {chaos.describe(fault)}")
+            rows.append(chaos.run(fault))
+    finally:
+        if not keep_services:
+            chaos.pair.down()
+    typer.echo(table(rows, chaos.describe))
+    typer.echo(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 def counts_of(flag: str, value: str) -> list[int]:

@@ -57,6 +57,7 @@ class Recommendation(msgspec.Struct, gc=False):
     model_version: str
     long_term_version: str | None
     cold_start: bool
+    long_term: str  # "fresh" | "cached" | "unavailable"
     alpha: float
     short_term_items: list[str]
     unknown_item: bool

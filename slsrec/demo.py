@@ -37,7 +37,9 @@ import numpy as np
 
 from slsrec import local
 from slsrec.errors import ServiceError
+from slsrec.health import probe
 from slsrec.settings import Settings
+from slsrec.supervise import NO_RESTART, Supervisor
 
 DEMO_EPOCHS = 8  # enough for the synthetic world's planted structure; about a minute on 2 cores
 FLOW_READY_TIMEOUT_S = 120.0
@@ -113,7 +115,7 @@ def run_demo(settings: Settings, *, epochs: int = DEMO_EPOCHS, keep_services: bo
             if api is not None:
                 stop_flow(api)
             if flow is not None:
-                stop_flow(flow)
+                flow.stop()
 
 
 @contextmanager
@@ -124,6 +126,7 @@ def _isolated(settings: Settings) -> Iterator[Settings]:
     tag = time.strftime("demo-%Y%m%dT%H%M%S")
     with local.scratch_topics(settings, f"{tag}.") as scratch:
         scratch = scratch.model_copy(update={"recovery_dir": local.VAR / tag / "recovery",
+                                             "health_dir": local.VAR / tag / "health",
                                              "history_dir": local.VAR / tag / "history"})
         env = scratch.to_env()
         saved = {k: os.environ.get(k) for k in env}
@@ -154,23 +157,24 @@ def _ensure_run(epochs: int) -> None:
           "--epochs", str(epochs)))
 
 
-def _start_flow() -> subprocess.Popen:
-    """Start `slsrec serve` and wait for its 'serving' log line (the model is loaded by then)."""
-    _say("flow: " + " ".join(local.APP_COMMANDS["flow"]))
+def _start_flow() -> Supervisor:
+    """Start `slsrec serve` under the supervisor (restarted if it dies, as systemd and compose do) and
+    wait until `slsrec health --ready` would pass."""
+    _say("flow: " + " ".join(local.APP_COMMANDS["flow"]) + " (supervised)")
     log_path = local.LOG / "demo-flow.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(_argv(local.APP_COMMANDS["flow"]), cwd=local.ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    log_path.write_bytes(b"")
+    sup = Supervisor(_argv(local.APP_COMMANDS["flow"]), log_path=log_path)
+    sup.keep_running()
+    settings = Settings()  # the demo's scratch folders come through the environment
     deadline = time.monotonic() + FLOW_READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServiceError(f"the flow exited with {proc.returncode}; log {log_path}:\n{_tail(log_path)}")
-        if "serving " in log_path.read_text():
-            time.sleep(2.0)  # the Kafka source assigns its partitions right after
-            return proc
+        if sup.proc.poll() in (0, NO_RESTART):  # ended for good: no restart is coming
+            raise ServiceError(f"the flow exited with {sup.proc.returncode}; log {log_path}:\n{_tail(log_path)}")
+        if probe(settings.health_dir, settings.health_max_age_s, ready=True)[0]:
+            return sup
         time.sleep(0.5)
-    stop_flow(proc)
+    sup.stop()
     raise ServiceError(f"the flow did not start within {FLOW_READY_TIMEOUT_S:.0f} s; log {log_path}")
 
 

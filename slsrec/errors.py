@@ -15,3 +15,9 @@ class CheckpointError(UserError):
 
 class ServiceError(UserError):
     """A local service (Kafka, Redis) that cannot be started or reached."""
+
+
+class Unavailable(ServiceError):
+    """A service that did not answer (down, frozen, past a deadline, or a circuit breaker open): a
+    condition that passes, unlike refused credentials or an untrusted certificate. A long-running
+    process waits it out instead of exiting."""

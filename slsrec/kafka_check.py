@@ -16,7 +16,7 @@ import logging
 import re
 import time
 
-from slsrec.errors import ServiceError
+from slsrec.errors import ServiceError, Unavailable
 from slsrec.settings import Settings
 
 # librdkafka's own log lines ("connection refused" while a broker starts, "SASL authentication
@@ -33,8 +33,8 @@ def check_kafka(settings: Settings, timeout_s: float = 10.0):
     """The cluster metadata (all topics) of ``settings``' Kafka, fetched within ``timeout_s``.
 
     Raises :class:`ServiceError` naming the broker and the reason: credentials refused, TLS handshake
-    failed (untrusted certificate), or no answer in time (with a hint when a plaintext client may be
-    talking to a TLS listener).
+    failed (untrusted certificate), or no answer in time (:class:`Unavailable`, with a hint when a
+    plaintext client may be talking to a TLS listener).
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient
@@ -49,8 +49,10 @@ def check_kafka(settings: Settings, timeout_s: float = 10.0):
             last = e.args[0]
         admin.poll(0)  # serves the error callback
         final = [e for e in errors if e.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL)]
-        if final or time.monotonic() > deadline:
-            raise ServiceError(_reason(settings, final[0] if final else None, [*errors, last], timeout_s))
+        if final:
+            raise ServiceError(_reason(settings, final[0], [*errors, last], timeout_s))
+        if time.monotonic() > deadline:
+            raise Unavailable(_reason(settings, None, [*errors, last], timeout_s))
 
 
 def _reason(settings: Settings, final, seen: list, timeout_s: float) -> str:

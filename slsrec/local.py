@@ -433,6 +433,89 @@ def own_pid(svc: Service) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class PrivatePair:
+    """A plain Kafka and Redis of one tool alone, on their own ports and under ``var/{name}/``.
+
+    ``slsrec chaos`` freezes, kills and empties its services; doing that to the shared pair (9092,
+    6379) would break every other test and flow using them. ``up`` starts what does not answer yet
+    (reusing what an earlier ``up`` started); ``down`` stops both.
+
+    >>> pair = PrivatePair("chaos", kafka_port=19092, redis_port=16379)
+    >>> pair.settings().kafka_bootstrap, pair.redis.name, pair.folder.name
+    ('127.0.0.1:19092', 'redis-chaos', 'chaos')
+    """
+
+    name: str
+    kafka_port: int
+    redis_port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def folder(self) -> Path:
+        return VAR / self.name
+
+    @property
+    def kafka(self) -> Service:
+        return Service(f"kafka-{self.name}", self.host, self.kafka_port, f"kafka-{self.name}")
+
+    @property
+    def redis(self) -> Service:
+        return Service(f"redis-{self.name}", self.host, self.redis_port, "redis-server")
+
+    def settings(self, base: Settings | None = None) -> Settings:
+        """``base`` (default: ``Settings()``) pointed at this pair, with its own recovery, history and
+        health folders."""
+        return (base or Settings()).model_copy(update={
+            "kafka_bootstrap": _addr(self.kafka), "redis_url": SecretStr(f"redis://{_addr(self.redis)}/0"),
+            "recovery_dir": self.folder / "recovery", "history_dir": self.folder / "history",
+            "health_dir": self.folder / "health"})
+
+    def up(self, settings: Settings | None = None, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start both unless they answer, and create the topics of ``settings`` (default: the usual ones)."""
+        for svc in (self.kafka, self.redis):
+            if (pid := own_pid(svc)) is None:
+                if _answers(svc, timeout_s=2.0):
+                    raise ServiceError(f"port {svc.port} answers but is not {svc.name}: pick other ports")
+                pid = self._start(svc)
+            _wait_until_answering(svc, pid, timeout_s)
+        create_topics(settings or self.settings())
+
+    def down(self) -> None:
+        for svc in (self.kafka, self.redis):
+            if (pid := own_pid(svc)) is not None:
+                os.kill(pid, signal.SIGCONT)  # a frozen process cannot act on SIGTERM
+                _terminate(pid, svc)
+                svc.pid_file.unlink(missing_ok=True)
+
+    def pid(self, svc: Service) -> int:
+        if (pid := own_pid(svc)) is None:
+            raise ServiceError(f"{svc.name} is not running (start it with PrivatePair.up)")
+        return pid
+
+    def freeze(self, svc: Service) -> None:
+        """SIGSTOP: the process holds its sockets and answers nothing, like a stalled host."""
+        os.kill(self.pid(svc), signal.SIGSTOP)
+
+    def thaw(self, svc: Service) -> None:
+        os.kill(self.pid(svc), signal.SIGCONT)
+
+    def restart(self, svc: Service, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Stop and start again: Kafka keeps its data; Redis, which keeps nothing on disk, comes back empty."""
+        pid = self.pid(svc)
+        os.kill(pid, signal.SIGCONT)
+        _terminate(pid, svc)
+        _wait_until_answering(svc, self._start(svc), timeout_s)
+
+    def _start(self, svc: Service) -> int:
+        if svc.kind == "redis":
+            return _start_redis(svc, self.folder / "redis")
+        props = _render(DEPLOY / "kafka" / "server.properties", data_dir=self.folder / "kafka" / "data")
+        props = props.replace(f"{KAFKA.host}:{KAFKA.port}", _addr(svc)).replace(
+            f"{KAFKA.host}:{KAFKA.port + 1}", f"{svc.host}:{svc.port + 1}")  # the controller listener
+        return _run_kafka(svc, self.folder / "kafka", props, self.folder / "recovery")
+
+
 # --- shared use: a lock for up/down, leases for sessions ---------------------------------------------
 
 

@@ -26,6 +26,7 @@ A drift alert (or anything else) asks for a retrain with :meth:`Retrainer.reques
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -352,11 +353,14 @@ class _DriftWatcher:
     def poll(self, timeout_s: float) -> None:
         from pydantic import ValidationError
 
-        from schemas.drift import DriftAlert
+        from schemas.drift import DriftAlert, HealthEvent
 
         msg = self.consumer.poll(timeout_s)
         if msg is None or msg.error() is not None:
             return
+        with contextlib.suppress(ValidationError):
+            HealthEvent.model_validate_json(msg.value() or b"")
+            return  # the flow's degraded mode: nothing a retrain would fix
         try:
             alert = DriftAlert.model_validate_json(msg.value() or b"")
         except ValidationError as e:

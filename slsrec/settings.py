@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     # Redis: the URL may carry a password (redis://:pw@host) or TLS (rediss://), so it is secret.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     redis_cache_ttl_s: float = Field(5.0, ge=0)  # how stale a cached long-term vector may be
+    # The flow's deadline per Redis call: past it the batch is served without Redis (degraded, flagged)
+    # rather than waiting; a healthy local round trip is well under 1 ms.
+    redis_timeout_ms: int = Field(50, ge=1)
+    # Consecutive failed calls that open the circuit breaker (calls then skip Redis entirely) ...
+    redis_breaker_failures: int = Field(3, ge=1)
+    # ... and how long it stays open before one probe call; doubles while probes fail, up to the max.
+    redis_breaker_reset_s: float = Field(1.0, gt=0)
+    redis_breaker_max_reset_s: float = Field(5.0, gt=0)  # a probe costs at most one deadline
 
     # Sessions and serving.
     session_gap_s: int = Field(1800, ge=1)  # inactivity that closes a session (30 min)
@@ -60,6 +68,9 @@ class Settings(BaseSettings):
     # stream while the sessions that changed are written (slsrec bench-sessions, docs/benchmarks.md).
     snapshot_interval_s: float = Field(10.0, gt=0)
     history_dir: Path = Path("var/history")
+    # Liveness / readiness files of `slsrec serve` (one per process), probed by `slsrec health`.
+    health_dir: Path = Path("var/health")
+    health_max_age_s: float = Field(30.0, gt=0)  # a heartbeat older than this means the flow is stuck
 
     # The HTTP API (`slsrec api`): each user's latest recommendation, read from `recommendations`.
     api_host: str = "127.0.0.1"  # loopback by default, as every local service; 0.0.0.0 in a container

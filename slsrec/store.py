@@ -49,7 +49,7 @@ import re
 import ssl
 import time
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -60,8 +60,11 @@ import numpy as np
 import redis
 import redis.asyncio
 from pydantic import SecretStr
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
 
-from slsrec.errors import DataError, ServiceError, UserError
+from slsrec.breaker import CircuitBreaker
+from slsrec.errors import DataError, ServiceError, Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,8 @@ def lt_shard(user_id: str, shards: int) -> int:
 
 @contextlib.contextmanager
 def redis_errors(location: str, tls: bool) -> Iterator[None]:
-    """Redis failures as one clear line naming host:port (redis-py never prints the password)."""
+    """Redis failures as one clear line naming host:port (redis-py never prints the password); a Redis
+    that does not answer is :class:`Unavailable` (worth waiting for), anything else a ServiceError."""
     try:
         yield
     except redis.AuthenticationError as e:
@@ -165,11 +169,11 @@ def redis_errors(location: str, tls: bool) -> Iterator[None]:
         # A TLS port hangs up on a plaintext client without a word.
         hint = (" (if that port serves TLS, use a rediss:// URL)"
                 if isinstance(e.__context__, ConnectionResetError) and not tls else "")
-        raise ServiceError(f"Redis at {location} is unreachable: {e}{hint}") from None
+        raise Unavailable(f"Redis at {location} is unreachable: {e}{hint}") from None
     except redis.RedisError as e:  # e.g. OOM under maxmemory, a read-only replica
         raise ServiceError(f"Redis at {location} refused a command: {e}") from None
     except redis.exceptions.RedisClusterException as e:  # no node answers, a slot without a node
-        raise ServiceError(f"Redis Cluster at {location}: {e}") from None
+        raise Unavailable(f"Redis Cluster at {location}: {e}") from None
 
 
 class LongTerm(NamedTuple):
@@ -200,6 +204,17 @@ class VersionError(UserError):
     """A version id that is malformed, not newer than the current one, or gone."""
 
 
+def _client_options(timeout_s: float | None) -> dict:
+    """redis-py options. By default (publish, retrain, the CLI) a generous timeout and redis-py's own
+    retries with exponential backoff. With ``timeout_s`` (the flow's hot path) every call has that
+    deadline and is never retried inside the call: the caller's :class:`CircuitBreaker` decides when
+    to try again, so a frozen Redis costs one deadline, not a chain of backed-off retries."""
+    if timeout_s is None:
+        return {"socket_connect_timeout": 5, "socket_timeout": 30,
+                "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), 3)}
+    return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
+
+
 @dataclass(frozen=True)
 class PublishResult:
     version: str
@@ -222,15 +237,17 @@ class LongTermStore:
         Key namespace, so several deployments (or tests) can share one Redis.
     """
 
-    def __init__(self, url: SecretStr | str, prefix: str = "slsrec"):
+    def __init__(self, url: SecretStr | str, prefix: str = "slsrec", timeout_s: float | None = None,
+                 breaker: CircuitBreaker | None = None):
         secret = url if isinstance(url, SecretStr) else SecretStr(url)
         self.location = redis_location(secret)
         self._tls = urlsplit(secret.get_secret_value()).scheme.startswith("rediss")
         if "{" in prefix or "}" in prefix:
             raise UserError(f"Redis key prefix {prefix!r}: braces are not allowed (they would move its hash slot)")
         self.prefix = prefix
+        self.breaker = breaker
         with self._errors():  # a cluster client asks for the slot map here
-            self._r = connect(secret.get_secret_value(), socket_connect_timeout=5, socket_timeout=30)
+            self._r = connect(secret.get_secret_value(), **_client_options(timeout_s))
         self.cluster = isinstance(self._r, redis.RedisCluster)
         self.lt_shards = _SHARDS_PER_PRIMARY * len(self._r.get_primaries()) if self.cluster else 1
         self._shards: cachetools.LRUCache = cachetools.LRUCache(maxsize=64)  # version -> its lt_shards
@@ -265,8 +282,27 @@ class LongTermStore:
             shards = self._shards[version] = int(raw)
         return shards
 
-    def _errors(self) -> contextlib.AbstractContextManager[None]:
-        return redis_errors(self.location, self._tls)
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """:func:`redis_errors`, through the breaker when there is one: a call it does not allow fails at
+        once with :class:`Unavailable`, and every call's outcome is recorded (a refused command counts
+        as an answer: Redis is there)."""
+        if self.breaker is None:
+            with redis_errors(self.location, self._tls):
+                yield
+            return
+        if not self.breaker.allow():
+            raise Unavailable(f"Redis at {self.location}: circuit open after repeated failures")
+        try:
+            with redis_errors(self.location, self._tls):
+                yield
+        except Unavailable:
+            self.breaker.record_failure()
+            raise
+        except ServiceError:
+            self.breaker.record_success()
+            raise
+        self.breaker.record_success()
 
     # Reading.
     def current_version(self) -> str | None:
@@ -452,15 +488,14 @@ def _check_vectors(vectors: Mapping[str, LongTerm]) -> int:
     return dim or 0
 
 
-_MISSING = object()
-
 
 class CachedLongTerm:
     """A TTL cache in front of :meth:`LongTermStore.get_many`, for the flow's hot path.
 
     Entries are keyed by (version, user_id), so a version switch never serves a stale version's
     entry; ``ttl_s`` bounds how long a newly published user may still look cold. Misses of one call
-    are fetched in one round trip.
+    are fetched in one round trip. An entry past its TTL is kept (until ``maxsize`` pushes it out)
+    for :meth:`stale`, what the flow serves while Redis does not answer.
 
     Parameters
     ----------
@@ -470,15 +505,19 @@ class CachedLongTerm:
         Seconds an entry (a vector or a known absence) is served from memory.
     maxsize
         Entries kept at most; the least recently used go first.
+    clock
+        Monotonic seconds; tests pass their own.
     """
 
-    def __init__(self, store: LongTermStore, ttl_s: float, maxsize: int = 1_000_000):
+    def __init__(self, store: LongTermStore, ttl_s: float, maxsize: int = 1_000_000,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.ttl_s = ttl_s
         self.maxsize = maxsize
+        self.clock = clock
         self.hits = 0
         self.misses = 0
-        self._cache: cachetools.TTLCache = cachetools.TTLCache(maxsize=maxsize, ttl=ttl_s)
+        self._cache: cachetools.LRUCache = cachetools.LRUCache(maxsize=maxsize)  # key -> (fetched at, entry)
 
     @property
     def hit_rate(self) -> float:
@@ -488,9 +527,10 @@ class CachedLongTerm:
         """Like :meth:`LongTermStore.get_many`, answering from memory where it can."""
         out: list[LongTerm | None] = []
         missing: dict[str, list[int]] = {}  # user -> positions in out
+        fresh_after = self.clock() - self.ttl_s
         for i, u in enumerate(user_ids):
-            v = self._cache.get((version, u), _MISSING)
-            if v is not _MISSING:
+            at, v = self._cache.get((version, u), _EXPIRED)
+            if at > fresh_after:
                 out.append(v)
                 self.hits += 1
             else:
@@ -499,8 +539,16 @@ class CachedLongTerm:
                 self.misses += 1
         if missing:
             fetched = self.store.get_many(version, list(missing))
+            now = self.clock()
             for (u, positions), v in zip(missing.items(), fetched):
-                self._cache[(version, u)] = v
+                self._cache[(version, u)] = (now, v)
                 for i in positions:
                     out[i] = v
         return out
+
+    def stale(self, version: str, user_ids: Sequence[str]) -> list[LongTerm | None]:
+        """The entries in memory, however old, without asking the store; ``None`` where there is none."""
+        return [self._cache.get((version, u), _EXPIRED)[1] for u in user_ids]
+
+
+_EXPIRED = (-float("inf"), None)

@@ -21,6 +21,10 @@ slsrec.cache.misses         counter           {lookup}     long-term vectors fet
 slsrec.model.version        observable gauge  1            1 for the serving model [version]
 slsrec.longterm.version     observable gauge  1            1 for the long-term vectors read [version]
 slsrec.drift.alerts         counter           {alert}      drift alerts raised [signal, detector]
+slsrec.degraded             counter           {rec}        recommendations made without Redis [long_term:
+                                                           cached, unavailable]
+slsrec.degraded.workers     up-down counter   {worker}     workers in degraded mode now (Redis slow, down or
+                                                           emptied; +1 on entering, -1 on leaving)
 slsrec.sessions.active      up-down counter   {session}    sessions open now (+1 open, -1 close)
 slsrec.snapshot.duration    histogram         ms           pickling a shard for a recovery snapshot (the
                                                            stream waits; Bytewax's SQLite write comes on top)
@@ -102,6 +106,9 @@ class Telemetry:
         self.cache_hits = m.create_counter("slsrec.cache.hits", "{lookup}", "long-term vectors found in the cache")
         self.cache_misses = m.create_counter("slsrec.cache.misses", "{lookup}", "long-term vectors fetched from Redis")
         self.drift_alerts = m.create_counter("slsrec.drift.alerts", "{alert}", "drift alerts raised")
+        self.degraded = m.create_counter("slsrec.degraded", "{rec}", "recommendations made without Redis")
+        self.degraded_workers = m.create_up_down_counter("slsrec.degraded.workers", "{worker}",
+                                                         "workers in degraded mode now")
         self.sessions_active = m.create_up_down_counter("slsrec.sessions.active", "{session}", "sessions open now")
         self.snapshot_duration = m.create_histogram(
             "slsrec.snapshot.duration", "ms", "pickling a shard for a recovery snapshot",

@@ -87,8 +87,8 @@ items = st.lists(st.builds(RankedItem, item_id, score, score, score), max_size=1
 def test_the_fast_encoder_writes_what_pydantic_writes(ranked, alpha, cold, user, session):
     now = int(time.time() * 1000)
     rec = FastRecommendation(user_id=user, event_id="e-1", items=ranked, model_version="v000001-x",
-                             long_term_version=None if cold else "v000001-x", cold_start=cold, alpha=alpha,
-                             short_term_items=session, unknown_item=not cold, event_ts=now - 5, emit_ts=now)
+                             long_term_version=None if cold else "v000001-x", cold_start=cold, long_term="fresh",
+                             alpha=alpha, short_term_items=session, unknown_item=not cold, event_ts=now - 5, emit_ts=now)
     model = to_model(rec)  # validates against the contract
     assert isinstance(model, Recommendation)
     assert encode(rec) == model.model_dump_json().encode()

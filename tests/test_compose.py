@@ -99,3 +99,9 @@ def test_api_listens_in_its_container_and_is_published_on_loopback(compose):
     assert published.removesuffix("/tcp") == f"127.0.0.1:{port}:{port}"
     assert f"127.0.0.1:{port}/readyz" in " ".join(api["healthcheck"]["test"])
     assert api["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+
+
+def test_the_flow_restarts_by_itself_and_has_a_liveness_probe(compose):
+    flow = compose["services"]["flow"]
+    assert flow["restart"] == "unless-stopped"
+    assert flow["healthcheck"]["test"] == ["CMD", "slsrec", "health", "--live"]

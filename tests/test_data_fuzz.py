@@ -1,4 +1,6 @@
-"""Property-based tests of the clickstream loaders (`read_clickstream`, and `replay.load_events` on top).
+"""Property-based tests of the clickstream loaders (`read_clickstream`, and `replay.load_events` on top),
+and of the flow's click decoder (`schemas.events.decode_click`: any bytes give an event or a dead-letter
+reason).
 
 Whatever a file holds, loading it gives either every row, with its values, or one DataError that
 names the file (and the row and column when one row is to blame): never another exception and never
@@ -193,3 +195,58 @@ def test_replay_loads_every_row_or_names_the_problem(fmt, rs, data):
             assert str(e).startswith(f"{path}: "), e
             continue
         assert not isinstance(got, DataError) and len(events) == len(got)
+
+
+# ---- the click decoder: any Kafka message value ------------------------------------------------------
+
+from schemas.events import MAX_REASON_CHARS, ClickEvent, InvalidEvent, decode_click  # noqa: E402
+
+NOW_MS = 1_764_000_000_000  # a fixed "recent" time: within the decoder's accepted range for years
+click_ids = st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=12)
+click_fields = st.fixed_dictionaries(
+    {"event_id": click_ids, "user_id": click_ids, "item_id": click_ids, "ts": st.integers(946_684_800_000, NOW_MS),
+     "event_type": st.sampled_from(["view", "click", "add_to_cart", "purchase"])})
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                        max_size=3), max_leaves=8)
+
+
+def assert_event_or_reason(raw: bytes) -> ClickEvent | None:
+    """A valid ClickEvent, or an InvalidEvent with a short one-line reason: nothing else ever."""
+    try:
+        event = decode_click(raw)
+    except InvalidEvent as e:
+        assert e.reason and "\n" not in e.reason and len(e.reason) <= MAX_REASON_CHARS, e.reason
+        return None
+    assert isinstance(event, ClickEvent)
+    return event
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_to_an_event_or_a_reason(raw):
+    assert_event_or_reason(raw)
+
+
+@FUZZ
+@given(click_fields)
+def test_every_valid_click_decodes_to_itself(fields):
+    assert assert_event_or_reason(json.dumps(fields).encode()) == ClickEvent(**fields)
+
+
+@FUZZ
+@given(click_fields, st.text(max_size=10), json_values, st.booleans())
+def test_a_click_with_one_field_changed_or_added_decodes_or_names_a_reason(fields, key, value, replace):
+    """One field replaced (or an extra one added) by any JSON value: still an event or a reason."""
+    changed = {**fields, (list(fields)[len(key) % len(fields)] if replace else key): value}
+    event = assert_event_or_reason(json.dumps(changed, allow_nan=True).encode())
+    if event is not None:
+        assert decode_click(event.model_dump_json().encode()) == event
+
+
+@FUZZ
+@given(click_fields, st.integers(0, 200), st.binary(min_size=1, max_size=4))
+def test_a_damaged_click_decodes_or_names_a_reason(fields, at, noise):
+    raw = json.dumps(fields).encode()
+    at %= len(raw)
+    assert_event_or_reason(raw[:at] + noise + raw[at + len(noise):])

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from opentelemetry import metrics, trace
 
-from schemas.drift import DriftAlert
+from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import DeadLetter, SessionClosed
 from slsrec.codec import Click, RankedItem, Recommendation, encode
 from slsrec.data import Vocab
@@ -62,6 +62,8 @@ from slsrec.telemetry import ATTR_MODEL_MS, ATTR_REDIS_MS, Telemetry
 log = logging.getLogger(__name__)
 
 # user ids -> (long-term version or None, one published LongTerm state or None per user)
+# (a third element, when present and true: degraded, i.e. Redis did not answer and the entries come
+# from the local cache however old, None where nothing is cached)
 LongTermLookup = Callable[[Sequence[str]], tuple["str | None", list["LongTerm | None"]]]
 
 
@@ -209,7 +211,9 @@ class Recommender:
         The model's raw item id <-> index (0 = padding).
     long_term : callable
         ``user_ids -> (version | None, [LongTerm | None, ...])``, one call per micro-batch: each user's
-        published long-term state; ``None`` is a cold start (short-term only, flagged).
+        published long-term state; ``None`` is a cold start (short-term only, flagged). A third element,
+        ``degraded``, says that Redis did not answer: the entries are the cached ones (flagged
+        ``long_term="cached"``), ``None`` where none is cached (``"unavailable"``, not a cold start).
     model_version : str
         Named in every recommendation.
     gap_ms, max_segment : int
@@ -239,14 +243,18 @@ class Recommender:
     max_session_events : int, optional
         A session that holds this many events is closed (reason ``"evicted"``) before its next event,
         which opens a new one. ``None``: no cap.
+    events : callable, optional
+        Called after every micro-batch; the records it returns (``HealthEvent``) join the output.
     """
 
     def __init__(self, model: torch.nn.Module, items: Vocab, long_term: LongTermLookup, model_version: str,
                  gap_ms: int, max_segment: int, top_k: int = 10, exclude_seen: bool = True, device: str = "cpu",
                  telemetry: Telemetry | None = None, versions: VersionSource | None = None,
                  drift: DriftMonitor | None = None, users: Vocab | None = None, max_open_sessions: int | None = None,
-                 max_session_events: int | None = None):
+                 max_session_events: int | None = None, events: Callable[[], list[HealthEvent]] | None = None):
         self.long_term = long_term
+        self.events = events
+        self.degraded = False  # the latest micro-batch was served without Redis
         self.versions = versions
         self.drift = drift
         self.gap_ms = gap_ms
@@ -361,7 +369,8 @@ class Recommender:
         tel, opened, closed = self.telemetry, self.stats.sessions_opened, self.stats.sessions_closed
         with tel.batch_span([ev.event_id for ev, _ in clicks]) as span:
             t0 = time.perf_counter()
-            version, vectors = self.long_term(list(per_user))
+            answer = self.long_term(list(per_user))
+            version, vectors, self.degraded = answer[0], answer[1], len(answer) > 2 and answer[2]
             t1 = time.perf_counter()
             long_of = dict(zip(per_user, vectors))
             queues = list(per_user.values())
@@ -386,7 +395,7 @@ class Recommender:
             if isinstance(a, DriftAlert):
                 tel.drift_alerts.add(1, {"signal": a.signal, "detector": a.detector})
         tel.sessions_active.add((self.stats.sessions_opened - opened) - (self.stats.sessions_closed - closed))
-        return results
+        return results + (self.events() if self.events is not None else [])
 
     def update_many(self, table: SessionTable, clicks: Sequence[tuple[Click, Origin]], positions: list[int],
                     long_of: dict[str, LongTerm | None], out: list[list]) -> Wave:
@@ -448,24 +457,28 @@ class Recommender:
         alphas = fused.alpha.tolist()
         emit, raw, model_version = int(now_ms()), self._raw_ids, self.model_version
         tops = []
+        # Degraded (Redis did not answer): a user without a cached vector is "unavailable", not cold.
+        no_long = [v is None for v in wave.longs]
+        cold = [n and not self.degraded for n in no_long]
+        source = ["unavailable" if n else "cached" for n in no_long] if self.degraded else ["fresh"] * len(no_long)
         for j, i in enumerate(wave.rows):
-            ev, cold, scores, top, s = clicks[i][0], wave.longs[j] is None, top_scores[j], top_items[j], wave.sessions[j]
+            ev, scores, top, s = clicks[i][0], top_scores[j], top_items[j], wave.sessions[j]
             if scores and scores[-1] == -math.inf:  # fewer than K items were left after exclusion
                 top, scores = top[: scores.index(-math.inf)], scores[: scores.index(-math.inf)]
             tops.append(top)
             segment = [raw[k] for k in s.seen[len(s.seen) - s.seg_len:]] if s.seg_len else []  # the GRU state's input
             out[i].append(Recommendation(ev.user_id, ev.event_id,
                                          list(map(RankedItem, [raw[k] for k in top], scores, longs[j], shorts[j])),
-                                         model_version, None if cold else version, cold, alphas[j], segment,
-                                         wave.known[j] is None, ev.ts, emit))
-        cold = [v is None for v in wave.longs]
+                                         model_version, None if no_long[j] else version, cold[j], source[j],
+                                         alphas[j], segment, wave.known[j] is None, ev.ts, emit))
         self.stats.recommendations += len(wave.rows)
         self.stats.cold_starts += sum(cold)
-        for i, alert in self._watch(wave, clicks, tops, alphas, cold):
+        # degraded: whether a user has a vector is unknown, so no cold-start signal
+        for i, alert in self._watch(wave, clicks, tops, alphas, no_long, [None if self.degraded else c for c in cold]):
             out[i].append(alert)
 
     def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[int]],
-               alphas: list[float], cold: list[bool]) -> list[tuple[int, DriftAlert]]:
+               alphas: list[float], no_long: list[bool], cold: list[bool | None]) -> list[tuple[int, DriftAlert]]:
         """Online quality of each event against its session's previous top-K, and the drift signals."""
         quality: list[Quality | None] = []
         for s, known, top in zip(wave.sessions, wave.known, tops):
@@ -479,7 +492,7 @@ class Recommender:
             return []
         signals = {"hit": [None if q is None else q.hit for q in quality],
                    "ndcg": [None if q is None else q.ndcg for q in quality],
-                   "alpha": [None if c else a for a, c in zip(alphas, cold)], "cold_start": cold,
+                   "alpha": [None if n else a for a, n in zip(alphas, no_long)], "cold_start": cold,
                    "unknown_item": [k is None for k in wave.known]}
         alerts = self.drift.update_many({k: v for k, v in signals.items() if k in self.drift.detectors},
                                         ts=[clicks[i][0].ts for i in wave.rows], model_version=self.model_version)

@@ -10,11 +10,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 
+from schemas.drift import HealthEvent
+from slsrec.breaker import CircuitBreaker
 from slsrec.checkpoint import CONFIG, WEIGHTS, load_run
 from slsrec.drift import DriftMonitor
-from slsrec.errors import CheckpointError, UserError
+from slsrec.errors import CheckpointError, Unavailable, UserError
 from slsrec.serving.recommender import Published, Recommender
 from slsrec.settings import Settings
 from slsrec.store import CachedLongTerm, LongTermStore, parse_seq
@@ -37,6 +38,14 @@ class LongTermReader:
       vectors only; a version of another run holds vectors of another model, meaningless to this
       one, so the reader stays on the version it has and says a restart without ``--run`` follows it.
 
+**Degraded mode.** When Redis does not answer (its store's deadline and circuit breaker fail the call
+at once), a lookup answers from the cache, however old its entries, and says so: it returns
+``(version, entries, True)``, and the recommendations are flagged. So does a Redis that lost the
+version in use (restarted empty): then any version published next is taken, even one with a lower
+number (a fresh Redis counts from 1 again), and the reader leaves degraded mode once it uses it.
+Entering and leaving degraded mode is logged, counted (``slsrec.degraded.workers``) and reported
+as a :class:`HealthEvent` (:meth:`take_events`).
+
     Parameters
     ----------
     store : LongTermStore
@@ -49,11 +58,17 @@ class LongTermReader:
         ``version -> Published``; follow every new version, model included.
     version : str, optional
         The version in use at the start (its model already served).
+    worker_id : str
+        Named in its health events.
     """
 
     def __init__(self, store: LongTermStore, ttl_s: float, run: str | None = None, telemetry: Telemetry | None = None,
-                 load: Callable[[str], Published] | None = None, version: str | None = None):
+                 load: Callable[[str], Published] | None = None, version: str | None = None, worker_id: str = "0"):
         self.store = store
+        self.worker_id = worker_id
+        self.degraded_reason: str | None = None  # why this worker serves without Redis; None: it does not
+        self._lost: str | None = None  # the version in use is gone from Redis (restarted empty?)
+        self._events: list[HealthEvent] = []
         self.telemetry = telemetry
         self.cache = CachedLongTerm(store, ttl_s)
         self.ttl_s = ttl_s
@@ -67,18 +82,39 @@ class LongTermReader:
         if version is not None:
             self._use(version)
 
-    def __call__(self, user_ids: Sequence[str]) -> tuple[str | None, list[np.ndarray | None]]:
-        self._check()
+    def __call__(self, user_ids: Sequence[str]) -> tuple:
+        """``(version, entries)``, or ``(version, cached entries, True)`` in degraded mode."""
+        # Degraded, every batch checks the version first: a Redis back from a restart may be empty, and
+        # reading vectors from it would replace cached ones with absences. (Free while the breaker is open.)
+        self._check(force=self.degraded_reason is not None)
         if self.version is None:
             return None, [None] * len(user_ids)
-        hits, misses, t0 = self.cache.hits, self.cache.misses, time.perf_counter()
-        vectors = self.cache.get_many(self.version, user_ids)
+        if self._lost is None:
+            hits, misses, t0 = self.cache.hits, self.cache.misses, time.perf_counter()
+            try:
+                vectors = self.cache.get_many(self.version, user_ids)
+            except Unavailable as e:
+                self._degrade(str(e))
+            else:
+                if self.telemetry is not None:
+                    self.telemetry.cache_hits.add(self.cache.hits - hits)
+                    self.telemetry.cache_misses.add(self.cache.misses - misses)
+                    if self.cache.misses > misses:  # one round trip
+                        self.telemetry.redis_latency.record((time.perf_counter() - t0) * 1000)
+                if self.cache.misses > misses:  # Redis answered
+                    self._recover()
+                return self.version, vectors
+        vectors = self.cache.stale(self.version, user_ids)
         if self.telemetry is not None:
-            self.telemetry.cache_hits.add(self.cache.hits - hits)
-            self.telemetry.cache_misses.add(self.cache.misses - misses)
-            if self.cache.misses > misses:  # one round trip
-                self.telemetry.redis_latency.record((time.perf_counter() - t0) * 1000)
-        return self.version, vectors
+            cached = sum(v is not None for v in vectors)
+            self.telemetry.degraded.add(cached, {"long_term": "cached"})
+            self.telemetry.degraded.add(len(vectors) - cached, {"long_term": "unavailable"})
+        return self.version, vectors, True
+
+    def take_events(self) -> list[HealthEvent]:
+        """The health events since the last call (entering or leaving degraded mode)."""
+        events, self._events = self._events, []
+        return events
 
     def poll(self) -> Published | None:
         """A newer version whose model has finished loading (the reader now reads its vectors), or None."""
@@ -89,6 +125,9 @@ class LongTermReader:
         self._loading = None
         try:
             published = future.result()
+        except Unavailable as e:  # Redis went away meanwhile: try again at a later check
+            log.warning("cannot load version %s now (%s): staying on %s", version, e, self.version)
+            return None
         except UserError as e:  # expired, or published without model files: keep serving what we have
             self._refused.add(version)
             log.warning("cannot load version %s (%s): staying on %s", version, e, self.version)
@@ -99,16 +138,28 @@ class LongTermReader:
     def _newer(self, version: str | None) -> bool:
         if version is None or version == self.version or version in self._refused:
             return False
-        if self.version is None:
+        if self.version is None or self._lost is not None:
             return True
         seq, ours = parse_seq(version), parse_seq(self.version)
         return seq is not None and (ours is None or seq > ours)
 
-    def _check(self) -> None:
-        if time.monotonic() - self._checked_at < self.ttl_s:
+    def _check(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._checked_at < self.ttl_s:
             return
         self._checked_at = time.monotonic()
-        current = self.store.current_version()
+        try:
+            current = self.store.current_version()
+            # Another current version is normal after a publish (ours expires after a grace period);
+            # ours gone altogether is not.
+            if self.version is not None and current != self.version and not self.store.meta(self.version):
+                self._lost = f"version {self.version} is gone from Redis at {self.store.location} (restarted empty?)"
+                self._degrade(self._lost)
+            elif current is not None and current == self.version and self._lost is not None:
+                self._use(current)  # republished under the same id
+                return
+        except Unavailable as e:
+            self._degrade(str(e))
+            return
         if not self._newer(current):
             return
         if self._pool is not None:
@@ -134,8 +185,32 @@ class LongTermReader:
     def _use(self, version: str) -> None:
         log.info("long-term vectors: version %s", version)
         self.version = version
+        self._lost = None
         if self.telemetry is not None:
             self.telemetry.set_versions(long_term=version)
+        self._recover()
+
+    def _degrade(self, reason: str) -> None:
+        if self.degraded_reason is None:
+            log.warning("degraded mode: %s; recommending from the short-term state and the cached long-term "
+                        "vectors", reason)
+            self._health("degraded", reason)
+            if self.telemetry is not None:
+                self.telemetry.degraded_workers.add(1)
+        self.degraded_reason = reason
+
+    def _recover(self) -> None:
+        if self.degraded_reason is None or self._lost is not None:
+            return
+        log.info("degraded mode over: Redis at %s answers with version %s", self.store.location, self.version)
+        self._health("recovered", f"Redis at {self.store.location} answers with version {self.version}")
+        if self.telemetry is not None:
+            self.telemetry.degraded_workers.add(-1)
+        self.degraded_reason = None
+
+    def _health(self, state: str, reason: str) -> None:
+        self._events.append(HealthEvent(state=state, component="redis", reason=reason[:1000], worker_id=self.worker_id,
+                                        ts=int(time.time() * 1000), long_term_version=self.version))
 
 
 def version_run_dir(store: LongTermStore, version: str, runs_dir: str | Path) -> Path:
@@ -173,8 +248,14 @@ def open_recommender(settings: Settings, run: str | Path | None = None, telemetr
     publisher stored in Redis when that directory is not on this machine) and follows every newer
     version without a restart; ``model_version`` is then the version id. With ``run``, serves that
     run (``model_version`` is its directory name) and reads the versions published for it.
+
+    The hot path reads Redis with a deadline and a circuit breaker (``settings.redis_timeout_ms``,
+    ``redis_breaker_*``); loading a version's model, in the background, uses a plain client.
     """
     store = LongTermStore(settings.redis_url)
+    fast = LongTermStore(settings.redis_url, timeout_s=settings.redis_timeout_ms / 1000,
+                         breaker=CircuitBreaker(settings.redis_breaker_failures, settings.redis_breaker_reset_s,
+                                                settings.redis_breaker_max_reset_s))
     reader: LongTermReader
     if run is None:
         version = store.current_version()
@@ -183,13 +264,14 @@ def open_recommender(settings: Settings, run: str | Path | None = None, telemetr
                             "run `slsrec publish --run runs/NAME` first, or pass --run")
         published = load_version(store, settings.runs_dir, version)
         model, items, users, model_version = published.model, published.items, published.users, version
-        reader = LongTermReader(store, settings.redis_cache_ttl_s, telemetry=telemetry,
-                                load=partial(load_version, store, settings.runs_dir), version=version)
+        reader = LongTermReader(fast, settings.redis_cache_ttl_s, telemetry=telemetry,
+                                load=partial(load_version, store, settings.runs_dir), version=version,
+                                worker_id=worker_id)
         source = store.meta(version).get("run", version)
     else:
         loaded = load_run(run)
         model, items, users, model_version, source = loaded.model, loaded.items, loaded.users, Path(run).name, str(run)
-        reader = LongTermReader(store, settings.redis_cache_ttl_s, str(run), telemetry)
+        reader = LongTermReader(fast, settings.redis_cache_ttl_s, str(run), telemetry, worker_id=worker_id)
     if not hasattr(model, "short_encoder"):
         raise CheckpointError(f"{source}: a {type(model).__name__} model cannot serve the stream; "
                               "train an slsrec model")
@@ -202,4 +284,4 @@ def open_recommender(settings: Settings, run: str | Path | None = None, telemetr
                        exclude_seen=settings.exclude_seen, device=settings.torch_device(), telemetry=telemetry,
                        versions=reader.poll if run is None else None, drift=DriftMonitor(worker_id=worker_id),
                        users=users, max_open_sessions=settings.max_open_sessions,
-                       max_session_events=settings.max_session_events)
+                       max_session_events=settings.max_session_events, events=reader.take_events)
