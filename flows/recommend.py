@@ -45,7 +45,7 @@ from flows.kafka_source import KafkaBatchSource, Record
 from flows.shards import Decoded, ShardLogic, shard_keys, split_by_shard
 from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import DeadLetter, SessionClosed
-from slsrec.codec import Recommendation, decode_clicks, encode
+from slsrec.codec import Recommendation, decode_clicks, encode_many
 from slsrec.health import Heartbeat
 from slsrec.serving.recommender import Origin, Output, Recommender, dead_letter
 from slsrec.settings import Settings
@@ -89,11 +89,13 @@ def count_dead_letters(telemetry: Telemetry, step_id: str, dead: list[DeadLetter
 
 def to_messages(settings: Settings, outputs: list[Output]) -> list[Message]:
     """Serialise a batch of outputs: JSON values, keyed by user_id; a drift alert by worker id, a dead
-    letter without a key (its user may be unreadable)."""
+    letter without a key (its user may be unreadable). The recommendations, nearly every output, are
+    encoded in one call."""
+    values = iter(encode_many([o for o in outputs if type(o) is Recommendation]))
     out = []
     for o in outputs:
-        if type(o) is Recommendation:  # the fast record, nearly every output
-            out.append(Message(settings.topic_recommendations, o.user_id.encode(), encode(o)))
+        if type(o) is Recommendation:
+            out.append(Message(settings.topic_recommendations, o.user_id.encode(), next(values)))
         elif isinstance(o, DeadLetter):
             out.append(Message(settings.topic_dlq, None, o.model_dump_json().encode()))
         elif isinstance(o, SessionClosed):

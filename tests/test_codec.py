@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from test_schemas import BAD_CLICKS, GOOD, NOW_MS, _raw
 
 from schemas.events import InvalidEvent, Recommendation, decode_click
-from slsrec.codec import Click, RankedItem, decode_clicks, encode, to_model
+from slsrec.codec import Click, RankedItem, decode_clicks, encode, encode_many, to_model
 from slsrec.codec import Recommendation as FastRecommendation
 
 
@@ -92,6 +92,7 @@ def test_the_fast_encoder_writes_what_pydantic_writes(ranked, alpha, cold, user,
     model = to_model(rec)  # validates against the contract
     assert isinstance(model, Recommendation)
     assert encode(rec) == model.model_dump_json().encode()
+    assert encode_many([rec, rec]) == [encode(rec)] * 2  # the flow's one call per micro-batch
 
 
 def test_a_click_encodes_to_a_contract_event():
