@@ -203,8 +203,10 @@ def _events(users: list[str], items: list[str], n: int, rng: np.random.Generator
 
 
 def _click(user: str, item: str) -> bytes:
-    return json.dumps({"event_id": uuid.uuid4().hex, "user_id": user, "item_id": item,
-                       "ts": int(time.time() * 1000), "event_type": "view"}).encode()
+    """One click, its ts the produce time. Formatted, not ``json.dumps``: the producer shares the
+    machine with the flow it measures, so it should cost little (ids here never need escaping)."""
+    return b'{"event_id":"%s","user_id":"%s","item_id":"%s","ts":%d,"event_type":"view"}' % (
+        uuid.uuid4().hex.encode(), user.encode(), item.encode(), time.time_ns() // 1_000_000)
 
 
 def _produce(settings: Settings, stream: list[tuple[str, str]]) -> None:
