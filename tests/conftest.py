@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from confluent_kafka import Producer
 from pydantic import SecretStr
 
 from slsrec import local
@@ -144,3 +145,10 @@ def assert_equals_offline(got: Recommendation, want: Offline) -> None:
     np.testing.assert_allclose([i.short_score for i in got.items], want.short_scores, atol=1e-4)
     np.testing.assert_allclose([i.long_score + i.short_score for i in got.items], want.scores, atol=1e-4)  # the split
     assert got.short_term_items == want.short_term_items
+
+
+def ordered_producer(settings: Settings) -> Producer:
+    """A producer that keeps each partition's order: without idempotence, a batch retried under load
+    (a fresh topic's leader not elected yet, a request timeout) can land after the batches sent behind
+    it, and a user's clicks then reach the flow out of order (what `slsrec replay` never does)."""
+    return Producer({**settings.kafka_config(), "enable.idempotence": True})

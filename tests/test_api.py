@@ -27,7 +27,7 @@ import torch
 from confluent_kafka import Producer
 from pydantic import SecretStr
 
-from conftest import assert_equals_offline
+from conftest import assert_equals_offline, ordered_producer
 from schemas.api import ApiError
 from schemas.events import Recommendation
 from slsrec import local
@@ -113,7 +113,7 @@ def world(services, tmp_path_factory) -> Iterator[World]:
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             with running_api(settings, tmp / "api.log") as api:
-                yield World(settings, api.url, model.eval(), items, history, Producer(settings.kafka_config()))
+                yield World(settings, api.url, model.eval(), items, history, ordered_producer(settings))
         finally:
             stop_flow(flow)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer
 
-from conftest import assert_equals_offline
+from conftest import assert_equals_offline, ordered_producer
 from flows.cluster import serve
 from schemas.events import DeadLetter, Recommendation
 from slsrec.checkpoint import save_run
@@ -73,7 +73,7 @@ def test_replayed_sessions_equal_the_offline_model(live_settings, tmp_path):
     sessions = {u: [(f"sku{k}", now - 600_000 + 20_000 * n + j * 1000)
                     for n, k in enumerate(rng.choice(np.arange(1, N_ITEMS + 1), 6, replace=False))]
                 for j, u in enumerate(USERS)}
-    producer = Producer(settings.kafka_config())
+    producer = ordered_producer(settings)
     n_good = 0
     for n in range(6):
         for u in USERS:
@@ -124,7 +124,7 @@ def test_two_worker_processes_answer_every_event_once(live_settings, tmp_path):
     """`slsrec serve --processes 2`: the cluster shares the partitions; nothing lost or doubled."""
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
     run = tiny_published_run(settings, tmp_path, seed=5)
-    producer, now, sent = Producer(settings.kafka_config()), int(time.time() * 1000), []
+    producer, now, sent = ordered_producer(settings), int(time.time() * 1000), []
     for n in range(200):
         u = f"user{n % 23}"
         event = {"event_id": f"e{n}", "user_id": u, "item_id": f"sku{n % N_ITEMS + 1}", "ts": now - 100_000 + n,
@@ -178,7 +178,7 @@ def test_a_flow_killed_mid_stream_resumes_its_sessions_and_answers_every_event(l
 
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery", "snapshot_interval_s": 0.3})
     run = tiny_published_run(settings, tmp_path, seed=6)
-    producer, now = Producer(settings.kafka_config()), int(time.time() * 1000)
+    producer, now = ordered_producer(settings), int(time.time() * 1000)
     events = [{"event_id": f"e{n}", "user_id": f"user{n % 23}", "item_id": f"sku{n % N_ITEMS + 1}",
                "ts": now - 100_000 + n, "event_type": "click"} for n in range(600)]
 
@@ -218,7 +218,7 @@ def test_a_users_events_are_answered_by_one_worker_in_order_across_a_restart(liv
 
     settings = live_settings.model_copy(update={"recovery_dir": tmp_path / "recovery"})
     run = tiny_published_run(settings, tmp_path, seed=6)
-    producer, now, users = Producer(settings.kafka_config()), int(time.time() * 1000), [f"user{u}" for u in range(24)]
+    producer, now, users = ordered_producer(settings), int(time.time() * 1000), [f"user{u}" for u in range(24)]
 
     def send(first: int, last: int) -> None:  # events first..last-1 of every user, users interleaved
         for k in range(first, last):

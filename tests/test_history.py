@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from confluent_kafka import Producer
 
 from schemas.events import SessionClosed, SessionItem
 from slsrec.data import Interactions
 from slsrec.errors import DataError
 from slsrec.history import ingest_sessions, load_history, read_history, write_events
+from conftest import ordered_producer
 
 
 def session(user: str, items: list[str], start_ts: int) -> SessionClosed:
@@ -18,7 +18,7 @@ def session(user: str, items: list[str], start_ts: int) -> SessionClosed:
 
 
 def produce(settings, values: list[bytes]) -> None:
-    producer = Producer(settings.kafka_config())
+    producer = ordered_producer(settings)
     for v in values:
         producer.produce(settings.topic_sessions, v, key=b"k")
     assert producer.flush(30) == 0

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
-from conftest import assert_equals_offline
+from conftest import assert_equals_offline, ordered_producer
 
 from schemas.events import Recommendation
 from slsrec.checkpoint import save_run
@@ -87,7 +87,7 @@ def test_a_version_published_under_live_traffic_is_adopted_without_losing_sessio
     sessions = {u: [(f"sku{k}", now - 300_000 + 15_000 * n + j) for n, k in
                     enumerate(rng.choice(np.arange(1, N_ITEMS + 1), 7, replace=False))] for j, u in enumerate(TRACKED)}
 
-    producer, sent = Producer(settings.kafka_config()), []
+    producer, sent = ordered_producer(settings), []
 
     def send(event_id: str, user: str, item: str, ts: int) -> None:
         event = {"event_id": event_id, "user_id": user, "item_id": item, "ts": ts, "event_type": "view"}
@@ -226,7 +226,7 @@ def test_serve_exports_spans_and_metrics_to_the_console_when_asked(live_settings
     store = LongTermStore(settings.redis_url)
     version = store.publish(None, {"ann": LongTerm(np.ones(16, np.float32), 0.0, 1)}, meta={"run": str(run)})
     version = version.version
-    producer, now = Producer(settings.kafka_config()), int(time.time() * 1000)
+    producer, now = ordered_producer(settings), int(time.time() * 1000)
     for n in range(5):
         event = {"event_id": f"e{n}", "user_id": "ann", "item_id": f"sku{n + 1}", "ts": now - 1000 + n, "event_type": "view"}
         producer.produce(settings.topic_clicks, json.dumps(event).encode(), key=b"ann")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from confluent_kafka import Producer
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from typer.testing import CliRunner
 
@@ -24,6 +23,7 @@ from slsrec.store import LongTermStore, connect, parse_seq
 from slsrec.synthetic import WorldConfig, generate
 from slsrec.telemetry import setup_telemetry
 from slsrec.train import TrainConfig, train
+from conftest import ordered_producer
 
 FAST = dict(epochs=1, threads=1, device="cpu", batch_size=64)
 
@@ -48,7 +48,7 @@ def env(live_settings, topic_prefix, tmp_path, world):
     records = [session(u, list(zip(g["item_id"], g["timestamp"]))) for u, g in later.groupby("user_id", sort=False)]
     last = int(world["timestamp"].max())
     records.append(session("brand-new-user", [("i001", last + 1000), ("brand-new-item", last + 2000)]))
-    producer = Producer(live_settings.kafka_config())
+    producer = ordered_producer(live_settings)
     for r in records:
         producer.produce(live_settings.topic_sessions, r.model_dump_json().encode(), key=r.user_id.encode())
     assert producer.flush(30) == 0
@@ -177,7 +177,7 @@ def test_a_drift_alert_on_the_drift_topic_triggers_a_cycle(env, request):
     request.addfinalizer(stop.set)
     alert = DriftAlert(signal="hit", detector="ADWIN", worker_id="0", ts=1_700_000_000_000, n_seen=500, window=100,
                        mean_before=0.3, mean_after=0.1, params={"delta": 0.002})
-    producer = Producer(settings.kafka_config())
+    producer = ordered_producer(settings)
     t0 = time.monotonic()
     while loop.is_alive() and time.monotonic() - t0 < 120:
         # Alerts before the watcher's subscription is assigned are not seen (it reads new alerts only).
