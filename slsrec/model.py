@@ -219,7 +219,9 @@ class LongTermEncoder(nn.Module):
 class ShortTermEncoder(nn.Module):
     """A GRU over the current segment, with log1p(dt) as an extra input feature.
 
-    One code path: ``step`` and ``forward`` run the same ``nn.GRU``. ``forward`` cuts the batch
+    One set of weights: ``forward`` runs the ``nn.GRU``, ``step`` its cell (``torch.gru_cell``, the
+    same arithmetic without the sequence machinery: 34 against 266 µs for one row on CPU, which every
+    micro-batch of the stream pays). ``forward`` cuts the batch
     into its segments and runs them as one batch of short right-padded sequences: the state resets
     at every segment start, trailing padding cannot reach a real position, and there is no Python
     loop over positions (measured 2.5x faster than packing, ~10x faster than a cell loop, on CPU).
@@ -239,8 +241,9 @@ class ShortTermEncoder(nn.Module):
 
     def step(self, state: Tensor, item: Tensor, dt: Tensor) -> Tensor:
         """Advance the segment state by one event: state (B,d), item (B,), dt (B,) seconds."""
-        x = self._input(self.item_emb(item), dt).unsqueeze(1)  # (B, 1, d+1)
-        return self.gru(x, state.unsqueeze(0))[1].squeeze(0)  # (B, d)
+        g = self.gru
+        x = self._input(self.item_emb(item), dt)  # (B, d+1)
+        return torch.gru_cell(x, state, g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0)  # (B, d)
 
     def forward(self, e: Tensor, dts: Tensor, seg: Segments) -> Tensor:
         """e (B,T,d) item embeddings -> state after each position (B,T,d), zero at padding."""
