@@ -23,6 +23,7 @@ Redis; ``redis-empty`` restores it with the same publish call that ``slsrec publ
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -156,8 +157,9 @@ class Chaos:
         stream = _Stream()
         prefix = f"chaos-{fault}-{uuid.uuid4().hex[:6]}."
         stop = threading.Event()  # ends the producer and the readers, also when a fault fails
-        with local.scratch_topics(self.settings, prefix) as topics, self._flow(topics, fault) as (sup, settings):
-            producer = threading.Thread(target=self._produce, args=(settings, stream, fault == "malformed", stop))
+        with (local.scratch_topics(self.settings, prefix) as topics, self._flow(topics, fault) as (sup, settings),
+              _log_to(self.folder / fault / "producer.log") as log):
+            producer = threading.Thread(target=self._produce, args=(settings, stream, fault == "malformed", stop, log))
             threads = [producer, *(threading.Thread(target=_read, args=(settings, topic, stream, stop))
                                    for topic in (settings.topic_recommendations, settings.topic_dlq,
                                                  settings.topic_drift))]
@@ -215,14 +217,15 @@ class Chaos:
         finally:
             sup.stop()
 
-    def _produce(self, settings: Settings, stream: _Stream, malformed: bool, stop: threading.Event) -> None:
+    def _produce(self, settings: Settings, stream: _Stream, malformed: bool, stop: threading.Event,
+                 log: logging.Logger) -> None:
         from confluent_kafka import Producer
 
         # Patient and idempotent, like the flow's sink: it waits for a broker that is away instead of
         # giving up (librdkafka's default: 5 minutes), and its retries after a lost connection never
         # write a click twice (a duplicate click would show up as the flow's duplicate).
         p = Producer({**settings.kafka_config(), "linger.ms": 5, "message.timeout.ms": 900_000,
-                      "enable.idempotence": True, "logger": local.QUIET})
+                      "enable.idempotence": True, "logger": log})
         rng = np.random.default_rng(0)
 
         def delivered(err, msg) -> None:
@@ -345,6 +348,21 @@ def _read(settings: Settings, topic: str, stream: _Stream, stop: threading.Event
                     stream.health.append(record["state"])
     finally:
         c.close()
+
+
+@contextmanager
+def _log_to(path: Path) -> Iterator[logging.Logger]:
+    """A logger that writes to ``path`` only: the load producer's librdkafka lines (broker down, retries),
+    kept beside the fault's flow.log so that a producer that stalled can be read after the run."""
+    log, handler = logging.getLogger("slsrec.chaos.producer"), logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        yield log
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def _why_unacked(p, topic: str) -> str:

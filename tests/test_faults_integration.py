@@ -77,7 +77,7 @@ def test_events_kafka_never_acknowledges_are_reported_not_sent_and_the_run_goes_
               drain_s=3.0)
     stream = _Stream()
     t0 = time.monotonic()
-    c._produce(c.settings, stream, False, threading.Event())
+    c._produce(c.settings, stream, False, threading.Event(), local.QUIET)
     assert time.monotonic() - t0 < 15
     assert len(stream.sent) == 0 and stream.unacked > 0, stream
     assert stream.unacked_why.startswith("no metadata from Kafka"), stream.unacked_why
