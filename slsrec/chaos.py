@@ -261,7 +261,7 @@ class Chaos:
         if len(p):
             stream.unacked_why = _why_unacked(p, settings.topic_clicks)
         p.purge()
-        p.flush(0)  # the purged messages' delivery reports: each one counted as unacknowledged
+        p.flush(5.0)  # serves the purged messages' delivery reports: each one counted as unacknowledged
 
     def _apply(self, fault: str, sup: Supervisor, producer: threading.Thread, out: Outcome, stream: _Stream) -> None:
         """Apply ``fault`` while the producer streams; keep the supervisor polled meanwhile."""
