@@ -10,7 +10,8 @@ break every other test and flow using it. Per fault, on fresh topics and a fresh
    while the fault is applied in the middle of the stream;
 3. the recommendations topic is read until every event has its recommendation or ``drain_s`` passes.
 
-One row per fault: valid events sent (delivered to Kafka), recommended (distinct event ids), lost,
+One row per fault: valid events sent (acknowledged by Kafka; those it did not acknowledge within
+``drain_s`` of the stream's end are counted apart, as not sent), recommended (distinct event ids), lost,
 duplicates (at-least-once after a restart), recommendations made in degraded mode (flagged
 ``long_term: cached | unavailable``), the longest gap between two recommendations while events were
 streaming (by the flow's ``emit_ts``), and whether the flow was up and live at the end.
@@ -22,6 +23,7 @@ Redis; ``redis-empty`` restores it with the same publish call that ``slsrec publ
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -59,6 +61,7 @@ class Outcome:
 
     fault: str
     sent: int = 0  # valid events delivered to Kafka
+    unacked: int = 0  # valid events Kafka never acknowledged to the harness (not sent, so not lost)
     recommended: int = 0  # of them, with at least one recommendation
     duplicates: int = 0  # recommendations beyond the first per event
     degraded: int = 0  # recommendations flagged long_term cached or unavailable
@@ -81,6 +84,8 @@ class _Stream:
     """What the producer sent and the consumers saw, filled in by threads."""
 
     sent: set[str] = field(default_factory=set)  # delivered valid event ids
+    unacked: int = 0  # valid events Kafka never acknowledged (not sent, so never counted as lost)
+    unacked_why: str = ""  # what the broker's metadata said about the topic then
     junk_sent: int = 0
     recs: dict[str, int] = field(default_factory=dict)  # event id -> recommendations
     emits: list[int] = field(default_factory=list)  # emit_ts of every recommendation
@@ -151,32 +156,37 @@ class Chaos:
         out = Outcome(fault)
         stream = _Stream()
         prefix = f"chaos-{fault}-{uuid.uuid4().hex[:6]}."
-        with local.scratch_topics(self.settings, prefix) as topics, self._flow(topics, fault) as (sup, settings):
-            stop = threading.Event()
-            readers = [threading.Thread(target=_read, args=(settings, topic, stream, stop), daemon=True)
-                       for topic in (settings.topic_recommendations, settings.topic_dlq, settings.topic_drift)]
-            for t in readers:
+        stop = threading.Event()  # ends the producer and the readers, also when a fault fails
+        with (local.scratch_topics(self.settings, prefix) as topics, self._flow(topics, fault) as (sup, settings),
+              _log_to(self.folder / fault / "producer.log") as log):
+            producer = threading.Thread(target=self._produce, args=(settings, stream, fault == "malformed", stop, log))
+            threads = [producer, *(threading.Thread(target=_read, args=(settings, topic, stream, stop))
+                                   for topic in (settings.topic_recommendations, settings.topic_dlq,
+                                                 settings.topic_drift))]
+            for t in threads:
                 t.start()
-            producer = threading.Thread(target=self._produce, args=(settings, stream, fault == "malformed"))
-            producer.start()
-            self._apply(fault, sup, producer, out, stream)
-            producer.join()
-            deadline = time.monotonic() + self.drain_s
-            while time.monotonic() < deadline and len(stream.recs.keys() & stream.sent) < len(stream.sent):
+            try:
+                self._apply(fault, sup, producer, out, stream)
+                deadline = time.monotonic() + self.drain_s
+                while time.monotonic() < deadline and len(stream.recs.keys() & stream.sent) < len(stream.sent):
+                    sup.poll()
+                    time.sleep(0.2)
                 sup.poll()
-                time.sleep(0.2)
-            sup.poll()
-            ok, line = health.probe(settings.health_dir, settings.health_max_age_s, ready=False)
-            out.flow_up = sup.pid is not None and ok
-            if not out.flow_up:
-                out.notes.append(f"flow: {line}")
-            stop.set()
-            for t in readers:
-                t.join()
-        out.sent, out.recommended = len(stream.sent), len(stream.recs.keys() & stream.sent)
+                ok, line = health.probe(settings.health_dir, settings.health_max_age_s, ready=False)
+                out.flow_up = sup.pid is not None and ok
+                if not out.flow_up:
+                    out.notes.append(f"flow: {line}")
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+        out.sent, out.unacked = len(stream.sent), stream.unacked
+        out.recommended = len(stream.recs.keys() & stream.sent)
         out.duplicates = sum(n - 1 for n in stream.recs.values())
         out.degraded, out.restarts, out.health = stream.degraded, sup.restarts, stream.health
         out.dead_letters, out.junk_sent = stream.dead_letters, stream.junk_sent
+        if out.unacked:
+            out.notes.append(f"not acknowledged by Kafka {self.drain_s:g} s after the stream: {stream.unacked_why}")
         out.longest_gap_s, at = _longest_gap_s(stream.emits, stream.t0_ms, stream.t1_ms)
         if stream.fault_ms is not None:
             out.gap_in_fault_s = _longest_gap_s(stream.emits, *stream.fault_ms)[0]
@@ -207,21 +217,28 @@ class Chaos:
         finally:
             sup.stop()
 
-    def _produce(self, settings: Settings, stream: _Stream, malformed: bool) -> None:
+    def _produce(self, settings: Settings, stream: _Stream, malformed: bool, stop: threading.Event,
+                 log: logging.Logger) -> None:
         from confluent_kafka import Producer
 
-        # Never give up on a message while the broker is away (librdkafka's default: 5 minutes).
+        # Patient and idempotent, like the flow's sink: it waits for a broker that is away instead of
+        # giving up (librdkafka's default: 5 minutes), and its retries after a lost connection never
+        # write a click twice (a duplicate click would show up as the flow's duplicate).
         p = Producer({**settings.kafka_config(), "linger.ms": 5, "message.timeout.ms": 900_000,
-                      "logger": local.QUIET})
+                      "enable.idempotence": True, "logger": log})
         rng = np.random.default_rng(0)
 
         def delivered(err, msg) -> None:
-            if err is None and msg.value() not in JUNK:
+            if msg.value() in JUNK:
+                return
+            if err is None:
                 stream.sent.add(json.loads(msg.value())["event_id"])
+            else:
+                stream.unacked += 1
 
         stream.t0_ms = int(time.time() * 1000)
         t0, n = time.monotonic(), 0
-        while (elapsed := time.monotonic() - t0) < self.duration_s:
+        while (elapsed := time.monotonic() - t0) < self.duration_s and not stop.is_set():
             for _ in range(int(elapsed * self.rate) + 1 - n):
                 user, item = f"u{rng.integers(N_USERS)}", f"i{rng.integers(N_ITEMS)}"
                 event_id = f"{settings.topic_clicks}-{n}"
@@ -236,8 +253,15 @@ class Chaos:
             p.poll(0)
             time.sleep(0.005)
         stream.t1_ms = int(time.time() * 1000)
-        while p.flush(1.0):
+        # Bounded: what the broker has not acknowledged by then was never sent (the table says how many);
+        # it must neither hang the run nor count as lost by the flow.
+        deadline = time.monotonic() + self.drain_s
+        while p.flush(1.0) and time.monotonic() < deadline and not stop.is_set():
             pass
+        if len(p):
+            stream.unacked_why = _why_unacked(p, settings.topic_clicks)
+        p.purge()
+        p.flush(5.0)  # serves the purged messages' delivery reports: each one counted as unacknowledged
 
     def _apply(self, fault: str, sup: Supervisor, producer: threading.Thread, out: Outcome, stream: _Stream) -> None:
         """Apply ``fault`` while the producer streams; keep the supervisor polled meanwhile."""
@@ -326,6 +350,34 @@ def _read(settings: Settings, topic: str, stream: _Stream, stop: threading.Event
         c.close()
 
 
+@contextmanager
+def _log_to(path: Path) -> Iterator[logging.Logger]:
+    """A logger that writes to ``path`` only: the load producer's librdkafka lines (broker down, retries),
+    kept beside the fault's flow.log so that a producer that stalled can be read after the run."""
+    log, handler = logging.getLogger("slsrec.chaos.producer"), logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        yield log
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _why_unacked(p, topic: str) -> str:
+    """What the broker says about ``topic`` while ``p`` still holds messages: partitions without a leader
+    (the broker refuses writes), or all led (then the producer itself did not get through)."""
+    from confluent_kafka import KafkaException
+
+    try:
+        partitions = p.list_topics(topic, timeout=5).topics[topic].partitions.values()
+    except KafkaException as e:
+        return f"no metadata from Kafka ({e.args[0].str()})"
+    leaderless = sorted(q.id for q in partitions if q.leader < 0 or q.error is not None)
+    return f"partitions without a leader: {leaderless}" if leaderless else "every partition has a leader"
+
+
 def _longest_gap_s(emits: list[int], t0_ms: int, t1_ms: int) -> tuple[float, float]:
     """The longest time without a recommendation inside the streaming window, and when it began,
     both in seconds (the latter from the window's start).
@@ -360,9 +412,9 @@ def _random_run(run_dir: Path, history_csv: Path) -> None:
 
 def table(rows: list[Outcome], describe: Callable[[str], str]) -> str:
     """The chaos table, one row per fault (Markdown, so it pastes into docs/benchmarks.md)."""
-    head = ("| fault | valid sent | recommended | lost | duplicates | degraded recs | longest gap (s) | ... during "
-            "the fault (s) | flow up at end | notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
-    lines = [f"| {describe(r.fault)} | {r.sent:,} | {r.recommended:,} | {r.lost:,} | {r.duplicates:,} | "
+    head = ("| fault | valid sent | not acked by Kafka | recommended | lost | duplicates | degraded recs | longest gap "
+            "(s) | ... during the fault (s) | flow up at end | notes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    lines = [f"| {describe(r.fault)} | {r.sent:,} | {r.unacked:,} | {r.recommended:,} | {r.lost:,} | {r.duplicates:,} | "
              f"{r.degraded:,} | {r.longest_gap_s:.2f} | {'-' if r.gap_in_fault_s is None else f'{r.gap_in_fault_s:.2f}'} | "
              f"{'yes' if r.flow_up else 'NO'} | {'; '.join(r.notes)} |" for r in rows]
     return "\n".join([head, *lines])

@@ -279,10 +279,11 @@ def chaos_cmd(
         for fault in chosen:
             typer.echo(f"... {chaos.describe(fault)}")
             rows.append(chaos.run(fault))
+            typer.echo(table(rows[-1:], chaos.describe))  # each row as it comes: a stopped run keeps them
     finally:
         if not keep_services:
             chaos.pair.down()
-    typer.echo(table(rows, chaos.describe))
+    typer.echo("\n" + table(rows, chaos.describe))
     typer.echo(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

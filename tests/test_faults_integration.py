@@ -1,6 +1,6 @@
 """Faults through the real flow, on a private Kafka and Redis (never the shared ones, which other
-tests use): Redis frozen and emptied, kill -9 of the flow, malformed input (the short chaos suite),
-and SIGTERM / kill -9 of a multi-process flow leaving no process behind.
+tests use): Redis frozen and emptied, kill -9 of the flow, Kafka restarted, malformed input (the short
+chaos suite), and SIGTERM / kill -9 of a multi-process flow leaving no process behind.
 
 The full suite with its figures is ``slsrec chaos`` (docs/benchmarks.md); these are shorter runs of
 the same code with the same claims: nothing lost, the flow up at the end, recommendations going on
@@ -13,13 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from slsrec import health, local
-from slsrec.chaos import Chaos
+from slsrec.chaos import Chaos, _Stream
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +60,27 @@ def test_kill_9_of_the_flow_loses_nothing(chaos):
     r = chaos.run("kill-flow")
     assert r.restarts >= 2, r  # at t = 6 s and 12 s
     assert (r.lost, r.flow_up) == (0, True), r
+
+
+def test_kafka_restarted_every_sent_event_is_recommended(chaos):
+    r = chaos.run("kafka-restart")
+    # Kafka acknowledged every event the harness made, across the restart (none left out as not sent),
+    # and the flow recommended each of them.
+    assert (r.unacked, r.lost, r.flow_up) == (0, 0, True), r
+    assert r.sent > 0, r
+
+
+def test_events_kafka_never_acknowledges_are_reported_not_sent_and_the_run_goes_on():
+    # No broker on this port: the load producer gives up drain_s after its stream instead of hanging the
+    # run, and what it made is "not sent", never counted against the flow.
+    c = Chaos(local.PrivatePair("chaos-nowhere", kafka_port=19999, redis_port=16999), duration_s=2.0, rate=10.0,
+              drain_s=3.0)
+    stream = _Stream()
+    t0 = time.monotonic()
+    c._produce(c.settings, stream, False, threading.Event(), local.QUIET)
+    assert time.monotonic() - t0 < 15
+    assert len(stream.sent) == 0 and stream.unacked > 0, stream
+    assert stream.unacked_why.startswith("no metadata from Kafka"), stream.unacked_why
 
 
 def test_malformed_input_is_dead_lettered_and_valid_events_all_recommended(chaos):
