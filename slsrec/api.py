@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import re
@@ -329,6 +330,11 @@ def create_app(settings: Settings, *, ingest: bool = True) -> FastAPI:
         if consumer is not None:
             consumer.start()
         follow = asyncio.create_task(broadcaster.run())
+        # The objects made while starting (modules, the app, the pydantic models) live as long as the
+        # process: frozen, the collector stops re-scanning them, and its full collections shrink from
+        # tens of milliseconds, a stall every waiting request shares, to a few (docs/benchmarks.md).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
@@ -452,8 +458,10 @@ def serve_api(settings: Settings) -> None:
     import uvicorn
 
     log.info("api: http://%s:%d/ (docs at /docs)", settings.api_host, settings.api_port)
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, access_log=False,
-                log_level="info")
+    # uvloop and httptools by name, not "auto": a missing one is an error at start, not a silent fall-back
+    # to the pure-Python loop and parser (h11). No access log: a log line per GET costs more than the GET.
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, loop="uvloop",
+                http="httptools", access_log=False, log_level="info")
 
 
 class ApiProcess(NamedTuple):
