@@ -330,11 +330,6 @@ def create_app(settings: Settings, *, ingest: bool = True) -> FastAPI:
         if consumer is not None:
             consumer.start()
         follow = asyncio.create_task(broadcaster.run())
-        # The objects made while starting (modules, the app, the pydantic models) live as long as the
-        # process: frozen, the collector stops re-scanning them, and its full collections shrink from
-        # tens of milliseconds, a stall every waiting request shares, to a few (docs/benchmarks.md).
-        gc.collect()
-        gc.freeze()
         try:
             yield
         finally:
@@ -458,9 +453,16 @@ def serve_api(settings: Settings) -> None:
     import uvicorn
 
     log.info("api: http://%s:%d/ (docs at /docs)", settings.api_host, settings.api_port)
+    app = create_app(settings)
+    # What start-up made (modules, the app, the pydantic models) lives as long as the process: frozen,
+    # the collector stops re-scanning it, and a full collection, which stops every request waiting in
+    # this process, shrinks from ~40 ms to a few (docs/benchmarks.md, HTTP API). Here, not in
+    # create_app: freezing is the owner of the process's choice, not an app's (tests run it in theirs).
+    gc.collect()
+    gc.freeze()
     # uvloop and httptools by name, not "auto": a missing one is an error at start, not a silent fall-back
     # to the pure-Python loop and parser (h11). No access log: a log line per GET costs more than the GET.
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, loop="uvloop",
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, loop="uvloop",
                 http="httptools", access_log=False, log_level="info")
 
 
