@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import re
@@ -452,8 +453,17 @@ def serve_api(settings: Settings) -> None:
     import uvicorn
 
     log.info("api: http://%s:%d/ (docs at /docs)", settings.api_host, settings.api_port)
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, access_log=False,
-                log_level="info")
+    app = create_app(settings)
+    # What start-up made (modules, the app, the pydantic models) lives as long as the process: frozen,
+    # the collector stops re-scanning it, and a full collection, which stops every request waiting in
+    # this process, shrinks from ~40 ms to a few (docs/benchmarks.md, HTTP API). Here, not in
+    # create_app: freezing is the owner of the process's choice, not an app's (tests run it in theirs).
+    gc.collect()
+    gc.freeze()
+    # uvloop and httptools by name, not "auto": a missing one is an error at start, not a silent fall-back
+    # to the pure-Python loop and parser (h11). No access log: a log line per GET costs more than the GET.
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, loop="uvloop",
+                http="httptools", access_log=False, log_level="info")
 
 
 class ApiProcess(NamedTuple):

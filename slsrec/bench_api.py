@@ -9,15 +9,13 @@ updates busy, GETs of random users' recommendations go out at ``--rate`` request
 
 The load is open loop: request ``i`` leaves at ``t0 + i / rate`` whether or not earlier ones have been
 answered, and its latency runs from that *scheduled* time to the end of its response body, so a
-server that stalls shows every request it delayed (no coordinated omission). The client is a small
-asyncio protocol on uvloop in this process, over keep-alive connections; everything shares this
-machine's cores. The
-first ``WARMUP_S`` seconds are sent but not measured.
+server that stalls shows every request it delayed (no coordinated omission). The client
+(:mod:`slsrec.loadgen`) runs in a process of its own over keep-alive connections and reports its own
+CPU; everything shares this machine's cores. The first ``WARMUP_S`` seconds are sent but not measured.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import tempfile
@@ -30,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import SecretStr
 
-from slsrec import local
+from slsrec import loadgen, local
 from slsrec.api import running_api
 from slsrec.bench_stream import _events, _ml1m_sized_run, _paced, _produce, _run_flow
 from slsrec.checkpoint import load_run
@@ -40,7 +38,6 @@ from slsrec.settings import Settings
 from slsrec.store import LongTerm, LongTermStore
 
 WARMUP_S = 2.0
-CONNECTIONS = 64  # keep-alive connections at most; a request waiting for one counts that wait
 FILL_TIMEOUT_S = 300.0
 
 
@@ -63,6 +60,7 @@ class ApiBenchResult:
     p999_ms: float
     max_ms: float
     api_cpu_us: float  # CPU of the API process per request sent (its consumer and live updates included)
+    client_cpu_us: float  # CPU of the load client's process per request sent
     memory_share: float  # lookups answered from the process's memory rather than Redis
 
 
@@ -94,8 +92,7 @@ def bench(settings: Settings, *, rate: float = 1000.0, duration_s: float = 20.0,
                 live.start()
                 try:
                     cpu0 = _cpu_s(api.pid)
-                    lat, lag, status, errors = _run_load(api.url, [str(u) for u in rng.permutation(users)], rate,
-                                                         duration_s)
+                    load = loadgen.run(api.url, [str(u) for u in rng.permutation(users)], rate, WARMUP_S, duration_s)
                     api_cpu_s = _cpu_s(api.pid) - cpu0
                     lookups = _lookups(api.url)
                 finally:
@@ -104,13 +101,15 @@ def bench(settings: Settings, *, rate: float = 1000.0, duration_s: float = 20.0,
         finally:
             flow.terminate()
             flow.wait(60)
+    lat = load.latencies_ms
     p50, p90, p99, p999 = np.percentile(lat, [50, 90, 99, 99.9]) if len(lat) else [float("nan")] * 4
     n_sent = int(rate * (WARMUP_S + duration_s))
     return ApiBenchResult(
         f"{platform.machine()}, {os.cpu_count()} cores, {machine()['cpu']}", (load_start, os.getloadavg()[0]),
         len(users), flow_rate, rate, duration_s, len(lat), len(lat) / duration_s,
-        float(np.percentile(lag, 99)) if len(lag) else 0.0, status, errors, float(p50), float(p90), float(p99),
-        float(p999), float(np.max(lat)) if len(lat) else 0.0, api_cpu_s / n_sent * 1e6,
+        float(np.percentile(load.send_lag_ms, 99)) if len(load.send_lag_ms) else 0.0, load.status, load.errors,
+        float(p50), float(p90), float(p99), float(p999), float(np.max(lat)) if len(lat) else 0.0,
+        api_cpu_s / n_sent * 1e6, load.cpu_s / n_sent * 1e6,
         lookups.get("memory", 0.0) / max(1.0, sum(lookups.values())))
 
 
@@ -161,101 +160,10 @@ def report(r: ApiBenchResult) -> str:
                  f"(client send lag p99 {r.send_lag_p99_ms:.1f} ms)"),
         ("answers", f"{r.sent:,} measured ({codes}; errors {r.errors}); {100 * r.memory_share:.1f}% from the API's "
                     "memory, the rest from Redis"),
-        ("cost", f"{r.api_cpu_us:.0f} µs of API CPU per request (its Kafka consumer and live updates included)"),
+        ("cost", f"{r.api_cpu_us:.0f} µs of API CPU per request (its Kafka consumer and live updates included); "
+                 f"the load client took {r.client_cpu_us:.0f} µs per request"),
         ("latency", f"p50 {r.p50_ms:.2f} ms, p90 {r.p90_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
                     f"p99.9 {r.p999_ms:.2f} ms, max {r.max_ms:.1f} ms (from the scheduled send time)"),
         ("command", f"slsrec bench-api --rate {r.rate:g} --duration-s {r.duration_s:g} --flow-rate {r.flow_rate:g}"),
     ]
     return "\n".join(f"{k:<8}  {v}" for k, v in rows)
-
-
-def _run_load(url: str, users: list[str], rate: float, duration_s: float):
-    import uvloop
-
-    return uvloop.run(_load(url, users, rate, duration_s))
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time. A client this small costs the shared
-    cores a few tens of microseconds per request (aiohttp's cost ten times that here, and its own
-    scheduling delay showed up as latency). The API always answers with a Content-Length."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._end: int | None = None  # where the current response ends in _buf, once its head is in
-        self._status = 0
-        self._waiter: asyncio.Future | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-
-    def request(self, raw: bytes) -> asyncio.Future:
-        self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(raw)
-        return self._waiter
-
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        if self._end is None:
-            head_end = self._buf.find(b"\r\n\r\n")
-            if head_end < 0:
-                return
-            head = bytes(self._buf[:head_end]).lower()
-            self._status = int(head[9:12])
-            length = head.find(b"\r\ncontent-length:")
-            size = int(head[length + 17 : head.find(b"\r\n", length + 2) % (len(head) + 1)]) if length >= 0 else 0
-            self._end = head_end + 4 + size
-        if len(self._buf) >= self._end:
-            del self._buf[: self._end]
-            self._end = None
-            self._waiter.set_result(self._status)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(ConnectionError("the API closed the connection"))
-
-
-async def _load(url: str, users: list[str], rate: float, duration_s: float):
-    from urllib.parse import quote, urlsplit
-
-    loop = asyncio.get_running_loop()
-    where = urlsplit(url)
-    requests = [(f"GET /v1/users/{quote(u, safe='')}/recommendations HTTP/1.1\r\nHost: {where.netloc}\r\n\r\n").encode()
-                for u in users]
-    idle: asyncio.Queue[_Connection] = asyncio.Queue()
-    for _ in range(CONNECTIONS):
-        idle.put_nowait((await loop.create_connection(_Connection, where.hostname, where.port))[1])
-    warm = int(rate * WARMUP_S)
-    n = warm + int(rate * duration_s)
-    latencies, lag = np.full(n, np.nan), np.zeros(n)
-    status: dict[int, int] = {}
-    errors = 0
-
-    # perf_counter, not loop.time(): uvloop's clock has 1 ms steps and is read once per loop iteration.
-    async def one(i: int, at: float) -> None:
-        nonlocal errors
-        lag[i] = time.perf_counter() - at
-        conn = await idle.get()  # waiting for a free connection is part of the latency
-        try:
-            code = await asyncio.wait_for(conn.request(requests[i % len(requests)]), 10)
-        except (ConnectionError, asyncio.TimeoutError):
-            errors += i >= warm
-            return  # the connection is dropped
-        idle.put_nowait(conn)
-        latencies[i] = time.perf_counter() - at
-        if i >= warm:
-            status[code] = status.get(code, 0) + 1
-
-    t0, tasks = time.perf_counter() + 0.05, set()
-    for i in range(n):
-        at = t0 + i / rate
-        if (delay := at - time.perf_counter()) > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i, at))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    while not idle.empty():
-        idle.get_nowait().transport.close()
-    measured = latencies[warm:]
-    return measured[~np.isnan(measured)] * 1000, lag[warm:] * 1000, status, errors

@@ -30,7 +30,7 @@ from pydantic import SecretStr
 from conftest import assert_equals_offline, ordered_producer
 from schemas.api import ApiError
 from schemas.events import Recommendation
-from slsrec import local
+from slsrec import loadgen, local
 from slsrec.api import create_app, running_api
 from slsrec.checkpoint import save_run
 from slsrec.data import Interactions, Vocab
@@ -176,6 +176,18 @@ def test_a_restarted_api_serves_at_once_from_redis_without_kafka(world):
         assert (r.status_code, r.content) == (200, stored)
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["redis"] == "ok" and ready.json()["kafka"] != "ok"
+
+
+def test_the_benchmark_client_sends_on_schedule_and_counts_every_answer(world):
+    """`slsrec bench-api`'s load client against the real API: every request of the measured seconds is
+    sent and answered once, 200s and 404s told apart by status, each latency from its scheduled time."""
+    event_id = world.click("cid", "sku4")
+    world.producer.flush(30)
+    world.wait_for("cid", event_id)
+    load = loadgen.run(world.api, ["cid", f"nobody-{uuid.uuid4().hex[:6]}"], rate=200, warmup_s=0.5, duration_s=1.0)
+    assert (load.errors, load.status) == (0, {200: 100, 404: 100})  # round robin over the two users
+    assert len(load.latencies_ms) == len(load.send_lag_ms) == 200 and (load.latencies_ms > 0).all()
+    assert load.cpu_s > 0
 
 
 class SSEReader:
