@@ -4,7 +4,8 @@ Three phases on their own fresh topics, one flow worker process (``slsrec serve`
 
 1. **Throughput**: a backlog of events is produced first, then the flow drains it
    (``--exit-at-end``); events/s = backlog / (last - first recommendation's Kafka timestamp).
-2. **Latency**: the flow tails the topic while events are produced at half that rate; latency is a
+2. **Latency**: the flow tails the topic while events are produced at half that rate (or at
+   ``--load-rate``); latency is a
    recommendation's Kafka timestamp minus its event's ``ts`` (set when the event is produced).
 3. **Naive**: the backlog's first events through a per-event loop (one Redis read and one model
    call per event, no micro-batching, no cache), from Kafka to Kafka, in this process.
@@ -69,6 +70,7 @@ class BenchResult:
     latency_s: float
     snapshot_interval_s: float  # the flow's recovery snapshots: each one pauses the stream
     worst_seconds: list[tuple[int, float]]  # (second of the load, its p99 ms): where the tail comes from
+    fixed_load: bool = False  # the latency phase ran at a given rate, not at half the measured one
 
     @property
     def ratio(self) -> float:
@@ -76,7 +78,9 @@ class BenchResult:
 
 
 def bench(settings: Settings, run: str | None = None, events: int = 100_000, latency_s: float = 20.0,
-          naive_events: int = 5_000) -> BenchResult:
+          naive_events: int = 5_000, load_rate: float | None = None) -> BenchResult:
+    """One run of the three phases; ``load_rate`` fixes the latency phase's events/s (default: half
+    the throughput just measured)."""
     torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
     # The local Kafka and Redis: started here if they are not running, and then stopped at the end.
@@ -112,7 +116,7 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
 
         # 2. Latency at half the sustained rate.
         s2 = fresh_topics("lat")
-        rate = flow_eps / 2
+        rate = load_rate or flow_eps / 2
         flow = _run_flow(s2, run_dir, Path(tmp) / "rec2", exit_at_end=False)
         try:
             _wait_until_serving(s2, users[0], items[0])
@@ -134,7 +138,7 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         worst_seconds=worst_seconds(at, warm),
         naive_events=min(naive_events, events), naive_events_per_s=naive_eps,
         load_average=(load_start, os.getloadavg()[0]), latency_s=latency_s,
-        snapshot_interval_s=settings.snapshot_interval_s,
+        snapshot_interval_s=settings.snapshot_interval_s, fixed_load=load_rate is not None,
     )
 
 
@@ -151,7 +155,8 @@ def report(results: list[BenchResult], sessions: list[dict] | None = None) -> st
             ("load average", lambda x: f"{x.load_average[0]:.1f}-{x.load_average[1]:.1f}")]
     median = _median(results)
     lines = [f"machine     {r.machine}", f"model       {r.model}",
-             f"setup       backlog of {r.events:,} events, 1 worker, CPU; latency at half the rate for "
+             f"setup       backlog of {r.events:,} events, 1 worker, CPU; latency at "
+             f"{f'{r.load_events_per_s:,.0f} events/s' if r.fixed_load else 'half the rate'} for "
              f"{r.latency_s:g} s, a snapshot every {r.snapshot_interval_s:g} s; naive: {r.naive_events:,} events "
              "(per event: 1 Redis read, 1 model call)", "",
              "| run | " + " | ".join(name for name, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -165,7 +170,8 @@ def report(results: list[BenchResult], sessions: list[dict] | None = None) -> st
     lines += ["", "command     " + ("" if r.snapshot_interval_s == Settings.model_fields["snapshot_interval_s"].default
                                    else f"SLSREC_SNAPSHOT_INTERVAL_S={r.snapshot_interval_s:g} ")
               + f"slsrec bench-stream --events {r.events} --latency-s {r.latency_s:g} --naive-events {r.naive_events} "
-              f"--repeats {len(results)}" + ("" if sessions else " --no-sessions")]
+              f"--repeats {len(results)}" + (f" --load-rate {r.load_events_per_s:g}" if r.fixed_load else "")
+              + ("" if sessions else " --no-sessions")]
     return "\n".join(lines)
 
 
@@ -179,7 +185,7 @@ def _median(results: list[BenchResult]) -> BenchResult:
         med(lambda x: x.load_events_per_s), r.latency_events, med(lambda x: x.p50_ms), med(lambda x: x.p99_ms),
         med(lambda x: x.max_ms), r.naive_events, med(lambda x: x.naive_events_per_s),
         (min(x.load_average[0] for x in results), max(x.load_average[1] for x in results)), r.latency_s,
-        r.snapshot_interval_s, [(0, med(lambda x: x.worst_seconds[0][1]))])
+        r.snapshot_interval_s, [(0, med(lambda x: x.worst_seconds[0][1]))], r.fixed_load)
 
 
 # ---- setup ------------------------------------------------------------------------------------------

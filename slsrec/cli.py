@@ -340,6 +340,8 @@ def bench_stream_cmd(
                                "40000 with --processes]"),
     latency_s: float = typer.Option(20.0, min=1, help="seconds of paced load for the latency figures"),
     naive_events: int = typer.Option(5_000, min=100, help="events through the naive per-event path"),
+    load_rate: float = typer.Option(None, min=1, help="events/s of the latency phase [default: half the "
+                                    "throughput measured in the same run]"),
     repeats: int = typer.Option(3, min=1, help="runs; the table shows each and their medians"),
     sessions: bool = typer.Option(True, help="also the serving core at 10k and 100k open sessions"),
     processes: str = typer.Option(None, help="scale-out instead: worker process counts, e.g. 1,2,4 (events/s, per "
@@ -360,7 +362,8 @@ def bench_stream_cmd(
     events = events or 100_000
     results = []
     for k in range(repeats):
-        results.append(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events))
+        results.append(bench(Settings(), run=run, events=events, latency_s=latency_s, naive_events=naive_events,
+                             load_rate=load_rate))
         typer.echo(f"run {k + 1} of {repeats}: {results[-1].flow_events_per_s:,.0f} events/s", err=True)
     rows = bench_sessions([10_000, 100_000], 200_000, 50_000) if sessions else None
     typer.echo(report(results, rows))
