@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -152,3 +153,17 @@ def ordered_producer(settings: Settings) -> Producer:
     (a fresh topic's leader not elected yet, a request timeout) can land after the batches sent behind
     it, and a user's clicks then reach the flow out of order (what `slsrec replay` never does)."""
     return Producer({**settings.kafka_config(), "enable.idempotence": True})
+
+
+def live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every live process, from /proc; zombies are left out, as
+    they still count for ``killpg`` and ``waitpid`` but no longer run."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            found.append((int(stat.parent.name), int(fields[1]), int(fields[2])))
+    return found

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import live_processes
 from slsrec import health, local
 from slsrec.chaos import Chaos, _Stream
 
@@ -94,22 +95,11 @@ def test_malformed_input_is_dead_lettered_and_valid_events_all_recommended(chaos
 
 def _children(pid: int) -> list[int]:
     """Live (not zombie) child processes of ``pid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [p for p, parent, _ in live_processes() if parent == pid]
 
 
 def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return any(p == pid for p, _, _ in live_processes())
 
 
 def _wait(predicate, timeout_s: float) -> bool:

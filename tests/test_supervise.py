@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from conftest import live_processes
 from slsrec import local
 from slsrec.supervise import NO_RESTART, Supervisor
 
@@ -39,14 +39,7 @@ def _wait(predicate, timeout_s: float = 20.0) -> bool:
 
 def _group_alive(pgid: int) -> bool:
     """A live (not zombie) process in process group ``pgid``: /proc, as zombies still count for killpg."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return any(group == pgid for _, _, group in live_processes())
 
 
 def test_a_killed_child_is_restarted_and_stop_ends_its_whole_group(tmp_path):

@@ -476,7 +476,7 @@ class Recommender:
         self.stats.recommendations += len(wave.rows)
         self.stats.cold_starts += sum(cold)
         # degraded: whether a user has a vector is unknown, so no cold-start signal
-        for i, alert in self._watch(wave, clicks, tops, alphas, no_long, [None if self.degraded else c for c in cold]):
+        for i, alert in self._watch(wave, clicks, tops, alphas, no_long, [None] * len(cold) if self.degraded else cold):
             out[i].append(alert)
 
     def _watch(self, wave: Wave, clicks: Sequence[tuple[Click, Origin]], tops: list[list[int]],

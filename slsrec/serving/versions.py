@@ -10,7 +10,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-
 from schemas.drift import HealthEvent
 from slsrec.breaker import CircuitBreaker
 from slsrec.checkpoint import CONFIG, WEIGHTS, load_run
