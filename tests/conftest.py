@@ -16,6 +16,7 @@ or anyone else are never stopped.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +168,13 @@ def live_processes() -> list[tuple[int, int, int]]:
         if fields[0] != "Z":
             found.append((int(stat.parent.name), int(fields[1]), int(fields[2])))
     return found
+
+
+def wait_until(predicate, timeout_s: float = 20.0) -> bool:
+    """Whether ``predicate()`` became true within ``timeout_s`` (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import live_processes
+from conftest import live_processes, wait_until
 from slsrec import health, local
 from slsrec.chaos import Chaos, _Stream
 
@@ -102,23 +102,14 @@ def _alive(pid: int) -> bool:
     return any(p == pid for p, _, _ in live_processes())
 
 
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _start_cluster(chaos: Chaos, topics, tmp_path: Path) -> tuple[subprocess.Popen, list[int], object]:
     settings = topics.model_copy(update={"recovery_dir": tmp_path / "recovery", "health_dir": tmp_path / "health"})
     env = {**os.environ, **settings.to_env(), "OMP_NUM_THREADS": "1"}
     parent = subprocess.Popen([sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--processes",
                                "2", "--run", str(chaos.run_dir)], env=env, stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "flow.log", "wb"), start_new_session=True)
-    ready = _wait(lambda: health.probe(settings.health_dir, 30, ready=True)[0]
-                  and len(list(settings.health_dir.glob("process-*.json"))) == 2, 180)
+    ready = wait_until(lambda: health.probe(settings.health_dir, 30, ready=True)[0]
+                       and len(list(settings.health_dir.glob("process-*.json"))) == 2, 180)
     assert ready, (tmp_path / "flow.log").read_text()[-3000:]
     workers = _children(parent.pid)
     assert len(workers) == 2
@@ -132,7 +123,7 @@ def test_sigterm_stops_a_multi_process_flow_and_every_worker(chaos, tmp_path):
             t0 = time.monotonic()
             parent.send_signal(signal.SIGTERM)
             assert parent.wait(15) == 0  # a clean stop by signal is not an error
-            assert _wait(lambda: not any(_alive(w) for w in workers), 5)
+            assert wait_until(lambda: not any(_alive(w) for w in workers), 5)
             assert time.monotonic() - t0 < 15
             assert list(settings.health_dir.glob("process-*.json")) == []  # no one claims to be alive
         finally:
@@ -146,7 +137,7 @@ def test_kill_9_of_the_parent_takes_its_workers_along(chaos, tmp_path):
             parent.kill()
             parent.wait()
             # the kernel's parent-death signal: SIGTERM to each worker, which then stops cleanly
-            assert _wait(lambda: not any(_alive(w) for w in workers), 15), [w for w in workers if _alive(w)]
+            assert wait_until(lambda: not any(_alive(w) for w in workers), 15), [w for w in workers if _alive(w)]
         finally:
             for w in workers:
                 if _alive(w):

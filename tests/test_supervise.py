@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from conftest import live_processes
+from conftest import live_processes, wait_until
 from slsrec import local
 from slsrec.supervise import NO_RESTART, Supervisor
 
@@ -28,15 +28,6 @@ def _pids(path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
-def _wait(predicate, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _group_alive(pgid: int) -> bool:
     """A live (not zombie) process in process group ``pgid``: /proc, as zombies still count for killpg."""
     return any(group == pgid for _, _, group in live_processes())
@@ -46,15 +37,15 @@ def test_a_killed_child_is_restarted_and_stop_ends_its_whole_group(tmp_path):
     pids = tmp_path / "pids"
     sup = Supervisor([sys.executable, "-c", CHILD, str(pids)], restart_s=0.05)
     sup.start()
-    assert _wait(lambda: len(_pids(pids)) == 1)
+    assert wait_until(lambda: len(_pids(pids)) == 1)
     first = _pids(pids)[0]
     os.kill(first, signal.SIGKILL)
-    assert _wait(lambda: sup.poll() is None and len(_pids(pids)) == 2)
+    assert wait_until(lambda: sup.poll() is None and len(_pids(pids)) == 2)
     assert sup.restarts == 1 and sup.pid == _pids(pids)[1] != first
-    assert _wait(lambda: not _group_alive(first), 5.0)  # the killed child's own child went with it
+    assert wait_until(lambda: not _group_alive(first), 5.0)  # the killed child's own child went with it
     pgid = sup.pid
     sup.stop()
-    assert _wait(lambda: not _group_alive(pgid), 5.0)  # the grandchild too
+    assert wait_until(lambda: not _group_alive(pgid), 5.0)  # the grandchild too
     assert sup.poll() is not None  # stopped on purpose: no restart
 
 
