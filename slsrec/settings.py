@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     # Redis: the URL may carry a password (redis://:pw@host) or TLS (rediss://), so it is secret.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    redis_cache_ttl_s: float = Field(5.0, ge=0)  # how stale a cached long-term vector may be
+    redis_cache_ttl_s: float = Field(5.0, ge=0)  # how stale the current version id and a cached absence may be
     # The flow's deadline per Redis call: past it the batch is served without Redis (degraded, flagged)
     # rather than waiting; a healthy local round trip is well under 1 ms.
     redis_timeout_ms: int = Field(50, ge=1)

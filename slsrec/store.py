@@ -490,19 +490,22 @@ def _check_vectors(vectors: Mapping[str, LongTerm]) -> int:
 
 
 class CachedLongTerm:
-    """A TTL cache in front of :meth:`LongTermStore.get_many`, for the flow's hot path.
+    """A cache in front of :meth:`LongTermStore.get_many`, for the flow's hot path.
 
     Entries are keyed by (version, user_id), so a version switch never serves a stale version's
-    entry; ``ttl_s`` bounds how long a newly published user may still look cold. Misses of one call
-    are fetched in one round trip. An entry past its TTL is kept (until ``maxsize`` pushes it out)
-    for :meth:`stale`, what the flow serves while Redis does not answer.
+    entry. A published version's vectors never change (:meth:`LongTermStore.publish` writes a whole
+    version before switching to it), so a cached vector is served until ``maxsize`` pushes it out:
+    Redis is asked only for users it has not seen. A known absence (a cold user) expires after
+    ``ttl_s``, which bounds how long a user may still look cold. Misses of one call are fetched in
+    one round trip. Every entry, however old, is also kept for :meth:`stale`, what the flow serves
+    while Redis does not answer.
 
     Parameters
     ----------
     store
         Anything with ``get_many(version, user_ids)``.
     ttl_s
-        Seconds an entry (a vector or a known absence) is served from memory.
+        Seconds a known absence is served from memory.
     maxsize
         Entries kept at most; the least recently used go first.
     clock
@@ -530,7 +533,7 @@ class CachedLongTerm:
         fresh_after = self.clock() - self.ttl_s
         for i, u in enumerate(user_ids):
             at, v = self._cache.get((version, u), _EXPIRED)
-            if at > fresh_after:
+            if v is not None or at > fresh_after:
                 out.append(v)
                 self.hits += 1
             else:
@@ -545,6 +548,10 @@ class CachedLongTerm:
                 for i in positions:
                     out[i] = v
         return out
+
+    def clear(self) -> None:
+        """Forget every entry: a Redis restarted empty may hold other vectors under the same version ids."""
+        self._cache.clear()
 
     def stale(self, version: str, user_ids: Sequence[str]) -> list[LongTerm | None]:
         """The entries in memory, however old, without asking the store; ``None`` where there is none."""

@@ -75,3 +75,15 @@ def test_a_version_gone_from_redis_degrades_and_the_next_publish_restores(store)
     assert version == restored and entries[1] is not None
     assert [(type(e), e.state) for e in reader.take_events()] == [(HealthEvent, "recovered")]
     assert reader.degraded_reason is None
+
+
+@pytest.mark.integration
+def test_a_version_republished_under_the_same_id_serves_its_new_vectors(store):
+    v = store.publish("v5", {"u1": entry(1)}).version
+    reader = LongTermReader(store, ttl_s=0.0, version=v, worker_id="w0")
+    assert np.array_equal(reader(["u1"])[1][0].vector, entry(1).vector)  # cached from now on
+    plain = redis.Redis(local.REDIS.host, local.REDIS.port)
+    plain.delete(*plain.scan_iter(f"{store.prefix}:*"))  # Redis restarted empty ...
+    assert reader(["u1"])[2] is True
+    store.publish("v5", {"u1": entry(9)})  # ... and the same id published again, with other vectors
+    assert np.array_equal(reader(["u1"])[1][0].vector, entry(9).vector)

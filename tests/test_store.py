@@ -232,7 +232,7 @@ def test_bad_vectors_are_refused_before_anything_is_written(store):
     assert store.current_version() is None and store.versions() == []
 
 
-def test_cache_counts_hits_and_refreshes_after_ttl(store):
+def test_cache_keeps_vectors_and_refreshes_absences_after_ttl(store):
     v = store.publish(None, _vectors(3, 4, seed=0)).version
     cache = CachedLongTerm(store, ttl_s=0.3)
     first = cache.get_many(v, ["user-0", "user-1", "ghost", "user-0"])
@@ -248,6 +248,8 @@ def test_cache_counts_hits_and_refreshes_after_ttl(store):
     time.sleep(0.4)
     assert cache.get_many(v, ["ghost"]) == [None]  # v is still there (grace period) and has no ghost
     assert cache.misses == 6 and cache.hit_rate == 2 / 8
+    # A version's vectors never change: past the TTL a cached vector is still served without Redis.
+    assert cache.get_many(v, ["user-1"])[0] is first[1] and cache.misses == 6
 
 
 def test_secrets_stay_out_of_errors_logs_and_repr(protected_redis, caplog):

@@ -49,7 +49,7 @@ as a :class:`HealthEvent` (:meth:`take_events`).
     ----------
     store : LongTermStore
     ttl_s : float
-        How stale a cached vector (or the current version id) may be.
+        How stale the current version id, and a cached absence (a cold user), may be.
     run : str, optional
         The served run directory; versions whose ``meta["run"]`` names another run are not used.
     telemetry : Telemetry, optional
@@ -183,6 +183,8 @@ as a :class:`HealthEvent` (:meth:`take_events`).
 
     def _use(self, version: str) -> None:
         log.info("long-term vectors: version %s", version)
+        if self._lost is not None:  # Redis lost our version: what it holds now may differ under the same ids
+            self.cache.clear()
         self.version = version
         self._lost = None
         if self.telemetry is not None:
