@@ -6,7 +6,8 @@ Three phases on their own fresh topics, one flow worker process (``slsrec serve`
    (``--exit-at-end``); events/s = backlog / (last - first recommendation's Kafka timestamp).
 2. **Latency**: the flow tails the topic while events are produced at half that rate (or at
    ``--load-rate``); latency is a
-   recommendation's Kafka timestamp minus its event's ``ts`` (set when the event is produced).
+   recommendation's Kafka timestamp minus its event's ``ts`` (set when the event is produced). The
+   flow's CPU meanwhile gives its events per CPU second under load, where micro-batches are small.
 3. **Naive**: the backlog's first events through a per-event loop (one Redis read and one model
    call per event, no micro-batching, no cache), from Kafka to Kafka, in this process.
 
@@ -60,6 +61,7 @@ class BenchResult:
     flow_events_per_s: float
     flow_events_per_cpu_s: float  # per CPU second of the flow process (start-up excluded)
     load_events_per_s: float  # the paced load of the latency phase
+    load_events_per_cpu_s: float  # ... per CPU second of the flow meanwhile: what small micro-batches cost
     latency_events: int
     p50_ms: float
     p99_ms: float
@@ -120,9 +122,10 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         flow = _run_flow(s2, run_dir, Path(tmp) / "rec2", exit_at_end=False)
         try:
             _wait_until_serving(s2, users[0], items[0])
-            start_ms = int(time.time() * 1000)
+            start_ms, cpu0 = int(time.time() * 1000), _process_cpu(flow.pid)
             sent = _paced(s2, _events(users, items, int(rate * latency_s), rng), rate)
             at, lat = _latencies(s2, sent + 1, start_ms)
+            load_cpu = _process_cpu(flow.pid) - cpu0
         finally:
             flow.terminate()
             flow.wait(60)
@@ -133,7 +136,7 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
         machine=f"{platform.machine()}, {os.cpu_count()} cores, {machine()['cpu']}",
         model=f"{loaded.name} n_items={len(items)} n_users={len(users)} d={d} ({run_dir.name})",
         events=events, flow_events_per_s=flow_eps, flow_events_per_cpu_s=events / max(busy_cpu - idle_cpu, 1e-3),
-        load_events_per_s=rate, latency_events=len(warm),
+        load_events_per_s=rate, load_events_per_cpu_s=sent / max(load_cpu, 1e-3), latency_events=len(warm),
         p50_ms=float(np.percentile(warm, 50)), p99_ms=float(np.percentile(warm, 99)), max_ms=float(warm.max()),
         worst_seconds=worst_seconds(at, warm),
         naive_events=min(naive_events, events), naive_events_per_s=naive_eps,
@@ -149,6 +152,7 @@ def report(results: list[BenchResult], sessions: list[dict] | None = None) -> st
     cols = [("events/s", lambda x: f"{x.flow_events_per_s:,.0f}"),
             ("events per CPU s", lambda x: f"{x.flow_events_per_cpu_s:,.0f}"),
             ("load events/s", lambda x: f"{x.load_events_per_s:,.0f}"),
+            ("under load, events per CPU s", lambda x: f"{x.load_events_per_cpu_s:,.0f}"),
             ("p50 ms", lambda x: f"{x.p50_ms:.1f}"), ("p99 ms", lambda x: f"{x.p99_ms:.1f}"),
             ("max ms", lambda x: f"{x.max_ms:.0f}"), ("worst second p99 ms", lambda x: f"{x.worst_seconds[0][1]:.0f}"),
             ("naive events/s", lambda x: f"{x.naive_events_per_s:,.0f}"), ("ratio", lambda x: f"{x.ratio:.1f}x"),
@@ -182,7 +186,7 @@ def _median(results: list[BenchResult]) -> BenchResult:
     r = results[0]
     return BenchResult(
         r.machine, r.model, r.events, med(lambda x: x.flow_events_per_s), med(lambda x: x.flow_events_per_cpu_s),
-        med(lambda x: x.load_events_per_s), r.latency_events, med(lambda x: x.p50_ms), med(lambda x: x.p99_ms),
+        med(lambda x: x.load_events_per_s), med(lambda x: x.load_events_per_cpu_s), r.latency_events, med(lambda x: x.p50_ms), med(lambda x: x.p99_ms),
         med(lambda x: x.max_ms), r.naive_events, med(lambda x: x.naive_events_per_s),
         (min(x.load_average[0] for x in results), max(x.load_average[1] for x in results)), r.latency_s,
         r.snapshot_interval_s, [(0, med(lambda x: x.worst_seconds[0][1]))], r.fixed_load)
@@ -262,6 +266,13 @@ def _child_cpu(fn) -> float:
     fn()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) that a running process has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _consumer(settings: Settings, topic: str) -> Consumer:

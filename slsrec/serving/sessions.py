@@ -49,7 +49,7 @@ class Session:
     """
 
     __slots__ = ("user_id", "start_ts", "last_ts", "slot", "seg_len", "log", "ids", "seen", "last_top",
-                 "model_version")
+                 "model_version", "long_part")
 
     def __init__(self, user_id: str, start_ts: int, last_ts: int, slot: int, seg_len: int = 0,
                  log: bytearray | None = None, ids: array | None = None, seen: array | None = None,
@@ -64,6 +64,7 @@ class Session:
         self.seen = array("q") if seen is None else seen  # indices of the session's known items
         self.last_top = array("q") if last_top is None else last_top  # item indices recommended at the previous event
         self.model_version = model_version  # the model that encoded the state; another one re-encodes it first
+        self.long_part = None  # the recommender's cache of its long-term vector (derived: not snapshotted)
 
     def record(self, event_id: str | int, item_id: str, ts: int, event_type: str) -> None:
         """Append an event; ``event_id`` may be given as its :func:`event_hash` already."""
