@@ -337,6 +337,7 @@ class Recommender:
                     seen.append(idx)
                 prev = ts if prev is None else max(prev, ts)
             s.seen, s.seg_len, s.model_version = array("q", seen), len(seg), self.model_version
+            s.saved = None  # `seen` is replaced: the next snapshot writes the session whole
             s.last_top = array("q")  # indices of the old model's items: the next event goes unscored
             table.states[s.slot] = self._init_state
             segments.append(seg)

@@ -49,7 +49,7 @@ class Session:
     """
 
     __slots__ = ("user_id", "start_ts", "last_ts", "slot", "seg_len", "log", "ids", "seen", "last_top",
-                 "model_version", "long_part")
+                 "model_version", "long_part", "saved")
 
     def __init__(self, user_id: str, start_ts: int, last_ts: int, slot: int, seg_len: int = 0,
                  log: bytearray | None = None, ids: array | None = None, seen: array | None = None,
@@ -65,6 +65,7 @@ class Session:
         self.last_top = array("q") if last_top is None else last_top  # item indices recommended at the previous event
         self.model_version = model_version  # the model that encoded the state; another one re-encodes it first
         self.long_part = None  # the recommender's cache of its long-term vector (derived: not snapshotted)
+        self.saved: tuple[int, int, int] | None = None  # lengths of log, ids, seen already in the session log
 
     def record(self, event_id: str | int, item_id: str, ts: int, event_type: str) -> None:
         """Append an event; ``event_id`` may be given as its :func:`event_hash` already."""
@@ -122,7 +123,7 @@ class SessionTable:
     (array([1., 1.], dtype=float32), array([0., 0.], dtype=float32), ['u1', 'u2'])
     """
 
-    FORMAT: ClassVar[int] = 6
+    FORMAT: ClassVar[int] = 7
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
@@ -166,24 +167,44 @@ class SessionTable:
     def state(self, s: Session) -> np.ndarray:
         return self.states[s.slot]
 
-    def columns(self, sessions: Iterable[Session] | None = None) -> dict:
-        """``sessions`` (default: all, in table order) as columns: joined buffers, one state matrix."""
+    def columns(self, sessions: Iterable[Session] | None = None, tails: bool = False) -> dict:
+        """``sessions`` (default: all, in table order) as columns: joined buffers, one state matrix.
+
+        ``tails``: a session already written (:meth:`saved`) gives only what it appended since (its
+        row's ``append`` flag is 1): a snapshot then costs the events of its epoch, not the whole
+        sessions they fall in."""
         ss = list(self.sessions.values() if sessions is None else sessions)
         versions = sorted({s.model_version or "" for s in ss})
         code = {v: k for k, v in enumerate(versions)}
+        ints, logs, ids, seen = [], [], [], []
+        for s in ss:  # one pass: this loop is the snapshot's stall
+            if tails and s.saved is not None:
+                a, b, c = s.saved
+                log, i, sn, append = s.log[a:], s.ids[b:], s.seen[c:], 1
+            else:
+                log, i, sn, append = s.log, s.ids, s.seen, 0
+            logs.append(log), ids.append(i), seen.append(sn)
+            ints.append((s.start_ts, s.last_ts, s.seg_len, code[s.model_version or ""], len(log), len(i), len(sn),
+                         len(s.last_top), append))
         return {
             "d": self.states.shape[1], "user_id": [s.user_id for s in ss], "versions": versions,
-            "ints": np.array([(s.start_ts, s.last_ts, s.seg_len, code[s.model_version or ""], len(s.log), len(s.ids),
-                               len(s.seen), len(s.last_top)) for s in ss], dtype=np.int64).reshape(-1, 8),
+            "ints": np.array(ints, dtype=np.int64).reshape(-1, 9),
             "state": self.states[[s.slot for s in ss]],  # (n, d): one array, not n
             # memcpy, not objects: every session's log, event id hashes, known and recommended items, concatenated
-            "log": b"".join(s.log for s in ss), "ids": b"".join(s.ids for s in ss), "seen": b"".join(s.seen for s in ss),
+            "log": b"".join(logs), "ids": b"".join(ids), "seen": b"".join(seen),
             "last_top": b"".join(s.last_top for s in ss),
         }
 
+    @staticmethod
+    def saved(sessions: Iterable[Session]) -> None:
+        """Mark what these sessions hold as written: :meth:`columns` with ``tails`` gives only what follows."""
+        for s in sessions:
+            s.saved = (len(s.log), len(s.ids), len(s.seen))
+
     def apply(self, c: dict, deleted: Iterable[str] = ()) -> None:
-        """Put the sessions of :meth:`columns` into the table (replacing those of the same users, which
-        become the most recent), and drop the sessions of ``deleted``."""
+        """Put the sessions of :meth:`columns` into the table (replacing those of the same users, or
+        appending to them for rows flagged ``append``; either way they become the most recent), and
+        drop the sessions of ``deleted``."""
         for user in deleted:
             if user in self.sessions:
                 self.close(self.sessions[user])
@@ -195,14 +216,28 @@ class SessionTable:
             at[name] += length
             return part
 
-        for j, (start, last, seg_len, version, n_log, n_ids, n_seen, n_top) in enumerate(c["ints"].tolist()):
+        rows = c["ints"].tolist()
+        for j, (start, last, seg_len, version, n_log, n_ids, n_seen, n_top, append) in enumerate(rows):
             user = c["user_id"][j]
-            if user in self.sessions:
-                self.close(self.sessions[user])
-            s = self.open(user, start, c["state"][j], c["versions"][version] or None)
-            s.last_ts, s.seg_len, s.log = last, seg_len, bytearray(take("log", n_log, 1))
-            s.ids, s.seen = array("q", take("ids", n_ids, size)), array("q", take("seen", n_seen, size))
+            if append:
+                s = self.sessions.get(user)
+                if s is None:
+                    raise CheckpointError(f"the session log appends to the session of {user!r}, which it never wrote")
+                self.touch(s)
+                s.model_version = c["versions"][version] or None
+                self.states[s.slot] = c["state"][j]
+                s.log += take("log", n_log, 1)
+                s.ids.frombytes(take("ids", n_ids, size))
+                s.seen.frombytes(take("seen", n_seen, size))
+            else:
+                if user in self.sessions:
+                    self.close(self.sessions[user])
+                s = self.open(user, start, c["state"][j], c["versions"][version] or None)
+                s.log = bytearray(take("log", n_log, 1))
+                s.ids, s.seen = array("q", take("ids", n_ids, size)), array("q", take("seen", n_seen, size))
+            s.last_ts, s.seg_len = last, seg_len
             s.last_top = array("q", take("last_top", n_top, size))
+        self.saved(self.sessions[c["user_id"][j]] for j in range(len(rows)))
 
     def __getstate__(self) -> dict:
         return self.columns()
@@ -227,9 +262,10 @@ def _fsync(path: Path) -> None:
 class SessionLog:
     """A shard's sessions on disk, for recovery: a full base, then per snapshot only what changed.
 
-    Each :meth:`write` appends one record to the current file: the sessions opened or changed since
-    the previous write, and the users whose session closed (``SessionTable.changed``). So a snapshot
-    costs what changed in its epoch, not what is open. When the deltas outgrow ``rebase_bytes`` (and
+    Each :meth:`write` appends one record to the current file: the sessions opened since the previous
+    write, what the others appended since (their new events; their state and last ranking whole), and
+    the users whose session closed (``SessionTable.changed``). So a snapshot costs the events of its
+    epoch, not what is open, nor how long the sessions they fall in have grown. When the deltas outgrow ``rebase_bytes`` (and
     twice the base), the next write starts a new file with a full base; the file before the previous
     one is then deleted.
 
@@ -247,8 +283,9 @@ class SessionLog:
     >>> mark = log.write(t)  # the base: 3 sessions
     >>> t.sessions["b"].record("e2", "i2", 6, "view"); t.changed.add("b"); t.close(t.sessions["c"])
     >>> mark2 = log.write(t)  # a delta: b changed, c closed
-    >>> log.last_record["upserts"]["user_id"], log.last_record["deleted"]
-    (['b'], ['c'])
+    >>> up = log.last_record["upserts"]
+    >>> up["user_id"], len(up["ids"]) // 8, log.last_record["deleted"]  # b's new event only
+    (['b'], 1, ['c'])
     >>> [(u, s.events) for u, s in SessionLog.resume(log.directory, *mark2).table.sessions.items()]
     [('a', [('i1', 5, 'view')]), ('b', [('i1', 5, 'view'), ('i2', 6, 'view')])]
     >>> sorted(SessionLog.resume(log.directory, *mark).table.sessions)  # an older snapshot: the tail is cut
@@ -285,7 +322,7 @@ class SessionLog:
         else:
             changed = [table.sessions[u] for u in table.changed if u in table.sessions]
             changed.sort(key=lambda s: s.last_ts)  # the table's order after a replay: by last event
-            record = {"base": False, "upserts": table.columns(changed),
+            record = {"base": False, "upserts": table.columns(changed, tails=True),
                       "deleted": sorted(u for u in table.changed if u not in table.sessions)}
         upserts = {**record["upserts"], **{k: pickle.PickleBuffer(record["upserts"][k]) for k in self.BLOBS}}
         buffers: list[pickle.PickleBuffer] = []
@@ -305,6 +342,7 @@ class SessionLog:
         self._size += self.last_bytes
         self._base_size = self._size if record["base"] else self._base_size
         self.last_record = record
+        table.saved(table.sessions.values() if record["base"] else changed)
         table.changed.clear()
         return self.lineage, self.file_no, self.seq
 
