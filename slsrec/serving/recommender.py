@@ -90,12 +90,11 @@ class Fused(NamedTuple):
 
 
 class LongPart(NamedTuple):
-    """A session's long-term vector (``long_vector`` of its long-term input), and what it came from."""
+    """What a session's row of ``SessionTable.longs`` (its long-term vector) was computed from."""
 
     long: LongTerm | None  # the published state (by identity: the long-term cache hands out one object per user)
     key: tuple[int, str]  # (closed items of the session, model version)
-    vector: np.ndarray  # (d,)
-    has: bool  # False: no long-term input (cold)
+    has: bool  # False: no long-term input (cold), the row is zero
 
 
 class Origin(NamedTuple):
@@ -514,22 +513,22 @@ class Recommender:
                         a.mean_after, a.n_seen)
         return [(wave.rows[n], a) for n, a in alerts]
 
-    def _long_vectors(self, sessions: list[Session], longs: list[LongTerm | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _long_vectors(self, table: SessionTable, sessions: list[Session],
+                      longs: list[LongTerm | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's long-term vector and whether it has one, (B, d) and (B,): ``long_vector`` of
         :meth:`_long_state`. That changes only with the published state, the session's closed items
-        (at a segment boundary) or the model, so each session keeps its own (:class:`LongPart`) and
-        only the rows where one of those changed are computed."""
+        (at a segment boundary) or the model, so the table keeps it per session (``longs``, with a
+        :class:`LongPart`) and only the rows where one of those changed are computed."""
         keys = [(len(s.seen) - s.seg_len, self.model_version) for s in sessions]
         stale = [j for j, s in enumerate(sessions)
                  if (part := s.long_part) is None or part.long is not longs[j] or part.key != keys[j]]
         if stale:
             long, has = self.model.long_vector(self._long_state([sessions[j] for j in stale], [longs[j] for j in stale]))
-            vectors, flags = long.cpu().numpy(), has.tolist()  # (b, d), (b,)
-            for r, j in enumerate(stale):  # a copy: a view would keep the whole batch's array alive
-                sessions[j].long_part = LongPart(longs[j], keys[j], vectors[r].copy(), flags[r])
-        parts = [s.long_part for s in sessions]
-        return (torch.from_numpy(np.array([p.vector for p in parts])).to(self.device),  # 3x faster than np.stack
-                torch.tensor([p.has for p in parts], device=self.device))
+            table.longs[[sessions[j].slot for j in stale]] = long.cpu().numpy()  # (b, d)
+            for j, flag in zip(stale, has.tolist()):
+                sessions[j].long_part = LongPart(longs[j], keys[j], flag)
+        return (torch.from_numpy(table.longs[[s.slot for s in sessions]]).to(self.device),
+                torch.tensor([s.long_part.has for s in sessions], device=self.device))
 
     def _long_state(self, sessions: list[Session], longs: list[LongTerm | None]) -> LongState:
         """Each row's long-term input: the published state, with the session's closed segments folded in
@@ -558,7 +557,7 @@ class Recommender:
     def _fuse(self, table: SessionTable, wave: Wave) -> Fused:
         state = torch.from_numpy(table.states[[s.slot for s in wave.sessions]]).to(self.device)  # (B, d)
         short = self.model.short_vector(state)  # (B, d)
-        long, has_long = self._long_vectors(wave.sessions, wave.longs)  # (B, d), (B,)
+        long, has_long = self._long_vectors(table, wave.sessions, wave.longs)  # (B, d), (B,)
         seg_len = torch.tensor([s.seg_len for s in wave.sessions], device=self.device)  # (B,)
         dt = torch.tensor(wave.dts, device=self.device)  # (B,)
         users, alpha = self.model.fuse(long, short, seg_len, dt, has_long=has_long)

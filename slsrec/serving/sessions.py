@@ -64,7 +64,7 @@ class Session:
         self.seen = array("q") if seen is None else seen  # indices of the session's known items
         self.last_top = array("q") if last_top is None else last_top  # item indices recommended at the previous event
         self.model_version = model_version  # the model that encoded the state; another one re-encodes it first
-        self.long_part = None  # the recommender's cache of its long-term vector (derived: not snapshotted)
+        self.long_part = None  # what its row of the table's `longs` was computed from (None: nothing yet)
         self.saved: tuple[int, int, int] | None = None  # lengths of log, ids, seen already in the session log
 
     def record(self, event_id: str | int, item_id: str, ts: int, event_type: str) -> None:
@@ -128,6 +128,9 @@ class SessionTable:
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
         self.states = np.zeros((0, 0), np.float32)  # (capacity, d)
+        # (capacity, d): the recommender's cache of each session's long-term vector (`Session.long_part`
+        # says what it was computed from); derived, so never snapshotted
+        self.longs = np.zeros((0, 0), np.float32)
         # Users whose session opened, closed or changed (the recommender adds every micro-batch's) since
         # the last `SessionLog.write`.
         self.changed: set[str] = set()
@@ -143,12 +146,14 @@ class SessionTable:
         """A new session for ``user_id`` (whose previous one is closed already), starting at ``state``."""
         if self.states.shape[1] != state.shape[0]:  # the first session, or a model of another width
             self.states = np.zeros((max(64, len(self.sessions)), state.shape[0]), np.float32)
+            self.longs = np.zeros_like(self.states)
             self._free = list(range(len(self.states)))[::-1]
             for s in self.sessions.values():  # their states are re-encoded by the new model anyway
                 s.slot = self._free.pop()
         if not self._free:
             n = len(self.states)
             self.states = np.concatenate([self.states, np.zeros_like(self.states)])  # doubling
+            self.longs = np.concatenate([self.longs, np.zeros_like(self.longs)])
             self._free = list(range(2 * n - 1, n - 1, -1))
         s = self.sessions[user_id] = Session(user_id, ts, ts, self._free.pop(), model_version=model_version)
         self.states[s.slot] = state
