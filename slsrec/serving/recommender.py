@@ -132,14 +132,15 @@ def top_k_blocked(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     The best ``k`` items lie in the ``k`` blocks with the highest maxima (each block holding one of
     them has a maximum at least the k-th score, and at most ``k`` blocks do), so a top-k over block
     maxima and one over those blocks' items replace the top-k over all items: about 2x faster on a
-    CPU for 3,706 items.
+    CPU for 3,706 items, from about 8 rows (below, the three extra calls cost more: 19 against 7 µs
+    for one row).
 
-    >>> s = torch.randn(4, 96)
-    >>> all(torch.equal(a, b) for a, b in zip(top_k_blocked(s, 5), torch.topk(s, 5, dim=1)))
+    >>> s = torch.randn(9, 96)
+    >>> all(torch.equal(a, b) for a, b in zip(top_k_blocked(s, 2), torch.topk(s, 2, dim=1)))
     True
     """
     b, n = scores.shape
-    if k * TOP_BLOCK >= n:
+    if k * TOP_BLOCK >= n or b < 8:
         top = torch.topk(scores, k, dim=1)
         return top.values, top.indices
     blocks = scores.view(b, n // TOP_BLOCK, TOP_BLOCK)  # (B, n_blocks, TOP_BLOCK)
