@@ -175,7 +175,7 @@ class SessionTable:
     def columns(self, sessions: Iterable[Session] | None = None, tails: bool = False) -> dict:
         """``sessions`` (default: all, in table order) as columns: joined buffers, one state matrix.
 
-        ``tails``: a session already written (:meth:`saved`) gives only what it appended since (its
+        ``tails``: a session already written (:meth:`mark_saved`) gives only what it appended since (its
         row's ``append`` flag is 1): a snapshot then costs the events of its epoch, not the whole
         sessions they fall in."""
         ss = list(self.sessions.values() if sessions is None else sessions)
@@ -201,7 +201,7 @@ class SessionTable:
         }
 
     @staticmethod
-    def saved(sessions: Iterable[Session]) -> None:
+    def mark_saved(sessions: Iterable[Session]) -> None:
         """Mark what these sessions hold as written: :meth:`columns` with ``tails`` gives only what follows."""
         for s in sessions:
             s.saved = (len(s.log), len(s.ids), len(s.seen))
@@ -221,8 +221,8 @@ class SessionTable:
             at[name] += length
             return part
 
-        rows = c["ints"].tolist()
-        for j, (start, last, seg_len, version, n_log, n_ids, n_seen, n_top, append) in enumerate(rows):
+        written = []
+        for j, (start, last, seg_len, version, n_log, n_ids, n_seen, n_top, append) in enumerate(c["ints"].tolist()):
             user = c["user_id"][j]
             if append:
                 s = self.sessions.get(user)
@@ -242,7 +242,8 @@ class SessionTable:
                 s.ids, s.seen = array("q", take("ids", n_ids, size)), array("q", take("seen", n_seen, size))
             s.last_ts, s.seg_len = last, seg_len
             s.last_top = array("q", take("last_top", n_top, size))
-        self.saved(self.sessions[c["user_id"][j]] for j in range(len(rows)))
+            written.append(s)
+        self.mark_saved(written)
 
     def __getstate__(self) -> dict:
         return self.columns()
@@ -347,7 +348,7 @@ class SessionLog:
         self._size += self.last_bytes
         self._base_size = self._size if record["base"] else self._base_size
         self.last_record = record
-        table.saved(table.sessions.values() if record["base"] else changed)
+        table.mark_saved(table.sessions.values() if record["base"] else changed)
         table.changed.clear()
         return self.lineage, self.file_no, self.seq
 
