@@ -64,7 +64,7 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
     heartbeat.beat("starting")  # then "serving" (or "degraded") every second, from the flow's own tick step
     rec = open_recommender(settings, run, telemetry, worker_id=str(process_id or 0))
     flow = get_flow(settings, rec, tail=tail, workers=len(addresses or [None]), telemetry=telemetry,
-                    heartbeat=heartbeat, worker=process_id or 0)
+                    heartbeat=heartbeat)
     # The hot path allocates many short-lived objects next to a large, long-lived heap (the model,
     # the sessions): freeze what exists and collect young objects less often. Measured: about 2x
     # events per CPU second (docs/benchmarks.md).

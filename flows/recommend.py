@@ -11,8 +11,7 @@ see :class:`slsrec.serving.recommender.Recommender`), with a sweep that closes i
 serialised once per batch -> ``recommendations`` (key user_id), ``sessions``, ``clicks.dlq`` and
 ``drift`` (a :class:`schemas.drift.DriftAlert` when a worker's River detector fires, a
 :class:`schemas.drift.HealthEvent` when it enters or leaves degraded mode; key worker id),
-one producer per worker for all four (its own sink partition; a poll's dead letters go to a shard by
-a hash of their bytes).
+one producer for all four.
 
 **Versions.** Without ``--run`` the flow follows the published versions: when ``slsrec:current``
 moves to a newer version, its model loads in the background and then replaces the served one
@@ -24,9 +23,7 @@ the new model from the item ids they hold, each at its user's next event
 input offsets and every shard's sessions to SQLite under ``settings.recovery_dir`` every
 ``settings.snapshot_interval_s``. A restart resumes from the last snapshot, so the events after it
 are processed again: their recommendations (and a session closed in that window) may be produced
-twice. Every recommendation names its causing ``event_id``; consumers de-duplicate on it. The sink
-does not wait for the broker after each write; it flushes at the end of each epoch, before the
-epoch's snapshot commits (:mod:`flows.kafka_sink`).
+twice. Every recommendation names its causing ``event_id``; consumers de-duplicate on it.
 
 **Scaling**: see :mod:`flows.cluster`.
 """
@@ -34,7 +31,6 @@ epoch's snapshot commits (:mod:`flows.kafka_sink`).
 from __future__ import annotations
 
 import re
-import zlib
 from datetime import timedelta
 from functools import partial
 from typing import NamedTuple
@@ -82,12 +78,6 @@ def dead_letters_of(batch: DecodedPoll) -> list[DeadLetter] | None:
     return batch.dead or None
 
 
-def any_shard(keys: list[str], dead: list[DeadLetter]) -> str:
-    """A shard for a poll's dead letters, whose user may be unreadable: a hash of their bytes spreads
-    them over the workers' sink partitions."""
-    return keys[zlib.crc32(dead[0].raw) % len(keys)]
-
-
 def count_events(telemetry: Telemetry, step_id: str, records: list[Record]) -> None:
     telemetry.events_in.add(len(records))
 
@@ -125,17 +115,15 @@ def get_flow(
     workers: int = 1,
     telemetry: Telemetry | None = None,
     heartbeat: Heartbeat | None = None,
-    worker: int = 0,
 ) -> Dataflow:
     """Build the flow. Tests inject Bytewax testing sources/sinks; by default both ends are Kafka.
 
     An injected source yields lists of :class:`flows.kafka_source.Record` (one poll each); an
-    injected sink receives ``(shard key, [Message(topic, key, JSON value), ...])``, as the Kafka sink
-    would (:class:`flows.kafka_sink.KafkaBatchSink`). ``tail=False`` stops at the end of the topic (a backfill, a benchmark, a
+    injected sink receives lists of :class:`flows.kafka_sink.Message` (topic, key, JSON value), as the
+    Kafka producer would. ``tail=False`` stops at the end of the topic (a backfill, a benchmark, a
     bounded test) instead of waiting for new events. ``workers`` (of the whole cluster) sets the
     shards: one per worker, holding the sessions of its users; changing it between runs splits the
-    sessions open at the restart (their old shards close them when idle). ``worker``: this process's
-    worker index (one worker per process), whose outputs its own sink partition writes.
+    sessions open at the restart (their old shards close them when idle).
     ``heartbeat``: beaten at every poll of the Kafka source (at most once a second), so that it stops
     when the worker is stuck (e.g. waiting on a blocked sink), not only when the process dies.
     """
@@ -152,18 +140,18 @@ def get_flow(
     # list[DeadLetter]
     if telemetry is not None:
         op.inspect("count_invalid", dead_in, partial(count_dead_letters, telemetry))
-    keys = shard_keys(workers)
-    keyed = op.flat_map("split_by_shard", op.map("clicks", decoded, clicks_of), partial(split_by_shard, keys))
+    keyed = op.flat_map("split_by_shard", op.map("clicks", decoded, clicks_of),
+                        partial(split_by_shard, shard_keys(workers)))
     # (shard, [(Click, Origin)])
     timeout = timedelta(milliseconds=settings.batch_timeout_ms)
     logic = partial(ShardLogic, recommender, settings.batch_size, timeout, sweep, settings.recovery_dir / "sessions")
     shards = op.stateful_batch("sessions_and_recommend", keyed, logic)
     # (shard, [Recommendation | DeadLetter | SessionClosed | DriftAlert])
-    outputs = op.merge("outputs", shards, op.key_on("dead_letters_to_a_shard", dead_in, partial(any_shard, keys)))
-    # (shard, [Recommendation | DeadLetter | SessionClosed | DriftAlert])
-    messages = op.map_value("serialize", outputs, partial(to_messages, settings))
-    # (shard, [Message(topic, key, JSON)])
-    op.output("kafka_out", messages, sink or KafkaBatchSink(settings.kafka_config(), keys, worker))
+    outputs = op.merge("outputs", op.key_rm("unkey", shards), dead_in)
+    # [Recommendation | DeadLetter | SessionClosed | DriftAlert]
+    messages = op.map("serialize", outputs, partial(to_messages, settings))
+    # [Message(topic, key, JSON)]
+    op.output("kafka_out", messages, sink or KafkaBatchSink(settings.kafka_config()))
     return flow
 
 

@@ -95,7 +95,7 @@ def run(model, messages, batch_size=64, recovery=None, telemetry=None, drift=Non
     contract = {settings.topic_recommendations: Recommendation, settings.topic_dlq: DeadLetter,
                 settings.topic_sessions: SessionClosed, settings.topic_drift: DriftAlert}
     read = {topic: [] for topic in contract}
-    for m in (m for _, batch in batches for m in batch):
+    for m in (m for batch in batches for m in batch):
         record = contract[m.topic].model_validate_json(m.value)
         assert m.key == (None if m.topic == settings.topic_dlq else
                          record.worker_id.encode() if m.topic == settings.topic_drift else record.user_id.encode())
