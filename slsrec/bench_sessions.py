@@ -10,7 +10,9 @@ its peak RSS is its own:
   session, and the snapshots (:class:`slsrec.serving.sessions.SessionLog`, as
   ``flows.shards.ShardLogic.snapshot`` writes them): the full base written after opening, and the
   delta after the 50,000 events (an epoch of 10 s at 5,000 events/s), each the stall it puts into
-  the stream, and its size.
+  the stream, and its size. Then the cost of one micro-batch of 1, 4, 16, 64 and 512 events on
+  random open sessions, and its least-squares line: a fixed cost per micro-batch plus a cost per
+  event. The fixed part is what a paced stream pays most: its micro-batches are small.
 - **cap**: ``--users`` distinct users (1M by default) stream through one table with
   ``max_open_sessions`` set; reported: peak RSS, and the open sessions at the end (the cap).
 """
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,8 @@ import torch
 ML1M_USERS, ML1M_ITEMS = 6040, 3706
 STEADY_EVENTS = 50_000
 BATCH = 512
+MICRO_BATCHES = (1, 4, 16, 64, 512)  # sizes whose cost per micro-batch is measured
+MICRO_EVENTS = 8_000  # events per size (at least 20 micro-batches)
 
 
 def _rss_mb() -> float:
@@ -66,12 +71,15 @@ def one(open_sessions: int, cap: int | None) -> dict:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)  # as `slsrec serve`
 
-    def run(users: np.ndarray, tag: str) -> float:
+    def run(users: np.ndarray, tag: str, batch: int = BATCH) -> float:
+        """CPU µs per event of ``users``' events (one each, in order) in micro-batches of ``batch``."""
         item = rng.integers(1, ML1M_ITEMS + 1, len(users))
+        batches = [[click(f"{tag}{k + j}", f"user{u}", str(i), t0 + k + j)
+                    for j, (u, i) in enumerate(zip(users[k:k + batch].tolist(), item[k:k + batch].tolist()))]
+                   for k in range(0, len(users), batch)]  # made before the clock starts
         c0 = time.process_time()
-        for k in range(0, len(users), BATCH):
-            rec.process(table, [click(f"{tag}{k + j}", f"user{u}", str(i), t0 + k + j)
-                                for j, (u, i) in enumerate(zip(users[k:k + BATCH].tolist(), item[k:k + BATCH].tolist()))])
+        for b in batches:
+            rec.process(table, b)
         return (time.process_time() - c0) / len(users) * 1e6
 
     rss0 = _rss_mb()
@@ -84,8 +92,22 @@ def one(open_sessions: int, cap: int | None) -> dict:
         row["steady_us_per_event"] = run(rng.integers(0, open_sessions, STEADY_EVENTS), "s")
         row["delta_ms"], row["delta_mb"] = _timed_write(log, table)
         shutil.rmtree(log.directory)
+        per_call = [run(rng.integers(0, open_sessions, max(MICRO_EVENTS, 20 * b)), f"m{b}-", b) * b
+                    for b in MICRO_BATCHES]
+        row["micro_batch_us"] = per_call  # in the order of MICRO_BATCHES
+        row["fixed_us"], row["per_event_us"] = _line(MICRO_BATCHES, per_call)
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
+
+
+def _line(sizes: Sequence[int], per_call: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``fixed + per_event * size`` through (micro-batch size, µs per micro-batch).
+
+    >>> _line([1, 4, 16], [110.0, 140.0, 260.0])
+    (100.0, 10.0)
+    """
+    per_event, fixed = np.polyfit(sizes, per_call, 1)
+    return round(float(fixed), 6), round(float(per_event), 6)
 
 
 def _timed_write(log, table) -> tuple[float, float]:
@@ -117,6 +139,13 @@ def report(rows: list[dict], sizes: list[int], users: int, cap: int, load: tuple
                          f"{1e6 / r['steady_us_per_event']:,.0f} | {r['bytes_per_session']:,.0f} | "
                          f"{r['delta_ms']:,.0f} ({r['delta_mb']:.1f}) | {r['base_ms']:,.0f} ({r['base_mb']:.1f}) | "
                          f"{r['peak_rss_mb']:,.0f} |")
+    lines += ["", "cost of one micro-batch (CPU µs) on random open sessions, and its line: fixed + per event x size",
+              "", "| open sessions | " + " | ".join(f"{b} events" for b in MICRO_BATCHES)
+              + " | fixed per micro-batch | per event |", "|---" * (len(MICRO_BATCHES) + 3) + "|"]
+    for r in rows:
+        if r["cap"] is None:
+            lines.append(f"| {r['open_sessions']:,} | " + " | ".join(f"{us:,.0f}" for us in r["micro_batch_us"])
+                         + f" | {r['fixed_us']:,.0f} | {r['per_event_us']:.0f} |")
     capped = rows[-1]
     lines += ["", f"cap       {capped['users']:,} distinct users through one worker with max_open_sessions="
               f"{capped['cap']:,}: {capped['open_sessions']:,} open at the end, peak RSS {capped['peak_rss_mb']:,.0f} MB "
