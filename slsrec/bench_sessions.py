@@ -140,7 +140,7 @@ def report(rows: list[dict], sizes: list[int], users: int, cap: int, load: tuple
                          f"{r['delta_ms']:,.0f} ({r['delta_mb']:.1f}) | {r['base_ms']:,.0f} ({r['base_mb']:.1f}) | "
                          f"{r['peak_rss_mb']:,.0f} |")
     lines += ["", "cost of one micro-batch (CPU µs) on random open sessions, and its line: fixed + per event x size",
-              "", "| open sessions | " + " | ".join(f"{b} events" for b in MICRO_BATCHES)
+              "", "| open sessions | " + " | ".join(f"{b} event{'s' if b > 1 else ''}" for b in MICRO_BATCHES)
               + " | fixed per micro-batch | per event |", "|---" * (len(MICRO_BATCHES) + 3) + "|"]
     for r in rows:
         if r["cap"] is None:
