@@ -38,6 +38,7 @@ from bytewax.run import cli_main
 from flows.recommend import get_flow
 from slsrec.errors import CheckpointError, ServiceError
 from slsrec.health import Heartbeat
+from slsrec.serving.recommender import compute_threads
 from slsrec.serving.sessions import SessionTable
 from slsrec.serving.versions import open_recommender
 from slsrec.settings import Settings
@@ -74,8 +75,9 @@ def serve(settings: Settings, run: str | Path | None = None, *, processes: int =
     log.info("serving %s: %s -> %s (process %s of %s)", run or "the published version", settings.topic_clicks,
              settings.topic_recommendations, process_id or 0, len(addresses or [None]))
     try:
-        cli_main(flow, process_id=process_id, addresses=addresses, recovery_config=recovery_config,
-                 epoch_interval=timedelta(seconds=settings.snapshot_interval_s))
+        with compute_threads(settings.serve_threads):
+            cli_main(flow, process_id=process_id, addresses=addresses, recovery_config=recovery_config,
+                     epoch_interval=timedelta(seconds=settings.snapshot_interval_s))
     finally:
         heartbeat.stop()
         telemetry.shutdown()

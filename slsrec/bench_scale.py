@@ -180,7 +180,7 @@ def _worker(m) -> str:
 
 def _start(settings: Settings, run_dir: Path, n: int, recovery_dir: Path) -> subprocess.Popen:
     """`slsrec serve --processes n`, tailing, in its own process group (so that a kill reaches its workers)."""
-    env = {**os.environ, **settings.model_copy(update={"recovery_dir": recovery_dir}).to_env(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **settings.model_copy(update={"recovery_dir": recovery_dir}).to_env()}
     cmd = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--run", str(run_dir),
            "--processes", str(n)]
     with open(_log(recovery_dir), "a") as log:

@@ -44,7 +44,7 @@ from slsrec.codec import Click, to_model
 from slsrec.data import Vocab
 from slsrec.errors import ServiceError
 from slsrec.model import SLSRec, SLSRecConfig
-from slsrec.serving import Origin, Recommender, SessionTable
+from slsrec.serving import Origin, Recommender, SessionTable, compute_threads
 from slsrec.settings import Settings
 from slsrec.store import LongTerm, LongTermStore
 
@@ -83,7 +83,6 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
           naive_events: int = 5_000, load_rate: float | None = None) -> BenchResult:
     """One run of the three phases; ``load_rate`` fixes the latency phase's events/s (default: half
     the throughput just measured)."""
-    torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
     # The local Kafka and Redis: started here if they are not running, and then stopped at the end.
     with (local.session(settings), tempfile.TemporaryDirectory(prefix="slsrec-bench-") as tmp,
@@ -131,7 +130,8 @@ def bench(settings: Settings, run: str | None = None, events: int = 100_000, lat
             flow.wait(60)
         at, warm = at[len(lat) // 20:], lat[len(lat) // 20:]  # the first 5% include the flow's warm-up
         # 3. The naive per-event path over the same kind of events.
-        naive_eps = _naive(s1, loaded, store, version, min(naive_events, events))
+        with compute_threads(settings.serve_threads):  # as the flow computes
+            naive_eps = _naive(s1, loaded, store, version, min(naive_events, events))
     return BenchResult(
         machine=f"{platform.machine()}, {os.cpu_count()} cores, {machine()['cpu']}",
         model=f"{loaded.name} n_items={len(items)} n_users={len(users)} d={d} ({run_dir.name})",
@@ -244,8 +244,7 @@ def _paced(settings: Settings, stream: list[tuple[str, str]], rate: float) -> in
 
 def _run_flow(settings: Settings, run_dir: Path, recovery_dir: Path, exit_at_end: bool) -> subprocess.Popen:
     """`slsrec serve` in a child process on the bench's topics; waits for it when ``exit_at_end``."""
-    env = {**os.environ, **settings.model_copy(update={"recovery_dir": recovery_dir}).to_env(),
-           "OMP_NUM_THREADS": "1"}  # one worker on one core
+    env = {**os.environ, **settings.model_copy(update={"recovery_dir": recovery_dir}).to_env()}
     cmd = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--run", str(run_dir)]
     child = subprocess.Popen(cmd + (["--exit-at-end"] if exit_at_end else []), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -207,7 +207,7 @@ class Chaos:
         work.mkdir(parents=True)
         settings = settings.model_copy(update={"recovery_dir": work / "recovery", "health_dir": work / "health",
                                                 "snapshot_interval_s": 2.0})
-        env = {**os.environ, **settings.to_env(), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **settings.to_env()}
         argv = [sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--run", str(self.run_dir)]
         sup = Supervisor(argv, env=env, log_path=work / "flow.log", restart_s=0.5, stop_timeout_s=20.0)
         sup.start()

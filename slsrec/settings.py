@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(512, ge=1)  # micro-batch cap for the batched encoder step
     batch_timeout_ms: int = Field(1, ge=1)  # min pause between micro-batches; 5 ms doubled p50 and p99 (bench-stream)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Compute threads per worker (torch and numpy's BLAS): a worker is one Python thread, and workers
+    # scale out by processes. More threads than cores made the serving core ~2x slower (bench-stream).
+    serve_threads: int = Field(1, ge=1)
     # Bounded memory, per worker: past the first, the least recently active sessions close early; a
     # session holding the second closes before its next event. Both emit SessionClosed(reason="evicted").
     max_open_sessions: int = Field(1_000_000, ge=1)  # about 1 kB each (slsrec bench-sessions)

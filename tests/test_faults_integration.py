@@ -104,7 +104,7 @@ def _alive(pid: int) -> bool:
 
 def _start_cluster(chaos: Chaos, topics, tmp_path: Path) -> tuple[subprocess.Popen, list[int], object]:
     settings = topics.model_copy(update={"recovery_dir": tmp_path / "recovery", "health_dir": tmp_path / "health"})
-    env = {**os.environ, **settings.to_env(), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **settings.to_env()}
     parent = subprocess.Popen([sys.executable, "-c", "from slsrec.cli import main; main()", "serve", "--processes",
                                "2", "--run", str(chaos.run_dir)], env=env, stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "flow.log", "wb"), start_new_session=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
+from threadpoolctl import threadpool_info
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -23,7 +24,7 @@ from slsrec.data import Vocab
 from slsrec.drift import DriftMonitor
 from slsrec.errors import CheckpointError
 from slsrec.model import SLSRec, SLSRecConfig
-from slsrec.serving import Recommender, SessionTable
+from slsrec.serving import Recommender, SessionTable, compute_threads
 from slsrec.settings import Settings
 from slsrec.store import LongTerm
 from slsrec.telemetry import setup_telemetry
@@ -327,3 +328,13 @@ def test_each_worker_owns_exactly_one_shard(workers):
                      lambda step, item, epoch, worker: seen.setdefault(item[0], worker))
     cli_main(flow, workers_per_process=workers)
     assert [seen[k] for k in keys] == list(range(workers))
+
+
+def test_a_worker_computes_on_the_threads_it_is_given_numpys_blas_included():
+    np.ones((2, 2)) @ np.ones((2, 2))  # numpy's BLAS is loaded
+    before = torch.get_num_threads(), [p["num_threads"] for p in threadpool_info()]
+    with compute_threads(1):
+        pools = threadpool_info()
+        assert torch.get_num_threads() == 1
+        assert any(p["internal_api"] == "openblas" for p in pools) and all(p["num_threads"] == 1 for p in pools)
+    assert (torch.get_num_threads(), [p["num_threads"] for p in threadpool_info()]) == before

@@ -10,9 +10,9 @@ the store and the core (settings, errors, telemetry). ``flows/`` wires these int
 """
 
 from slsrec.serving.offline import Offline, recommend_offline
-from slsrec.serving.recommender import Origin, Published, Recommender, click, dead_letter
+from slsrec.serving.recommender import Origin, Published, Recommender, click, compute_threads, dead_letter
 from slsrec.serving.sessions import Session, SessionTable
 from slsrec.serving.versions import LongTermReader, load_version, open_recommender, version_run_dir
 
-__all__ = ["LongTermReader", "Offline", "Origin", "Published", "Recommender", "Session", "SessionTable", "click", "dead_letter",
-           "load_version", "open_recommender", "recommend_offline", "version_run_dir"]
+__all__ = ["LongTermReader", "Offline", "Origin", "Published", "Recommender", "Session", "SessionTable", "click",
+           "compute_threads", "dead_letter", "load_version", "open_recommender", "recommend_offline", "version_run_dir"]

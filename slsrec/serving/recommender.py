@@ -33,18 +33,20 @@ to the sessions, :meth:`Recommender.recommend_many` ranks for it. Recommendation
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from opentelemetry import metrics, trace
+from threadpoolctl import threadpool_limits
 
 from schemas.drift import DriftAlert, HealthEvent
 from schemas.events import DeadLetter, SessionClosed
@@ -120,6 +122,26 @@ def click(event_id: str, user_id: str, item_id: str, ts: int, event_type: str = 
     """A click with its origin, as the flow passes it to :meth:`Recommender.process` (for tests)."""
     ev = Click(event_id, user_id, item_id, ts, event_type)
     return ev, Origin(encode(ev), topic, partition, offset)
+
+
+@contextlib.contextmanager
+def compute_threads(n: int) -> Iterator[None]:
+    """Limit torch and every BLAS/OpenMP pool in this process (numpy's OpenBLAS scores the items) to
+    ``n`` threads while the block runs (``slsrec serve`` runs in it). Their defaults, a thread per core
+    each, fight the worker's own thread and Kafka's on a small machine: the serving core ran ~2x
+    slower (docs/benchmarks.md).
+
+    >>> with compute_threads(1):
+    ...     torch.get_num_threads()
+    1
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
