@@ -10,7 +10,8 @@ its peak RSS is its own:
   session, and the snapshots (:class:`slsrec.serving.sessions.SessionLog`, as
   ``flows.shards.ShardLogic.snapshot`` writes them): the full base written after opening, and the
   delta after the 50,000 events (an epoch of 10 s at 5,000 events/s), each the stall it puts into
-  the stream, and its size. Then the cost of one micro-batch of 1, 4, 16, 64 and 512 events on
+  the stream, and its size; and the first write of a new file (a re-base: a share of
+  ``roll_sessions`` sessions, where it used to be all of them). Then the cost of one micro-batch of 1, 4, 16, 64 and 512 events on
   random open sessions, and its least-squares line: a fixed cost per micro-batch plus a cost per
   event. The fixed part is what a paced stream pays most: its micro-batches are small.
 - **cap**: ``--users`` distinct users (1M by default) stream through one table with
@@ -91,6 +92,8 @@ def one(open_sessions: int, cap: int | None) -> dict:
         row["base_ms"], row["base_mb"] = _timed_write(log, table)
         row["steady_us_per_event"] = run(rng.integers(0, open_sessions, STEADY_EVENTS), "s")
         row["delta_ms"], row["delta_mb"] = _timed_write(log, table)
+        log.rebase()
+        row["rebase_ms"], row["rebase_mb"] = _timed_write(log, table)
         shutil.rmtree(log.directory)
         per_call = [run(rng.integers(0, open_sessions, max(MICRO_EVENTS, 20 * b)), f"m{b}-", b) * b
                     for b in MICRO_BATCHES]
@@ -131,14 +134,15 @@ def report(rows: list[dict], sizes: list[int], users: int, cap: int, load: tuple
     lines += ["serving core alone (no Kafka), one thread, ML-1M-sized SLSRec, one event per user to open",
              "",
              "| open sessions | µs/event opening | µs/event at N open | events per CPU s at N open | bytes per open "
-             f"session (RSS) | snapshot: delta after {STEADY_EVENTS:,} events, ms (MB) | full base, ms (MB) | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"session (RSS) | snapshot: delta after {STEADY_EVENTS:,} events, ms (MB) | full base, ms (MB) | "
+             "re-base: first write of a new file, ms (MB) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["cap"] is None:
             lines.append(f"| {r['open_sessions']:,} | {r['open_us_per_event']:.0f} | {r['steady_us_per_event']:.0f} | "
                          f"{1e6 / r['steady_us_per_event']:,.0f} | {r['bytes_per_session']:,.0f} | "
                          f"{r['delta_ms']:,.0f} ({r['delta_mb']:.1f}) | {r['base_ms']:,.0f} ({r['base_mb']:.1f}) | "
-                         f"{r['peak_rss_mb']:,.0f} |")
+                         f"{r['rebase_ms']:,.0f} ({r['rebase_mb']:.1f}) | {r['peak_rss_mb']:,.0f} |")
     lines += ["", "cost of one micro-batch (CPU µs) on random open sessions, and its line: fixed + per event x size",
               "", "| open sessions | " + " | ".join(f"{b} event{'s' if b > 1 else ''}" for b in MICRO_BATCHES)
               + " | fixed per micro-batch | per event |", "|---" * (len(MICRO_BATCHES) + 3) + "|"]

@@ -40,16 +40,40 @@ def epoch(table: SessionTable, rng: random.Random, step: int) -> None:
         table.close(rng.choice(list(table.sessions.values())))
 
 
-@pytest.mark.parametrize("rebase_bytes", [1 << 30, 3000])  # never, and every few snapshots
-def test_a_resume_at_any_mark_rebuilds_the_table_as_it_was(tmp_path, rebase_bytes):
-    rng, table = random.Random(rebase_bytes), SessionTable()
-    log = SessionLog(tmp_path, rebase_bytes=rebase_bytes)
+# Never a new file; a new file every few snapshots, written whole at once; the same, spread over writes.
+@pytest.mark.parametrize("rebase_bytes, roll", [(1 << 30, 10_000), (3000, 10_000), (3000, 2)])
+def test_a_resume_at_any_mark_rebuilds_the_table_as_it_was(tmp_path, rebase_bytes, roll):
+    rng, table = random.Random(rebase_bytes + roll), SessionTable()
+    log = SessionLog(tmp_path, rebase_bytes=rebase_bytes, roll_sessions=roll)
     marks = []
-    for step in range(40):
+    for step in range(60):
         epoch(table, rng, step)
         marks.append((log.write(table), contents(table)))
-    # Newest first: a resume cuts the records after its mark. A rebase deletes the file before the previous one.
+    assert log.file_no >= (0 if rebase_bytes > 1 << 20 else 3) and not log.path(log.file_no - 3).exists()
+    # Newest first: a resume cuts the records after its mark. Starting a file deletes the third before it.
     for mark, expected in reversed([m for m in marks if m[0][1] >= log.file_no - 1]):
+        assert contents(SessionLog.resume(tmp_path, *mark).table) == expected
+
+
+def test_a_new_file_is_written_a_share_per_snapshot_and_a_resume_midway_has_every_session(tmp_path):
+    table, log = SessionTable(), SessionLog(tmp_path, roll_sessions=30)
+    for k in range(100):
+        table.open(f"u{k}", k, np.full(4, k, np.float32), "v1").record(f"e{k}", "item", k, "view")
+    log.write(table)  # 100 new sessions: the first file holds them all at once
+    assert log.last_record["complete"] and len(log.last_record["upserts"]["user_id"]) == 100
+    expected = contents(table)
+    log.rebase()
+    shares, marks = [], []
+    while not shares or not log.last_record["complete"]:
+        marks.append(log.write(table))  # nothing changed: only the share of the new file
+        shares.append(len(log.last_record["upserts"]["user_id"]))
+    assert shares == [30, 30, 30, 10] and {m[1] for m in marks} == {1}
+    log.path(0).rename(tmp_path / "file-0")
+    assert contents(SessionLog.resume(tmp_path, *marks[-1]).table) == expected  # file 1 alone is the whole table
+    with pytest.raises(CheckpointError, match="is missing"):
+        SessionLog.resume(tmp_path, *marks[-2])
+    (tmp_path / "file-0").rename(log.path(0))
+    for mark in reversed(marks):  # midway, the previous file holds the rest
         assert contents(SessionLog.resume(tmp_path, *mark).table) == expected
 
 

@@ -65,7 +65,8 @@ class Session:
         self.last_top = array("q") if last_top is None else last_top  # item indices recommended at the previous event
         self.model_version = model_version  # the model that encoded the state; another one re-encodes it first
         self.long_part = None  # what its row of the table's `longs` was computed from (None: nothing yet)
-        self.saved: tuple[int, int, int] | None = None  # lengths of log, ids, seen already in the session log
+        # (file number, lengths of log, ids, seen) at its last write to the session log; None: never written
+        self.saved: tuple[int, int, int, int] | None = None
 
     def record(self, event_id: str | int, item_id: str, ts: int, event_type: str) -> None:
         """Append an event; ``event_id`` may be given as its :func:`event_hash` already."""
@@ -123,7 +124,7 @@ class SessionTable:
     (array([1., 1.], dtype=float32), array([0., 0.], dtype=float32), ['u1', 'u2'])
     """
 
-    FORMAT: ClassVar[int] = 7
+    FORMAT: ClassVar[int] = 8
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
@@ -172,19 +173,19 @@ class SessionTable:
     def state(self, s: Session) -> np.ndarray:
         return self.states[s.slot]
 
-    def columns(self, sessions: Iterable[Session] | None = None, tails: bool = False) -> dict:
+    def columns(self, sessions: Iterable[Session] | None = None, file_no: int | None = None) -> dict:
         """``sessions`` (default: all, in table order) as columns: joined buffers, one state matrix.
 
-        ``tails``: a session already written (:meth:`mark_saved`) gives only what it appended since (its
-        row's ``append`` flag is 1): a snapshot then costs the events of its epoch, not the whole
-        sessions they fall in."""
+        ``file_no``: a session already written to that file of the session log (:meth:`mark_saved`)
+        gives only what it appended since (its row's ``append`` flag is 1): a snapshot then costs the
+        events of its epoch, not the whole sessions they fall in."""
         ss = list(self.sessions.values() if sessions is None else sessions)
         versions = sorted({s.model_version or "" for s in ss})
         code = {v: k for k, v in enumerate(versions)}
         ints, logs, ids, seen = [], [], [], []
         for s in ss:  # one pass: this loop is the snapshot's stall
-            if tails and s.saved is not None:
-                a, b, c = s.saved
+            if file_no is not None and s.saved is not None and s.saved[0] == file_no:
+                _, a, b, c = s.saved
                 log, i, sn, append = s.log[a:], s.ids[b:], s.seen[c:], 1
             else:
                 log, i, sn, append = s.log, s.ids, s.seen, 0
@@ -201,15 +202,22 @@ class SessionTable:
         }
 
     @staticmethod
-    def mark_saved(sessions: Iterable[Session]) -> None:
-        """Mark what these sessions hold as written: :meth:`columns` with ``tails`` gives only what follows."""
+    def mark_saved(sessions: Iterable[Session], file_no: int) -> None:
+        """Mark what these sessions hold as written to file ``file_no`` of the session log:
+        :meth:`columns` for that file gives only what follows."""
         for s in sessions:
-            s.saved = (len(s.log), len(s.ids), len(s.seen))
+            s.saved = (file_no, len(s.log), len(s.ids), len(s.seen))
 
-    def apply(self, c: dict, deleted: Iterable[str] = ()) -> None:
+    def order_by_last_event(self) -> None:
+        """Put the sessions in the order of their last event, as the stream keeps them (a replay
+        of the session log leaves them in the order of their last write)."""
+        self.sessions = dict(sorted(self.sessions.items(), key=lambda kv: kv[1].last_ts))
+
+    def apply(self, c: dict, deleted: Iterable[str] = (), file_no: int | None = None) -> None:
         """Put the sessions of :meth:`columns` into the table (replacing those of the same users, or
         appending to them for rows flagged ``append``; either way they become the most recent), and
-        drop the sessions of ``deleted``."""
+        drop the sessions of ``deleted``. ``file_no``: they come from that file of the session log
+        (:meth:`mark_saved`)."""
         for user in deleted:
             if user in self.sessions:
                 self.close(self.sessions[user])
@@ -243,7 +251,8 @@ class SessionTable:
             s.last_ts, s.seg_len = last, seg_len
             s.last_top = array("q", take("last_top", n_top, size))
             written.append(s)
-        self.mark_saved(written)
+        if file_no is not None:
+            self.mark_saved(written, file_no)
 
     def __getstate__(self) -> dict:
         return self.columns()
@@ -266,17 +275,24 @@ def _fsync(path: Path) -> None:
 
 
 class SessionLog:
-    """A shard's sessions on disk, for recovery: a full base, then per snapshot only what changed.
+    """A shard's sessions on disk, for recovery: per snapshot only what changed, in a chain of files.
 
     Each :meth:`write` appends one record to the current file: the sessions opened since the previous
     write, what the others appended since (their new events; their state and last ranking whole), and
     the users whose session closed (``SessionTable.changed``). So a snapshot costs the events of its
-    epoch, not what is open, nor how long the sessions they fall in have grown. When the deltas outgrow ``rebase_bytes`` (and
-    twice the base), the next write starts a new file with a full base; the file before the previous
-    one is then deleted.
+    epoch, not what is open, nor how long the sessions they fall in have grown.
+
+    When a file outgrows ``rebase_bytes`` (and twice what it held when it first covered every open
+    session), the next write starts a new one. A session's first write to a file is whole, so the
+    new file becomes self-contained once every open session has been written to it: the sessions that
+    change do so by themselves, and each write adds up to ``roll_sessions`` of the others. A re-base
+    therefore stalls a snapshot by a bounded amount, not by the number of open sessions. Each record
+    says whether its file is ``complete`` from there on; a resume at a record before that replays the
+    previous file first. Starting file ``n`` deletes file ``n - 3``: a resume may still need the two
+    before it.
 
     The shard's Bytewax snapshot holds ``(lineage, file number, sequence number)`` only: a resume
-    replays that file up to that record and cuts off the records after it (written for an epoch that
+    replays the files up to that record and cuts off the records after it (written for an epoch that
     never committed). A record: 8-byte sequence number, 8-byte length, then the record: a pickled dict
     whose large buffers (the joined logs, id hashes, items and states) follow it raw, out of band
     (pickle protocol 5), so that writing them costs no copy: 8-byte count n, 8-byte pickle length,
@@ -286,7 +302,7 @@ class SessionLog:
     >>> log, t = SessionLog(Path(tempfile.mkdtemp())), SessionTable()
     >>> for u in ("a", "b", "c"):
     ...     t.open(u, 5, np.zeros(2, np.float32), "v1").record("e", "i1", 5, "view")
-    >>> mark = log.write(t)  # the base: 3 sessions
+    >>> mark = log.write(t)  # the 3 new sessions
     >>> t.sessions["b"].record("e2", "i2", 6, "view"); t.changed.add("b"); t.close(t.sessions["c"])
     >>> mark2 = log.write(t)  # a delta: b changed, c closed
     >>> up = log.last_record["upserts"]
@@ -301,35 +317,47 @@ class SessionLog:
     HEADER = struct.Struct("<qq")
     BLOBS = ("log", "ids", "seen", "last_top")  # the columns written out of band
 
-    def __init__(self, directory: Path, lineage: str | None = None, rebase_bytes: int = 64 << 20):
+    def __init__(self, directory: Path, lineage: str | None = None, rebase_bytes: int = 64 << 20,
+                 roll_sessions: int = 10_000):
         self.directory = Path(directory)
         self.lineage = lineage or uuid.uuid4().hex
         self.rebase_bytes = rebase_bytes
+        self.roll_sessions = roll_sessions
         self.file_no, self.seq, self.table = -1, 0, SessionTable()
         self.last_record: dict = {}  # what the last write wrote
         self.last_bytes = 0  # ... and its size on disk
-        self._size = self._base_size = 0
+        self._size = 0  # of the current file
+        self._covered = False  # the current file holds every open session
+        self._base_size = 0  # ... its size when it first did
+        self._unrolled: list[str] = []  # users whose session the current file may not hold yet
+        self._rebase = False  # the next write starts a new file
         self._synced: Future | None = None  # the disk sync of the last record
 
     def path(self, file_no: int) -> Path:
         return self.directory / f"sessions-{self.lineage}-{file_no}.log"
 
+    def rebase(self) -> None:
+        """Start a new file at the next write, as when the current one outgrows ``rebase_bytes``."""
+        self._rebase = True
+
     def write(self, table: SessionTable) -> tuple[str, int, int]:
-        """Append what changed in ``table`` since the previous write (or a new base); returns the
-        mark that the Bytewax snapshot keeps: (lineage, file number, sequence number)."""
+        """Append what changed in ``table`` since the previous write (and a share of the sessions the
+        current file does not hold yet); returns the mark that the Bytewax snapshot keeps:
+        (lineage, file number, sequence number)."""
         self.seq += 1
-        if self.file_no < 0 or self._size > max(self.rebase_bytes, 2 * self._base_size):
+        grown = self._size > max(self.rebase_bytes, 2 * self._base_size)
+        if self.file_no < 0 or (self._covered and (grown or self._rebase)):
             self.file_no += 1
             self.directory.mkdir(parents=True, exist_ok=True)
             self.path(self.file_no).write_bytes(b"")
-            self._size = 0
-            self.path(self.file_no - 2).unlink(missing_ok=True)  # a resume may still need the previous file
-            record = {"base": True, "upserts": table.columns(), "deleted": []}
-        else:
-            changed = [table.sessions[u] for u in table.changed if u in table.sessions]
-            changed.sort(key=lambda s: s.last_ts)  # the table's order after a replay: by last event
-            record = {"base": False, "upserts": table.columns(changed, tails=True),
-                      "deleted": sorted(u for u in table.changed if u not in table.sessions)}
+            self._size, self._covered, self._rebase = 0, False, False
+            self.path(self.file_no - 3).unlink(missing_ok=True)
+            self._unrolled = list(table.sessions)
+        changed = [table.sessions[u] for u in table.changed if u in table.sessions]
+        sessions = changed + self._roll(table)
+        sessions.sort(key=lambda s: s.last_ts)  # the table's order after a replay: by last event
+        record = {"complete": not self._unrolled, "upserts": table.columns(sessions, self.file_no),
+                  "deleted": sorted(u for u in table.changed if u not in table.sessions)}
         upserts = {**record["upserts"], **{k: pickle.PickleBuffer(record["upserts"][k]) for k in self.BLOBS}}
         buffers: list[pickle.PickleBuffer] = []
         data = pickle.dumps({**record, "upserts": upserts}, protocol=5, buffer_callback=buffers.append)
@@ -346,11 +374,21 @@ class SessionLog:
         self._synced = _SYNC.submit(_fsync, self.path(self.file_no))
         self.last_bytes = self.HEADER.size + size
         self._size += self.last_bytes
-        self._base_size = self._size if record["base"] else self._base_size
+        if record["complete"] and not self._covered:
+            self._covered, self._base_size = True, self._size
         self.last_record = record
-        table.mark_saved(table.sessions.values() if record["base"] else changed)
+        table.mark_saved(sessions, self.file_no)
         table.changed.clear()
         return self.lineage, self.file_no, self.seq
+
+    def _roll(self, table: SessionTable) -> list[Session]:
+        """Up to ``roll_sessions`` open, unchanged sessions that the current file does not hold yet."""
+        out: list[Session] = []
+        while self._unrolled and len(out) < self.roll_sessions:
+            s = table.sessions.get(self._unrolled.pop())
+            if s is not None and s.user_id not in table.changed and (s.saved is None or s.saved[0] != self.file_no):
+                out.append(s)
+        return out
 
     @staticmethod
     def _read(data: bytes, at: int) -> dict:
@@ -365,30 +403,51 @@ class SessionLog:
             at += size
         return pickle.loads(body, buffers=buffers)
 
+    def _load(self, file_no: int, seq: int | None = None) -> tuple[bytes, list[tuple[int, int, int]]]:
+        """A file's bytes, and (sequence number, start, end) of each record in it up to record ``seq``."""
+        path = self.path(file_no)
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: the recovery snapshots need it; move {self.directory} away "
+                                  "to start without them")
+        data, at, index = path.read_bytes(), 0, []
+        while at + self.HEADER.size <= len(data):
+            n, length = self.HEADER.unpack_from(data, at)
+            if (seq is not None and n > seq) or at + self.HEADER.size + length > len(data):
+                break
+            index.append((n, at + self.HEADER.size, at + self.HEADER.size + length))
+            at = index[-1][2]
+        return data, index
+
+    def _replay(self, file_no: int, data: bytes, index: list[tuple[int, int, int]]) -> bool:
+        """Apply these records of file ``file_no`` to the table, one at a time; whether the last one
+        says that the file then held every open session."""
+        complete = False
+        for _, start, end in index:
+            record = self._read(data, start)
+            self.table.apply(record["upserts"], record["deleted"], file_no)
+            complete = record["complete"]
+            if complete and not self._covered:
+                self._covered, self._base_size = True, end
+        return complete
+
     @classmethod
     def resume(cls, directory: Path, lineage: str, file_no: int, seq: int) -> SessionLog:
         """The log as it was at mark ``(lineage, file_no, seq)``, its ``table`` rebuilt; later records are cut."""
         log = cls(directory, lineage)
-        log.file_no, path = file_no, log.path(file_no)
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing: the recovery snapshots need it; move {directory} away to "
-                                  "start without them")
-        with open(path, "r+b") as f:
-            data, at = f.read(), 0
-            while at + cls.HEADER.size <= len(data):
-                n, length = cls.HEADER.unpack_from(data, at)
-                if n > seq or at + cls.HEADER.size + length > len(data):
-                    break
-                record = cls._read(data, at + cls.HEADER.size)
-                if record["base"]:
-                    log.table = SessionTable()
-                log.table.apply(record["upserts"], record["deleted"])
-                log.seq, at = n, at + cls.HEADER.size + length
-                log._base_size = at if record["base"] else log._base_size
-            if log.seq != seq:
-                raise CheckpointError(f"{path} ends at snapshot {log.seq}, not {seq}: move {directory} away to "
-                                      "start without the recovery snapshots")
-            f.truncate(at)
-        log._size = at
+        data, index = log._load(file_no, seq)
+        if not index or index[-1][0] != seq:
+            raise CheckpointError(f"{log.path(file_no)} ends at snapshot {index[-1][0] if index else 0}, not {seq}: "
+                                  f"move {directory} away to start without the recovery snapshots")
+        if not log._read(data, index[-1][1])["complete"]:  # the file did not hold every session yet
+            if not log._replay(file_no - 1, *log._load(file_no - 1)):
+                raise CheckpointError(f"{log.path(file_no - 1)} does not hold every session that {log.path(file_no)} "
+                                      f"needs: move {directory} away to start without the recovery snapshots")
+            log._covered = False
+        log._replay(file_no, data, index)
+        with open(log.path(file_no), "r+b") as f:
+            f.truncate(index[-1][2])
+        log.file_no, log.seq, log._size = file_no, seq, index[-1][2]
+        log._unrolled = [u for u, s in log.table.sessions.items() if s.saved[0] != file_no]
+        log.table.order_by_last_event()
         log.table.changed.clear()
         return log
