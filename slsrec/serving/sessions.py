@@ -179,26 +179,24 @@ class SessionTable:
         ``file_no``: a session already written to that file of the session log (:meth:`mark_saved`)
         gives only what it appended since (its row's ``append`` flag is 1): a snapshot then costs the
         events of its epoch, not the whole sessions they fall in."""
-        ss = list(self.sessions.values() if sessions is None else sessions)
-        versions = sorted({s.model_version or "" for s in ss})
-        code = {v: k for k, v in enumerate(versions)}
-        ints, logs, ids, seen = [], [], [], []
-        for s in ss:  # one pass: this loop is the snapshot's stall
-            if file_no is not None and s.saved is not None and s.saved[0] == file_no:
-                _, a, b, c = s.saved
-                log, i, sn, append = s.log[a:], s.ids[b:], s.seen[c:], 1
+        code: dict[str, int] = {}  # model version -> its index in "versions"
+        users, slots, ints, logs, ids, seen, tops = [], [], [], [], [], [], []
+        for s in self.sessions.values() if sessions is None else sessions:  # one pass: the snapshot's stall
+            saved = s.saved
+            if saved is not None and saved[0] == file_no:
+                log, i, sn, append = s.log[saved[1]:], s.ids[saved[2]:], s.seen[saved[3]:], 1
             else:
                 log, i, sn, append = s.log, s.ids, s.seen, 0
-            logs.append(log), ids.append(i), seen.append(sn)
-            ints.append((s.start_ts, s.last_ts, s.seg_len, code[s.model_version or ""], len(log), len(i), len(sn),
-                         len(s.last_top), append))
+            version = code.setdefault(s.model_version or "", len(code))
+            users.append(s.user_id), slots.append(s.slot), logs.append(log), ids.append(i), seen.append(sn)
+            tops.append(s.last_top)
+            ints += (s.start_ts, s.last_ts, s.seg_len, version, len(log), len(i), len(sn), len(s.last_top), append)
         return {
-            "d": self.states.shape[1], "user_id": [s.user_id for s in ss], "versions": versions,
+            "d": self.states.shape[1], "user_id": users, "versions": list(code),
             "ints": np.array(ints, dtype=np.int64).reshape(-1, 9),
-            "state": self.states[[s.slot for s in ss]],  # (n, d): one array, not n
+            "state": self.states[slots],  # (n, d): one array, not n
             # memcpy, not objects: every session's log, event id hashes, known and recommended items, concatenated
-            "log": b"".join(logs), "ids": b"".join(ids), "seen": b"".join(seen),
-            "last_top": b"".join(s.last_top for s in ss),
+            "log": b"".join(logs), "ids": b"".join(ids), "seen": b"".join(seen), "last_top": b"".join(tops),
         }
 
     @staticmethod
@@ -353,11 +351,13 @@ class SessionLog:
             self._size, self._covered, self._rebase = 0, False, False
             self.path(self.file_no - 3).unlink(missing_ok=True)
             self._unrolled = list(table.sessions)
-        changed = [table.sessions[u] for u in table.changed if u in table.sessions]
-        sessions = changed + self._roll(table)
-        sessions.sort(key=lambda s: s.last_ts)  # the table's order after a replay: by last event
+        sessions, deleted = [], []  # (a resume orders the sessions by their last event)
+        for u in table.changed:
+            s = table.sessions.get(u)
+            sessions.append(s) if s is not None else deleted.append(u)
+        sessions += self._roll(table)
         record = {"complete": not self._unrolled, "upserts": table.columns(sessions, self.file_no),
-                  "deleted": sorted(u for u in table.changed if u not in table.sessions)}
+                  "deleted": deleted}
         upserts = {**record["upserts"], **{k: pickle.PickleBuffer(record["upserts"][k]) for k in self.BLOBS}}
         buffers: list[pickle.PickleBuffer] = []
         data = pickle.dumps({**record, "upserts": upserts}, protocol=5, buffer_callback=buffers.append)
