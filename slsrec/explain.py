@@ -20,33 +20,34 @@ import torch
 from torch import Tensor
 
 
-def score_parts(long: Tensor, short: Tensor, alpha: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+def score_parts(long: Tensor, alpha: Tensor, items: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
     """The long- and short-term parts of the scores of each row's ranked items.
 
     Parameters
     ----------
-    long, short : (B, d)
-        The long-term and short-term vectors that the gate fused (``long`` zero for cold rows).
+    long : (B, d)
+        The long-term vector that the gate fused (zero for cold rows).
     alpha : (B,)
         The gate: the weight of the long-term vector.
     items : (B, K, d)
         The embeddings of each row's K ranked items.
+    scores : (B, K)
+        Their scores, ``user . e``.
 
     Returns
     -------
     long_part, short_part : (B, K)
-        ``alpha * (long . e)`` and ``(1 - alpha) * (short . e)``; they add up to the item's score.
+        ``alpha * (long . e)``, and the rest of the score, which is ``(1 - alpha) * (short . e)``; so
+        they add up to the item's score. (One product instead of two: half the cost per micro-batch.)
 
     Examples
     --------
     >>> long, short = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
     >>> items = torch.tensor([[[3.0, 1.0], [-1.0, 1.0]]])  # (1, 2, 2): two items
-    >>> lp, sp = score_parts(long, short, torch.tensor([0.25]), items)
-    >>> lp.tolist(), sp.tolist()
-    ([[0.75, -0.25]], [[1.5, 1.5]])
     >>> user = short + 0.25 * (long - short)  # the gate's fusion
-    >>> (items[0] @ user[0]).tolist() == (lp + sp)[0].tolist()
-    True
+    >>> lp, sp = score_parts(long, torch.tensor([0.25]), items, items @ user[0])  # scores (1, 2)
+    >>> lp.tolist(), sp.tolist()  # sp: 0.75 * (short . e)
+    ([[0.75, -0.25]], [[1.5, 1.5]])
     """
-    a = alpha.unsqueeze(-1)  # (B, 1)
-    return a * (items @ long.unsqueeze(-1)).squeeze(-1), (1 - a) * (items @ short.unsqueeze(-1)).squeeze(-1)  # (B, K)
+    long_part = alpha.unsqueeze(-1) * (items @ long.unsqueeze(-1)).squeeze(-1)  # (B, K)
+    return long_part, scores - long_part

@@ -59,8 +59,8 @@ def recommend_offline(model: torch.nn.Module, items: Vocab, user: int, history: 
     top = torch.topk(scores, min(top_k, len(scores) - 1))
     keep = torch.isfinite(top.values)
     ranked = top.indices[keep]  # (K,)
-    long_part, short_part = score_parts(out.long[:, -1], out.short[:, -1], out.alpha[:, -1],
-                                        model.item_embeddings()[ranked][None])  # (1, K) each
+    long_part, short_part = score_parts(out.long[:, -1], out.alpha[:, -1], model.item_embeddings()[ranked][None],
+                                        top.values[keep][None])  # (1, K) each
     segment = int(np.flatnonzero(starts != Boundary.NONE)[-1])  # where the last segment begins
     return Offline([items.raw_of(int(k)) for k in ranked], top.values[keep].tolist(), float(out.alpha[0, -1]),
                    long_part[0].tolist(), short_part[0].tolist(), [i for i, _ in seq[segment:]])

@@ -486,7 +486,7 @@ class Recommender:
         """Fuse, rank and write one recommendation per event of the wave (then its drift alerts)."""
         fused = self._fuse(table, wave)
         values, indices = self._rank(fused.user, wave.sessions)  # (B, K), (B, K)
-        long_part, short_part = score_parts(fused.long, fused.short, fused.alpha, self._item_emb[indices])  # (B, K)
+        long_part, short_part = score_parts(fused.long, fused.alpha, self._item_emb[indices], values)  # (B, K)
         indices = indices.cpu()
         names = self._raw_np[indices.numpy()].tolist()  # (B, K) raw item ids, in one C loop
         top_scores, tops, longs, shorts = (t.tolist() for t in (values, indices, long_part, short_part))
