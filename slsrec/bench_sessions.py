@@ -11,9 +11,10 @@ its peak RSS is its own:
   ``flows.shards.ShardLogic.snapshot`` writes them): the full base written after opening, and the
   delta after the 50,000 events (an epoch of 10 s at 5,000 events/s), each the stall it puts into
   the stream, and its size; and the first write of a new file (a re-base: a share of
-  ``roll_sessions`` sessions, where it used to be all of them). Then the cost of one micro-batch of 1, 4, 16, 64 and 512 events on
-  random open sessions, and its least-squares line: a fixed cost per micro-batch plus a cost per
-  event. The fixed part is what a paced stream pays most: its micro-batches are small.
+  ``roll_sessions`` sessions, where it used to be all of them). Then the cost of one micro-batch of
+  1, 4, 16, 64 and 512 events on random open sessions, and its least-squares line: a fixed cost per
+  micro-batch plus a cost per event. The fixed part is what a paced stream pays most: its
+  micro-batches are small.
 - **cap**: ``--users`` distinct users (1M by default) stream through one table with
   ``max_open_sessions`` set; reported: peak RSS, and the open sessions at the end (the cap).
 """
