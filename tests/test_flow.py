@@ -10,10 +10,10 @@ import pytest
 import torch
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
-from threadpoolctl import threadpool_info
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from threadpoolctl import threadpool_info
 
 from flows.cluster import _recovery
 from flows.kafka_source import Record

@@ -325,8 +325,7 @@ class SessionLog:
         self.last_record: dict = {}  # what the last write wrote
         self.last_bytes = 0  # ... and its size on disk
         self._size = 0  # of the current file
-        self._covered = False  # the current file holds every open session
-        self._base_size = 0  # ... its size when it first did
+        self._base_size = 0  # the current file's size when it first held every open session; 0: not yet
         self._unrolled: list[str] = []  # users whose session the current file may not hold yet
         self._rebase = False  # the next write starts a new file
         self._synced: Future | None = None  # the disk sync of the last record
@@ -344,11 +343,11 @@ class SessionLog:
         (lineage, file number, sequence number)."""
         self.seq += 1
         grown = self._size > max(self.rebase_bytes, 2 * self._base_size)
-        if self.file_no < 0 or (self._covered and (grown or self._rebase)):
+        if self.file_no < 0 or (self._base_size and (grown or self._rebase)):
             self.file_no += 1
             self.directory.mkdir(parents=True, exist_ok=True)
             self.path(self.file_no).write_bytes(b"")
-            self._size, self._covered, self._rebase = 0, False, False
+            self._size, self._base_size, self._rebase = 0, 0, False
             self.path(self.file_no - 3).unlink(missing_ok=True)
             self._unrolled = list(table.sessions)
         sessions, deleted = [], []  # (a resume orders the sessions by their last event)
@@ -374,8 +373,8 @@ class SessionLog:
         self._synced = _SYNC.submit(_fsync, self.path(self.file_no))
         self.last_bytes = self.HEADER.size + size
         self._size += self.last_bytes
-        if record["complete"] and not self._covered:
-            self._covered, self._base_size = True, self._size
+        if record["complete"] and not self._base_size:
+            self._base_size = self._size
         self.last_record = record
         table.mark_saved(sessions, self.file_no)
         table.changed.clear()
@@ -418,17 +417,15 @@ class SessionLog:
             at = index[-1][2]
         return data, index
 
-    def _replay(self, file_no: int, data: bytes, index: list[tuple[int, int, int]]) -> bool:
-        """Apply these records of file ``file_no`` to the table, one at a time; whether the last one
-        says that the file then held every open session."""
-        complete = False
+    def _replay(self, file_no: int, data: bytes, index: list[tuple[int, int, int]]) -> int:
+        """Apply these records of file ``file_no`` to the table, one at a time; returns the offset
+        after the first that says the file then held every open session (0: none does)."""
+        base_size = 0
         for _, start, end in index:
             record = self._read(data, start)
             self.table.apply(record["upserts"], record["deleted"], file_no)
-            complete = record["complete"]
-            if complete and not self._covered:
-                self._covered, self._base_size = True, end
-        return complete
+            base_size = base_size or (end if record["complete"] else 0)
+        return base_size
 
     @classmethod
     def resume(cls, directory: Path, lineage: str, file_no: int, seq: int) -> SessionLog:
@@ -442,8 +439,7 @@ class SessionLog:
             if not log._replay(file_no - 1, *log._load(file_no - 1)):
                 raise CheckpointError(f"{log.path(file_no - 1)} does not hold every session that {log.path(file_no)} "
                                       f"needs: move {directory} away to start without the recovery snapshots")
-            log._covered = False
-        log._replay(file_no, data, index)
+        log._base_size = log._replay(file_no, data, index)
         with open(log.path(file_no), "r+b") as f:
             f.truncate(index[-1][2])
         log.file_no, log.seq, log._size = file_no, seq, index[-1][2]
