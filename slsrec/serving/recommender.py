@@ -144,6 +144,38 @@ def compute_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def numpy_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.mm(a, b)`` of CPU tensors through numpy's BLAS (OpenBLAS), not torch's."""
+    return torch.from_numpy(a.numpy() @ b.numpy())
+
+
+def fastest_mm(table: torch.Tensor, rows: int = 64, repeats: int = 5) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``torch.mm`` or :func:`numpy_mm`, whichever scores ``rows`` users against ``table`` ``(d, n)``
+    faster on this CPU (the median of ``repeats`` calls each). Which BLAS wins depends on the CPU:
+    numpy's was about 2x faster on an AMD EPYC, torch's 20-35% faster on an Intel Xeon with AVX-512
+    (docs/benchmarks.md). Both give the same scores up to float rounding.
+
+    >>> table = torch.randn(8, 100)
+    >>> fastest_mm(table) in (torch.mm, numpy_mm)
+    True
+    >>> users = torch.randn(3, 8)
+    >>> torch.allclose(numpy_mm(users, table), torch.mm(users, table), atol=1e-5)
+    True
+    """
+    users = torch.randn(rows, table.shape[0])
+
+    def median_s(mm: Callable) -> float:
+        mm(users, table)  # warm caches
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mm(users, table)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[repeats // 2]
+
+    return min((torch.mm, numpy_mm), key=median_s)
+
+
 Output = Recommendation | DeadLetter | SessionClosed | DriftAlert
 TOP_BLOCK = 32  # items per block of `top_k_blocked`
 
@@ -311,8 +343,8 @@ class Recommender:
         # Padded to whole blocks of `top_k_blocked`; the padding rows score -inf like index 0.
         self._n_scored = len(emb)
         self._item_emb = torch.cat([emb, emb.new_zeros((-len(emb)) % TOP_BLOCK, emb.shape[1])])  # (n_pad, d)
-        # (d, n_pad), contiguous: numpy's BLAS is ~10% faster on it than on the transposed view
-        self._item_emb_t_np = np.ascontiguousarray(self._item_emb.numpy().T) if self.device == "cpu" else None
+        self._item_emb_t = self._item_emb.T.contiguous()  # (d, n_pad): either BLAS is faster on it than on a view
+        self._mm = fastest_mm(self._item_emb_t) if self.device == "cpu" else torch.mm
         self._init_state = model.short_encoder.init_state(1)[0].cpu().numpy()  # (d,)
         self._raw_ids = [None] + [items.raw_of(i) for i in range(1, len(items) + 1)]  # index -> raw id
         self._raw_np = np.array(self._raw_ids + [None] * (len(self._item_emb) - len(self._raw_ids)), dtype=object)
@@ -588,12 +620,8 @@ class Recommender:
 
     def _scores(self, users: torch.Tensor) -> torch.Tensor:
         """:func:`slsrec.model.score` against the padded item table: ``(B, n_pad)``, -inf at index 0
-        and the padding. On a CPU through numpy's BLAS: about 2x faster than torch's here (AMD EPYC,
-        docs/benchmarks.md)."""
-        if self._item_emb_t_np is not None:
-            scores = torch.from_numpy(users.numpy() @ self._item_emb_t_np)  # (B, n_pad)
-        else:
-            scores = users @ self._item_emb.T  # (B, n_pad)
+        and the padding."""
+        scores = self._mm(users, self._item_emb_t)  # (B, n_pad)
         scores[:, 0] = scores[:, self._n_scored:] = -math.inf
         return scores
 
